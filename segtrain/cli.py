@@ -1,0 +1,112 @@
+"""The ``segtrain`` command.
+
+    segtrain train --gin_file=gin/quickstart.gin [--gin_param='train.num_steps = 100'] --model_dir=D
+    segtrain evaluate --model_dir=D [--split=test] [--checkpoint=best|latest]
+    segtrain list
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app, flags  # noqa: E402
+
+COMMANDS = ("train", "evaluate", "list")
+
+flags.DEFINE_multi_string("gin_file", [], "Gin file; may be repeated, later files win.")
+flags.DEFINE_multi_string("gin_param", [], "Gin binding such as 'train.num_steps = 100'; wins over files.")
+flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard logs, configs, results.")
+flags.DEFINE_string("split", "test", "evaluate: the dataset split to evaluate.")
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "evaluate: which checkpoint to restore.")
+flags.DEFINE_integer("batch_size", None, "evaluate: batch size (default: the run's).")
+FLAGS = flags.FLAGS
+
+USAGE = f"usage: segtrain {{{'|'.join(COMMANDS)}}} [flags]; segtrain --help lists the flags."
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        extra = f" (got {' '.join(argv[1:])!r})" if len(argv) > 1 else ""
+        print(USAGE + extra, file=sys.stderr)
+        return 2
+    from segtrain.errors import SegtrainError, user_message
+
+    try:
+        return {"train": _train, "evaluate": _evaluate, "list": _list}[argv[1]]()
+    except Exception as e:
+        from registry import RegistryError
+
+        if isinstance(e, (SegtrainError, RegistryError)):  # user errors: the message alone
+            print(f"error: {user_message(e)}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _require_model_dir() -> str:
+    from segtrain.errors import SegtrainError
+
+    if not FLAGS.model_dir:
+        raise SegtrainError("--model_dir is required: the run's directory, e.g. --model_dir=runs/quickstart.")
+    return FLAGS.model_dir
+
+
+def _train() -> int:
+    from segtrain import config
+    from segtrain.errors import SegtrainError
+    from segtrain.train.trainer import train
+
+    model_dir = _require_model_dir()
+    if not FLAGS.gin_file and not FLAGS.gin_param:
+        raise SegtrainError("Nothing to train: give --gin_file (e.g. gin/quickstart.gin) and/or --gin_param.")
+    config.parse(FLAGS.gin_file, FLAGS.gin_param)
+    train(model_dir)
+    print(f"Done. TensorBoard: tensorboard --logdir {model_dir}")
+    return 0
+
+
+def _evaluate() -> int:
+    from segtrain import config
+    from segtrain.errors import SegtrainError
+    from segtrain.evaluate import evaluate_run
+
+    model_dir = _require_model_dir()
+    operative = os.path.join(model_dir, "operative_config.gin")
+    if not os.path.isfile(operative):
+        raise SegtrainError(
+            f"{operative} not found: --model_dir must be a directory `segtrain train` wrote."
+        )
+    config.parse([operative, *FLAGS.gin_file], FLAGS.gin_param)
+    evaluate_run(model_dir, split=FLAGS.split, checkpoint=FLAGS.checkpoint, batch_size=FLAGS.batch_size)
+    return 0
+
+
+def _list() -> int:
+    import registry
+
+    registry.load_all()
+    for kind, reg in registry.all_registries().items():
+        print(f"{kind}:")
+        for name in reg.names():
+            doc, args = reg.describe(name)
+            print(f"  {name}{args}")
+            if doc:
+                print(f"      {doc}")
+        print()
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    from absl import logging
+
+    # TensorFlow's Python INFO lines (checkpoint sharding, ...) drown the progress line;
+    # --verbosity=0 brings them back.
+    FLAGS.set_default("verbosity", logging.WARNING)
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()

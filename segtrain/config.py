@@ -1,0 +1,76 @@
+"""Parsing gin files and bindings into one clear error when something is wrong."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import re
+from typing import Sequence
+
+import gin
+
+import registry
+from segtrain.errors import SegtrainError
+
+
+def parse(files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
+    """Loads every plugin, then parses gin files (in order) and bindings (which win).
+
+    ``include`` statements in a gin file are looked up next to the file and in its parent
+    directory, so files under gin/ include each other as 'models/unet.gin'.
+
+    Raises:
+      SegtrainError: a missing file or a binding gin cannot apply, naming the file or binding.
+    """
+    registry.load_all()
+    # Registers the framework's own configurables: train.*, pipeline.*, optimizer.*, ...
+    import segtrain.evaluate  # noqa: F401
+    import segtrain.train.trainer  # noqa: F401
+
+    for path in files:
+        if not os.path.isfile(path):
+            raise SegtrainError(f"--gin_file={path}: no such file.")
+        here = os.path.dirname(os.path.abspath(path))
+        for search in (here, os.path.dirname(here)):
+            gin.add_config_file_search_path(search)
+    try:
+        gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+    except (ValueError, IOError, SyntaxError) as e:
+        raise SegtrainError(_explain(e)) from None
+
+
+def _explain(error: Exception) -> str:
+    text = str(error).strip()
+    first = text.splitlines()[0]
+    where = " ".join(line.strip() for line in text.splitlines()[1:3])
+    hint = ""
+    m = re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", first)
+    if m:
+        params = _parameters(m.group(1))
+        close = difflib.get_close_matches(m.group(2), params, n=2)
+        hint = f" Did you mean {' or '.join(repr(f'{m.group(1)}.{c}') for c in close)}?" if close else ""
+        if params:
+            hint += f" Its parameters: {', '.join(params)}."
+    m = re.search(r"No configurable matching '([\w.]+)'", first)
+    if m:
+        close = difflib.get_close_matches(m.group(1), _configurables(), n=3)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        hint += " `segtrain list` shows every plugin and its parameters."
+    return f"Bad gin configuration: {first}{hint}" + (f" ({where})" if where else "")
+
+
+def _configurables() -> list[str]:
+    try:  # gin has no public listing; the names help only the error message
+        return sorted({".".join(filter(None, (c.module, c.name))) for c in gin.config._REGISTRY.values()}
+                      | {c.name for c in gin.config._REGISTRY.values()})
+    except Exception:
+        return []
+
+
+def _parameters(selector: str) -> list[str]:
+    try:
+        configurable = gin.config._REGISTRY.get_match(selector)
+        return [p for p in inspect.signature(configurable.wrapped).parameters if p not in ("self", "args", "kwargs")]
+    except Exception:
+        return []

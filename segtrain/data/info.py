@@ -1,0 +1,71 @@
+"""What a dataset plugin tells the rest of segtrain about its data."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Facts about a segmentation dataset.
+
+    Attributes:
+      num_classes: number of classes; labels are 0..num_classes-1 or ignore_label.
+      ignore_label: label value excluded from losses and metrics (255 by convention).
+      class_names: one name per class.
+      palette: one RGB colour per class, for visualisation.
+      num_examples: examples per split, e.g. {'train': 1000, 'validation': 100}.
+      name: the dataset's registry name, used in messages.
+    """
+
+    num_classes: int
+    ignore_label: int = 255
+    class_names: Sequence[str] = ()
+    palette: Sequence[Sequence[int]] = ()
+    num_examples: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    name: str = ""
+
+    def __post_init__(self):
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if not 0 <= self.ignore_label <= 255 or self.ignore_label < self.num_classes:
+            raise ValueError(
+                f"ignore_label {self.ignore_label} must be in [num_classes, 255] "
+                f"(num_classes={self.num_classes})"
+            )
+        if not self.class_names:
+            object.__setattr__(
+                self, "class_names", tuple(f"class_{i}" for i in range(self.num_classes))
+            )
+        if not self.palette:
+            object.__setattr__(self, "palette", default_palette(self.num_classes))
+        if len(self.class_names) != self.num_classes or len(self.palette) != self.num_classes:
+            raise ValueError(
+                f"DatasetInfo of {self.name or 'a dataset'} has {len(self.class_names)} class "
+                f"names and {len(self.palette)} colours for {self.num_classes} classes"
+            )
+
+    def palette_array(self) -> np.ndarray:
+        """[256, 3] uint8 colour table: class colours, then black (ignore label included)."""
+        table = np.zeros((256, 3), np.uint8)
+        table[: self.num_classes] = np.asarray(self.palette, np.uint8)
+        table[self.ignore_label] = (255, 255, 255)
+        return table
+
+
+def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
+    """The Pascal VOC colour map (bit-interleaved), a distinct colour per class index."""
+    colours = []
+    for i in range(num_classes):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)

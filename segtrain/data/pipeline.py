@@ -1,0 +1,158 @@
+"""The input pipeline every dataset shares: augment, normalise, batch, prefetch.
+
+Dataset plugins yield {'image': uint8 [H,W,3], 'label': uint8 [H,W]}; everything after that
+happens here, configured in gin under ``pipeline.*``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import gin
+import tensorflow as tf
+
+from segtrain.data import transforms as T
+from segtrain.data.info import DatasetInfo
+from segtrain.errors import SegtrainError
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@gin.configurable("pipeline", denylist=["dataset", "info", "split", "training", "batch_size", "size_divisor", "seed"])
+def build_pipeline(
+    dataset: tf.data.Dataset,
+    info: DatasetInfo,
+    split: str,
+    training: bool,
+    batch_size: int,
+    size_divisor: int = 1,
+    seed: int = 0,
+    *,
+    resize: Sequence[int] | None = None,
+    min_scale: float = 1.0,
+    max_scale: float = 1.0,
+    crop_size: Sequence[int] | None = None,
+    flip: bool = True,
+    brightness: float = 0.0,
+    contrast: Sequence[float] | None = None,
+    saturation: Sequence[float] | None = None,
+    hue: float = 0.0,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    eval_size: Sequence[int] | None = None,
+    shuffle_buffer: int = 1024,
+    cache: bool = False,
+    check_labels: bool = True,
+) -> tf.data.Dataset:
+    """Turns a plugin's dataset into batches of {'image': float32, 'label': int32}.
+
+    Training: shuffle, repeat forever, [resize], random scale, random crop (labels padded with
+    the ignore label), flip, colour jitter, normalise, batch with drop_remainder. Evaluation:
+    [resize to eval_size], normalise, pad to a multiple of the model's ``size_divisor`` (labels
+    padded with the ignore label, so metrics stay at full resolution), padded batch.
+
+    Args:
+      dataset, info, split: what the dataset plugin returned, and the split's name.
+      training: training (augmented, infinite) or evaluation (one pass) pipeline.
+      batch_size: global batch size.
+      size_divisor: the model needs height and width divisible by this.
+      seed: seed of shuffling and augmentation.
+      resize: (height, width) every image is resized to first, or None.
+      min_scale, max_scale: random rescaling range (training).
+      crop_size: (height, width) of training crops; needed unless ``resize`` fixes the size.
+      flip: random left-right flip (training).
+      brightness: max additive brightness change on [0, 1] images (chapter 8 uses 0.1).
+      contrast, saturation: (lower, upper) random factor ranges, e.g. (0.8, 1.2).
+      hue: max hue shift (chapter 8 uses 0.1).
+      mean, std: per-channel normalisation on the [0, 255] scale.
+      eval_size: (height, width) evaluation images are resized to, or None for full size.
+      shuffle_buffer: examples in the shuffle buffer (training).
+      cache: cache the decoded examples in memory (small datasets).
+      check_labels: fail on a label that is neither a class nor the ignore label.
+
+    Raises:
+      SegtrainError: sizes that cannot work with the model or the batch size.
+    """
+    ignore = info.ignore_label
+    where = f"dataset '{info.name}' split '{split}'"
+    num_examples = info.num_examples.get(split)
+    fill = float(sum(mean) / len(mean))  # padding that normalises to ~0
+
+    if training:
+        if num_examples is not None and num_examples < batch_size:
+            raise SegtrainError(
+                f"train.batch_size={batch_size} is larger than {where} ({num_examples} "
+                f"examples): lower train.batch_size or use a larger split."
+            )
+        fixed = crop_size or resize
+        if fixed is None:
+            raise SegtrainError(
+                "Training batches need one image size: set pipeline.crop_size (or pipeline.resize)."
+            )
+        if size_divisor > 1 and (fixed[0] % size_divisor or fixed[1] % size_divisor):
+            name = "pipeline.crop_size" if crop_size else "pipeline.resize"
+            raise SegtrainError(
+                f"{name}={tuple(fixed)} does not suit the model: its height and width must be "
+                f"multiples of {size_divisor}."
+            )
+
+    def prepare(ex):
+        image = tf.cast(ex["image"], tf.float32)
+        label = tf.cast(ex["label"], tf.int32)
+        if check_labels:
+            label = T.check_labels(label, info.num_classes, ignore, where)
+        return image, label
+
+    def augment(index, ex):
+        image, label = prepare(ex)
+        seeds = tf.unstack(tf.random.experimental.stateless_split(tf.stack([tf.constant(seed, tf.int64), index]), 4))
+        if resize:
+            image, label = T.resize(image, label, resize)
+        if (min_scale, max_scale) != (1.0, 1.0):
+            image, label = T.random_scale(image, label, seeds[0], min_scale, max_scale)
+        if crop_size:
+            image, label = T.random_crop(image, label, seeds[1], crop_size, ignore, fill)
+        if flip:
+            image, label = T.random_flip(image, label, seeds[2])
+        if brightness or contrast or saturation or hue:
+            image = T.colour_jitter(image, seeds[3], brightness, contrast, hue, saturation)
+        return {"image": T.normalize(image, mean, std), "label": label}
+
+    def evaluate(ex):
+        image, label = prepare(ex)
+        if eval_size:
+            image, label = T.resize(image, label, eval_size)
+        image = T.normalize(image, mean, std)
+        if size_divisor > 1:
+            image, label = T.pad_to_multiple(image, label, size_divisor, ignore)
+        return {"image": image, "label": label}
+
+    options = tf.data.Options()
+    options.deterministic = True
+    ds = dataset.with_options(options)
+    if cache:
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(min(shuffle_buffer, num_examples or shuffle_buffer), seed=seed)
+        ds = ds.repeat().enumerate()
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=True)
+    else:
+        ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.padded_batch(batch_size, padding_values={"image": 0.0, "label": ignore})
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def normalization() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) the pipeline normalises with under the current gin bindings."""
+    bound = gin.get_bindings("pipeline")
+    return tuple(bound.get("mean", IMAGENET_MEAN)), tuple(bound.get("std", IMAGENET_STD))
+
+
+def denormalize(image, mean: Sequence[float], std: Sequence[float]):
+    """Inverse of the normalisation, as uint8 [..., 3] NumPy, for display."""
+    import numpy as np
+
+    pixels = np.asarray(image, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+    return np.clip(np.round(pixels), 0, 255).astype(np.uint8)

@@ -1,0 +1,120 @@
+"""Per-example transforms of the shared input pipeline, in pure TF ops.
+
+Images are float32 [H,W,3] in [0, 255] until normalisation; labels are int32 [H,W]. Every
+geometric transform moves image and label together, and labels only ever use
+nearest-neighbour sampling. Random transforms are stateless: they take a seed [2], so the
+pipeline gives the same augmentations for the same seed however many threads run it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import tensorflow as tf
+
+from segtrain.errors import DATA_ERROR_MARKER
+
+Size = Sequence[int]
+
+
+def check_labels(label: tf.Tensor, num_classes: int, ignore_label: int, where: str) -> tf.Tensor:
+    """Fails with a clear message if a label is neither a class nor the ignore label."""
+    bad = tf.logical_and(label >= num_classes, label != ignore_label)
+    first_bad = tf.reduce_max(tf.where(bad, label, tf.zeros_like(label)))
+    message = tf.strings.format(
+        DATA_ERROR_MARKER + "label value {} in " + where + " is neither a class id in "
+        f"[0, {num_classes - 1}] nor the ignore label {ignore_label}. Fix the labels, or map "
+        "that value to a class or to the ignore label in the dataset plugin.",
+        first_bad,
+    )
+    with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [message])]):
+        return tf.identity(label)
+
+
+def resize(image: tf.Tensor, label: tf.Tensor, size: Size) -> tuple[tf.Tensor, tf.Tensor]:
+    """Resizes to ``size`` (height, width): bilinear for the image, nearest for the label."""
+    image = tf.image.resize(image, size, method="bilinear")
+    label = tf.image.resize(label[..., None], size, method="nearest")[..., 0]
+    return image, label
+
+
+def random_scale(
+    image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, min_scale: float, max_scale: float
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Rescales both by one factor drawn uniformly from [min_scale, max_scale]."""
+    scale = tf.random.stateless_uniform([], seed, min_scale, max_scale)
+    hw = tf.cast(tf.shape(image)[:2], tf.float32) * scale
+    size = tf.maximum(tf.cast(tf.round(hw), tf.int32), 1)
+    return resize(image, label, size)
+
+
+def pad_to_size(
+    image: tf.Tensor,
+    label: tf.Tensor,
+    size: tf.Tensor | Size,
+    ignore_label: int,
+    image_fill: float = 0.0,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Pads bottom and right up to at least ``size``; labels are padded with the ignore label."""
+    shape = tf.shape(image)
+    pad_h = tf.maximum(size[0] - shape[0], 0)
+    pad_w = tf.maximum(size[1] - shape[1], 0)
+    paddings = [[0, pad_h], [0, pad_w]]
+    image = tf.pad(image, paddings + [[0, 0]], constant_values=image_fill)
+    label = tf.pad(label, paddings, constant_values=ignore_label)
+    return image, label
+
+
+def pad_to_multiple(
+    image: tf.Tensor, label: tf.Tensor, multiple: int, ignore_label: int, image_fill: float = 0.0
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Pads bottom and right so height and width are multiples of ``multiple``."""
+    hw = tf.shape(image)[:2]
+    target = (hw + multiple - 1) // multiple * multiple
+    return pad_to_size(image, label, target, ignore_label, image_fill)
+
+
+def random_crop(
+    image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, size: Size, ignore_label: int,
+    image_fill: float = 0.0,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """A random ``size`` crop of both; smaller inputs are padded first (labels with ignore)."""
+    image, label = pad_to_size(image, label, size, ignore_label, image_fill)
+    stacked = tf.concat([image, tf.cast(label, image.dtype)[..., None]], axis=-1)
+    stacked = tf.image.stateless_random_crop(stacked, [size[0], size[1], 4], seed)
+    return stacked[..., :3], tf.cast(stacked[..., 3], label.dtype)
+
+
+def random_flip(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mirrors both left-right with probability 1/2."""
+    flip = tf.random.stateless_uniform([], seed) < 0.5
+    image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+    label = tf.cond(flip, lambda: tf.reverse(label, [1]), lambda: label)
+    return image, label
+
+
+def colour_jitter(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    brightness: float = 0.0,
+    contrast: Sequence[float] | None = None,
+    hue: float = 0.0,
+    saturation: Sequence[float] | None = None,
+) -> tf.Tensor:
+    """Random brightness (additive, on [0,1]), contrast and saturation (factor ranges) and hue."""
+    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+    x = image / 255.0
+    if brightness:
+        x = tf.image.stateless_random_brightness(x, brightness, seeds[0])
+    if contrast:
+        x = tf.image.stateless_random_contrast(x, contrast[0], contrast[1], seeds[1])
+    if saturation:
+        x = tf.image.stateless_random_saturation(x, saturation[0], saturation[1], seeds[2])
+    if hue:
+        x = tf.image.stateless_random_hue(tf.clip_by_value(x, 0.0, 1.0), hue, seeds[3])
+    return tf.clip_by_value(x, 0.0, 1.0) * 255.0
+
+
+def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+    """(image - mean) / std per channel, with mean and std on the [0, 255] scale."""
+    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)

@@ -1,0 +1,41 @@
+"""The one error type a user can cause: its message says what is wrong and what to do."""
+
+
+class SegtrainError(ValueError):
+    """A user-caused problem (bad flag, gin binding, data, or a diverged run).
+
+    The CLI prints its message alone, without a traceback, and exits with status 1.
+    """
+
+
+def user_message(error: Exception) -> str:
+    """The message of a user error without the call context gin appends to it."""
+    lines = str(error).splitlines()
+    return "\n".join(line for line in lines if not line.lstrip().startswith("In call to configurable")).strip()
+
+
+# Data checks run inside tf.data; their messages start with this marker so the trainer can
+# turn the framework's InvalidArgumentError back into a SegtrainError with just our text.
+DATA_ERROR_MARKER = "segtrain data error: "
+
+
+class data_errors:  # noqa: N801 (used as a context manager, reads like a statement)
+    """Turns a failed in-pipeline data check back into a SegtrainError with just its message.
+
+    The check runs inside tf.data, so it surfaces as an InvalidArgumentError wrapped in
+    framework context, with quotes escaped; other errors pass through unchanged.
+    """
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        import tensorflow as tf
+
+        if exc_type is not None and issubclass(exc_type, tf.errors.InvalidArgumentError):
+            text = exc.message
+            if DATA_ERROR_MARKER in text:
+                message = text.split(DATA_ERROR_MARKER, 1)[1].split("\n", 1)[0].rstrip("]").strip()
+                message = message.replace("\\'", "'").replace('\\"', '"')
+                raise SegtrainError(message[0].upper() + message[1:]) from None
+        return False

@@ -1,0 +1,114 @@
+"""Metrics, all pure functions of one summed confusion matrix.
+
+``confusion_matrix`` counts one batch (rows = ground truth, columns = prediction, ignore-label
+pixels left out). The evaluation sums those counts over batches and replicas, then every
+registered metric is computed from the sum, so metrics never average per-batch means.
+Classes absent from both ground truth and prediction do not count in any mean.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from registry import METRICS
+
+
+def confusion_matrix(
+    labels: tf.Tensor, predictions: tf.Tensor, num_classes: int, ignore_label: int = 255
+) -> tf.Tensor:
+    """C x C int64 counts of one batch: entry [i, j] = pixels of class i predicted as j.
+
+    Args:
+      labels: int [...] ground truth; pixels equal to ``ignore_label`` are not counted.
+      predictions: int [...] predicted classes, same shape.
+      num_classes: C.
+      ignore_label: label value to leave out.
+    """
+    labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+    predictions = tf.reshape(tf.cast(predictions, tf.int32), [-1])
+    valid = tf.not_equal(labels, ignore_label)
+    # Invalid pixels go to an extra row that is sliced away: no data-dependent shapes, so
+    # this compiles with XLA and runs per replica.
+    index = tf.where(valid, labels * num_classes + predictions, num_classes * num_classes)
+    counts = tf.math.unsorted_segment_sum(
+        tf.ones_like(index, tf.int64), index, num_classes * num_classes + 1
+    )
+    return tf.reshape(counts[: num_classes * num_classes], [num_classes, num_classes])
+
+
+def _parts(cm):
+    cm = tf.cast(tf.convert_to_tensor(cm), tf.float64)
+    tp = tf.linalg.diag_part(cm)
+    truth = tf.reduce_sum(cm, axis=1)
+    predicted = tf.reduce_sum(cm, axis=0)
+    return cm, tp, truth, predicted
+
+
+
+def _nan_mean(values, mask):
+    values = tf.boolean_mask(values, mask)
+    return tf.cond(
+        tf.size(values) > 0,
+        lambda: tf.reduce_mean(values),
+        lambda: tf.constant(float("nan"), tf.float64),
+    )
+
+
+@METRICS.register("pixel_accuracy")
+def pixel_accuracy(cm) -> tf.Tensor:
+    """Correct pixels over all counted pixels."""
+    cm, tp, _, _ = _parts(cm)
+    return tf.math.divide_no_nan(tf.reduce_sum(tp), tf.reduce_sum(cm))
+
+
+@METRICS.register("per_class_accuracy")
+def per_class_accuracy(cm) -> tf.Tensor:
+    """Recall of each class, TP / ground-truth pixels; NaN for a class never seen."""
+    _, tp, truth, predicted = _parts(cm)
+    return _per_class(tp, truth, truth + predicted)
+
+
+@METRICS.register("mean_accuracy")
+def mean_accuracy(cm) -> tf.Tensor:
+    """Mean of the per-class accuracies (recall) over the classes seen."""
+    _, tp, truth, predicted = _parts(cm)
+    return _nan_mean(tf.math.divide_no_nan(tp, truth), truth + predicted > 0)
+
+
+@METRICS.register("per_class_iou")
+def per_class_iou(cm) -> tf.Tensor:
+    """Intersection over union of each class; NaN for a class never seen."""
+    _, tp, truth, predicted = _parts(cm)
+    union = truth + predicted - tp
+    return _per_class(tp, union, union)
+
+
+@METRICS.register("mean_iou")
+def mean_iou(cm) -> tf.Tensor:
+    """Mean intersection over union over the classes seen."""
+    _, tp, truth, predicted = _parts(cm)
+    union = truth + predicted - tp
+    return _nan_mean(tf.math.divide_no_nan(tp, union), union > 0)
+
+
+@METRICS.register("dice")
+def dice(cm) -> tf.Tensor:
+    """Mean Dice (F1), 2 TP / (ground truth + predicted), over the classes seen."""
+    _, tp, truth, predicted = _parts(cm)
+    return _nan_mean(tf.math.divide_no_nan(2.0 * tp, truth + predicted), truth + predicted > 0)
+
+
+def _per_class(numerator, denominator, seen):
+    return tf.where(seen > 0, tf.math.divide_no_nan(numerator, denominator), float("nan"))
+
+
+DEFAULT_METRICS = ("pixel_accuracy", "mean_accuracy", "mean_iou", "per_class_iou", "dice")
+
+
+def compute(cm, names=DEFAULT_METRICS) -> dict:
+    """Every named metric of a summed confusion matrix, as Python floats / lists."""
+    results = {}
+    for name in names:
+        value = METRICS.get(name)(cm).numpy()
+        results[name] = value.tolist() if getattr(value, "ndim", 0) else float(value)
+    return results

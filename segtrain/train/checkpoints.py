@@ -1,0 +1,78 @@
+"""Checkpoints in model_dir: the latest few for resuming, and the best one by a metric.
+
+    model_dir/ckpt-<step>.*        latest checkpoints (tf.train.CheckpointManager)
+    model_dir/best/ckpt-<step>.*   the best checkpoint so far
+    model_dir/best/best.json       {"metric": ..., "value": ..., "step": ...}
+
+TensorFlow writes checkpoint data under temporary names and renames it, and best.json is
+written the same way, so an interrupted save never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+from segtrain.errors import SegtrainError
+from segtrain.io import atomic_write_text
+
+
+class Checkpoints:
+    """Saves and restores the trackables of a run (model, optimizer, step).
+
+    Args:
+      model_dir: the run's directory.
+      max_to_keep: how many of the latest checkpoints to keep.
+      **trackables: objects to checkpoint, e.g. model=..., optimizer=..., step=....
+    """
+
+    def __init__(self, model_dir: str, max_to_keep: int = 3, **trackables):
+        self.model_dir = model_dir
+        self.checkpoint = tf.train.Checkpoint(**trackables)
+        self.latest = tf.train.CheckpointManager(self.checkpoint, model_dir, max_to_keep=max_to_keep)
+        self.best_dir = os.path.join(model_dir, "best")
+        self.best = tf.train.CheckpointManager(self.checkpoint, self.best_dir, max_to_keep=1)
+
+    @property
+    def best_json(self) -> str:
+        return os.path.join(self.best_dir, "best.json")
+
+    def restore_latest(self) -> str | None:
+        """Restores the latest checkpoint, if any, with optimizer state; returns its path."""
+        path = self.latest.latest_checkpoint
+        if path:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+        return path
+
+    def save(self, step: int) -> str:
+        return self.latest.save(checkpoint_number=step)
+
+    def best_record(self) -> dict | None:
+        if not os.path.exists(self.best_json):
+            return None
+        with open(self.best_json) as f:
+            return json.load(f)
+
+    def save_best(self, step: int, metric: str, value: float) -> str:
+        path = self.best.save(checkpoint_number=step)
+        atomic_write_text(self.best_json, json.dumps({"metric": metric, "value": value, "step": step, "path": os.path.basename(path)}, indent=2))
+        return path
+
+    def restore_for_eval(self, which: str = "best") -> str:
+        """Restores model weights from the 'best' (falling back to 'latest') or 'latest' checkpoint.
+
+        Raises:
+          SegtrainError: no checkpoint in model_dir.
+        """
+        if which not in ("best", "latest"):
+            raise SegtrainError(f"--checkpoint={which!r}: use 'best' or 'latest'.")
+        path = (which == "best" and self.best.latest_checkpoint) or self.latest.latest_checkpoint
+        if not path:
+            raise SegtrainError(
+                f"No checkpoint in {self.model_dir}: train first with "
+                f"`segtrain train --model_dir={self.model_dir} ...`."
+            )
+        self.checkpoint.restore(path).expect_partial()
+        return path

@@ -1,0 +1,325 @@
+"""The training loop: a GradientTape step, several steps per tf.function call, under a strategy.
+
+``train(model_dir)`` runs an experiment configured in gin under ``train.*``: the plugins are
+picked by name (``train.model = 'unet'``), their arguments set in their own gin modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Sequence
+
+import gin
+import keras
+import numpy as np
+import tensorflow as tf
+
+from registry import DATASETS, LOSSES, METRICS, MODELS
+from segtrain import metrics as M
+from segtrain.data.pipeline import build_pipeline, denormalize, normalization
+from segtrain.errors import SegtrainError, data_errors
+from segtrain.evaluate import Evaluator, format_table, write_results
+from segtrain.io import atomic_write_text
+from segtrain.train import summaries as S
+from segtrain.train.checkpoints import Checkpoints
+from segtrain.train.optimization import build_optimizer, current_learning_rate
+from segtrain.train.progress import Progress
+
+
+@gin.configurable("train")
+@dataclasses.dataclass
+class TrainConfig:
+    """The experiment: which plugins, how long, how often to evaluate and save.
+
+    Attributes:
+      model, loss, dataset: registry names of the plugins.
+      metrics: registry names of the metrics computed at evaluation.
+      num_steps: optimizer steps of the whole run.
+      batch_size: global batch size (over all replicas).
+      eval_every: evaluate on ``eval_split`` every this many steps (0: only at the end).
+      eval_split: split evaluated during training.
+      eval_batch_size: evaluation batch size (default: batch_size).
+      steps_per_loop: steps per tf.function call; more cuts host overhead, fewer logs more often.
+      checkpoint_every: save a checkpoint every this many steps (default: eval_every).
+      keep_checkpoints: latest checkpoints kept.
+      best_metric: the metric that decides the best checkpoint and early stopping.
+      best_mode: 'max' or 'min' ('auto': 'min' for loss, else 'max').
+      early_stopping_patience: stop after this many evaluations without improvement (0: never).
+      min_delta: smallest change of best_metric that counts as an improvement.
+      clip_norm: clip the global gradient norm (after summing over replicas) to this, or None.
+      num_image_panels: validation examples shown in TensorBoard's image panels.
+      seed: seed of weight initialisation, shuffling and augmentation.
+      train_split: split trained on.
+    """
+
+    model: str = "unet"
+    loss: str = "cross_entropy"
+    dataset: str = "shapes"
+    metrics: Sequence[str] = M.DEFAULT_METRICS
+    num_steps: int = 1000
+    batch_size: int = 8
+    eval_every: int = 500
+    eval_split: str = "validation"
+    eval_batch_size: int | None = None
+    steps_per_loop: int = 10
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 3
+    best_metric: str = "mean_iou"
+    best_mode: str = "auto"
+    early_stopping_patience: int = 0
+    min_delta: float = 0.0
+    clip_norm: float | None = None
+    num_image_panels: int = 3
+    seed: int = 0
+    train_split: str = "train"
+
+    def __post_init__(self):
+        for field in ("num_steps", "batch_size", "steps_per_loop", "keep_checkpoints"):
+            if getattr(self, field) < 1:
+                raise SegtrainError(f"train.{field} must be >= 1, got {getattr(self, field)}.")
+        if self.best_mode not in ("auto", "max", "min"):
+            raise SegtrainError(f"train.best_mode={self.best_mode!r}: use 'auto', 'max' or 'min'.")
+        for name in self.metrics:
+            METRICS.get(name)
+        if self.best_metric != "loss" and self.best_metric not in self.metrics:
+            raise SegtrainError(
+                f"train.best_metric={self.best_metric!r} is not among train.metrics "
+                f"{list(self.metrics)} (or 'loss')."
+            )
+        if self.best_metric == "per_class_iou":
+            raise SegtrainError("train.best_metric must be a scalar metric, not 'per_class_iou'.")
+
+
+class Run:
+    """What one experiment is made of: data, model, loss, optimizer, step and checkpoints."""
+
+    def __init__(self, model_dir: str, config: TrainConfig, strategy: tf.distribute.Strategy | None = None):
+        if not model_dir:
+            raise SegtrainError("--model_dir is required: the directory for checkpoints and TensorBoard logs.")
+        self.model_dir = model_dir
+        self.config = config
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.metric_names = tuple(config.metrics)
+        self.dataset_fn = DATASETS.get(config.dataset)
+        model_fn, loss_factory = MODELS.get(config.model), LOSSES.get(config.loss)
+        _, self.info = self.dataset_fn(split=config.train_split)
+        self.loss_fn = loss_factory(ignore_label=self.info.ignore_label)
+        keras.utils.set_random_seed(config.seed)
+        with self.strategy.scope():
+            self.model = model_fn(num_classes=self.info.num_classes)
+            self.optimizer = build_optimizer(config.num_steps)
+            self.optimizer.build(self.model.trainable_variables)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        out_channels = self.model.output_shape[-1]
+        if out_channels != self.info.num_classes:
+            raise SegtrainError(
+                f"Model '{config.model}' outputs {out_channels} channels but dataset "
+                f"'{config.dataset}' has {self.info.num_classes} classes: a model must return "
+                f"logits [B,H,W,num_classes]."
+            )
+        self.size_divisor = int(getattr(self.model, "size_divisor", 1))
+        self.checkpoints = Checkpoints(
+            model_dir, config.keep_checkpoints, model=self.model, optimizer=self.optimizer, step=self.step
+        )
+
+    @classmethod
+    def for_evaluation(cls, model_dir: str) -> "Run":
+        """The run described by the parsed gin config (the CLI parses operative_config.gin)."""
+        return cls(model_dir, TrainConfig())
+
+    def eval_dataset(self, split: str, batch_size: int | None = None) -> tf.data.Dataset:
+        ds, info = self.dataset_fn(split=split)
+        batch_size = batch_size or self.config.eval_batch_size or self.config.batch_size
+        return build_pipeline(ds, info, split, False, batch_size, self.size_divisor, self.config.seed)
+
+    def train_dataset(self, seed: int) -> tf.data.Dataset:
+        replicas = self.strategy.num_replicas_in_sync
+        if self.config.batch_size % replicas:
+            raise SegtrainError(
+                f"train.batch_size={self.config.batch_size} does not divide over {replicas} "
+                f"replicas: use a multiple of {replicas}."
+            )
+        ds, info = self.dataset_fn(split=self.config.train_split)
+        return build_pipeline(ds, info, self.config.train_split, True, self.config.batch_size, self.size_divisor, seed)
+
+
+def train(model_dir: str, strategy: tf.distribute.Strategy | None = None) -> dict:
+    """Trains the experiment configured in gin; returns the last evaluation's results."""
+    return Trainer(Run(model_dir, TrainConfig(), strategy)).fit()
+
+
+class Trainer:
+    """Runs the loop of a ``Run``: train, log, checkpoint, evaluate, keep the best, stop early."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.cfg = run.config
+        self.strategy = run.strategy
+        self.model, self.optimizer, self.step = run.model, run.optimizer, run.step
+        self._train_loop = tf.function(self._loop)
+
+    # ---- the compiled part -------------------------------------------------------------
+    def _replica_step(self, batch):
+        images, labels = batch["image"], batch["label"]
+        with tf.GradientTape() as tape:
+            logits = self.model(images, training=True)
+            per_example = self.run.loss_fn(labels, logits)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.cfg.batch_size)
+            if self.model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
+        grads = tape.gradient(loss, self.model.trainable_variables)
+        if self.cfg.clip_norm:
+            grads = self._clip(grads)
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        cm = M.confusion_matrix(labels, tf.argmax(logits, -1), self.run.info.num_classes, self.run.info.ignore_label)
+        return loss, cm
+
+    def _clip(self, grads):
+        """Clips the norm of the gradient summed over replicas, not of each replica's part."""
+        replicas = self.strategy.num_replicas_in_sync
+        if replicas > 1:
+            total = tf.distribute.get_replica_context().all_reduce("SUM", grads)
+            clipped, _ = tf.clip_by_global_norm(total, self.cfg.clip_norm)
+            # The optimizer sums over replicas again: hand it an equal share of the clipped sum.
+            return [g / replicas for g in clipped]
+        clipped, _ = tf.clip_by_global_norm(grads, self.cfg.clip_norm)
+        return clipped
+
+    def _loop(self, iterator, num_steps):
+        losses = tf.TensorArray(tf.float32, size=num_steps)
+        c = self.run.info.num_classes
+        cm = tf.zeros([c, c], tf.int64)
+        for i in tf.range(num_steps):
+            loss, r_cm = self.strategy.run(self._replica_step, args=(next(iterator),))
+            losses = losses.write(i, self.strategy.reduce("SUM", loss, axis=None))
+            cm += self.strategy.reduce("SUM", r_cm, axis=None)
+            self.step.assign_add(1)
+        return losses.stack(), cm
+
+    # ---- the host loop -----------------------------------------------------------------
+    def fit(self) -> dict:
+        """Trains to train.num_steps (or an early stop); returns the last evaluation's results."""
+        with data_errors():
+            return self._fit()
+
+    def _fit(self) -> dict:
+        run, cfg = self.run, self.cfg
+        os.makedirs(run.model_dir, exist_ok=True)
+        restored = run.checkpoints.restore_latest()
+        start = int(self.step.numpy())
+        if restored:
+            print(f"Resuming {run.model_dir} from {os.path.basename(restored)} at step {start}")
+        if start >= cfg.num_steps:
+            print(f"{run.model_dir} is already at step {start} >= train.num_steps={cfg.num_steps}; nothing to train.")
+            return run.checkpoints.best_record() or {}
+        # A resumed run continues with fresh shuffling/augmentation draws instead of replaying
+        # the first steps' data.
+        train_ds = run.train_dataset(seed=cfg.seed + start)
+        self._check_output_size(train_ds.element_spec["image"].shape[1:3])
+        eval_ds = run.eval_dataset(cfg.eval_split)
+        iterator = iter(self.strategy.experimental_distribute_dataset(train_ds))
+        self._write_operative_config(start)
+        writers = {k: tf.summary.create_file_writer(os.path.join(run.model_dir, k)) for k in ("train", "eval")}
+        evaluator = Evaluator(self.model, run.loss_fn, run.info, self.strategy, run.metric_names)
+        eval_every = cfg.eval_every or cfg.num_steps
+        checkpoint_every = cfg.checkpoint_every or eval_every
+        best = run.checkpoints.best_record()
+        mode = cfg.best_mode if cfg.best_mode != "auto" else ("min" if cfg.best_metric == "loss" else "max")
+        stale, results = 0, {}
+        progress = Progress("train", cfg.num_steps, start=start)
+        step = start
+        try:
+            while step < cfg.num_steps:
+                n = min(cfg.steps_per_loop, cfg.num_steps - step, eval_every - step % eval_every,
+                        checkpoint_every - step % checkpoint_every)
+                t0 = time.perf_counter()
+                losses, cm = self._train_loop(iterator, tf.constant(n))
+                losses = losses.numpy()
+                elapsed = time.perf_counter() - t0
+                self._check_finite(losses, step)
+                step += n
+                images_per_s = cfg.batch_size * n / elapsed
+                lr = current_learning_rate(self.optimizer)
+                train_metrics = M.compute(cm.numpy(), ("pixel_accuracy", "mean_iou"))
+                S.write_scalars(writers["train"], {
+                    "loss": float(losses.mean()), "learning_rate": lr, "images_per_second": images_per_s,
+                    "step_time_seconds": elapsed / n, **train_metrics}, step)
+                progress.update(step, images_per_s, loss=float(losses.mean()), lr=lr)
+                if step % checkpoint_every == 0 or step == cfg.num_steps:
+                    run.checkpoints.save(step)
+                if step % eval_every == 0 or step == cfg.num_steps:
+                    progress.close()
+                    results, cm = evaluator.run(eval_ds)
+                    self._write_eval(writers["eval"], results, cm, eval_ds, evaluator, step)
+                    value = results[cfg.best_metric]
+                    print(f"eval step {step}: " + "  ".join(
+                        f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float)))
+                    if best is None or _improved(value, best["value"], mode, cfg.min_delta):
+                        run.checkpoints.save_best(step, cfg.best_metric, float(value))
+                        best, stale = {"metric": cfg.best_metric, "value": float(value), "step": step}, 0
+                    else:
+                        stale += 1
+                    if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
+                        print(f"Early stopping at step {step}: {cfg.best_metric} has not improved for "
+                              f"{stale} evaluations (best {best['value']:.4f} at step {best['step']}).")
+                        run.checkpoints.save(step)
+                        break
+        finally:
+            progress.close()
+            for w in writers.values():
+                w.close()
+        if results:
+            write_results(os.path.join(run.model_dir, "eval_results_" + cfg.eval_split + ".json"),
+                          {**results, "step": step, "split": cfg.eval_split})
+            print(format_table(results, run.info.class_names))
+        return results
+
+    def _check_output_size(self, size) -> None:
+        """One eager forward pass: a model must return logits at input size (before tracing,
+        where an error would be buried in framework context)."""
+        logits = self.model(tf.zeros([1, *size, 3]), training=False)
+        if tuple(logits.shape[1:3]) != tuple(size):
+            raise SegtrainError(
+                f"Model '{self.cfg.model}' returned logits of size {tuple(logits.shape[1:3])} for "
+                f"images of size {tuple(size)}: models must return logits at input size."
+            )
+
+    def _check_finite(self, losses: np.ndarray, start: int) -> None:
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if bad.size:
+            latest = self.run.checkpoints.latest.latest_checkpoint
+            kept = (f"The last good checkpoint, {os.path.basename(latest)}, is intact; "
+                    if latest else "No checkpoint was written; ")
+            raise SegtrainError(
+                f"The loss became {losses[bad[0]]} at step {start + int(bad[0]) + 1}. {kept}"
+                f"lower learning_rate.base, set train.clip_norm, or check the data, then rerun."
+            )
+
+    def _write_operative_config(self, step: int) -> None:
+        # Built after model, data, loss and optimizer: gin lists only what was called.
+        config = gin.operative_config_str()
+        atomic_write_text(os.path.join(self.run.model_dir, "operative_config.gin"), config)
+        with tf.summary.create_file_writer(os.path.join(self.run.model_dir, "train")).as_default(step=step):
+            tf.summary.text("config/operative_gin", S.gin_markdown(config), step=step)
+
+    def _write_eval(self, writer, results, cm, eval_ds, evaluator, step) -> None:
+        info = self.run.info
+        S.write_scalars(writer, results, step, info.class_names)
+        S.write_images(writer, "confusion_matrix", [S.confusion_image(cm)], step)
+        S.write_text(writer, "confusion_matrix", S.confusion_markdown(cm, info.class_names), step)
+        if self.cfg.num_image_panels:
+            mean, std = normalization()
+            panels = []
+            for batch in eval_ds.unbatch().take(self.cfg.num_image_panels).batch(1):
+                prediction = evaluator.predict(batch["image"])[0]
+                image = denormalize(batch["image"][0], mean, std)
+                panels.append(S.panel(image, batch["label"][0].numpy(), prediction, info))
+            S.write_images(writer, "examples", panels, step)
+
+
+def _improved(value: float, best: float, mode: str, min_delta: float) -> bool:
+    if not np.isfinite(value):
+        return False
+    return value > best + min_delta if mode == "max" else value < best - min_delta

@@ -1,0 +1,137 @@
+"""The shared input pipeline: image and label move together; labels stay class ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from segtrain.data.info import DatasetInfo
+from segtrain.data.pipeline import build_pipeline
+from segtrain.errors import SegtrainError, data_errors
+
+INFO = DatasetInfo(num_classes=4, name="toy", num_examples={"train": 6, "validation": 5})
+MEAN, STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+
+def _coded(n=6, h=37, w=45, seed=0):
+    """Images whose red channel encodes the label (label * 60) and green the column: a
+    geometric transform that treated image and label differently breaks the code."""
+    rng = np.random.default_rng(seed)
+    examples = {"image": [], "label": []}
+    for _ in range(n):
+        label = rng.integers(0, 4, size=(h, w)).astype(np.uint8)
+        label = np.kron(label[::8, ::8], np.ones((8, 8), np.uint8))[:h, :w]  # blocks, so resizing keeps them
+        image = np.stack([label * 60, np.tile(np.arange(w) * 5, (h, 1)), np.full((h, w), 7)], -1).astype(np.uint8)
+        examples["image"].append(image)
+        examples["label"].append(label)
+    return tf.data.Dataset.from_tensor_slices({k: np.stack(v) for k, v in examples.items()})
+
+
+def _train_batches(ds, n_batches=3, batch_size=2, **options):
+    pipe = build_pipeline(ds, INFO, "train", True, batch_size, 1, 0, mean=MEAN, std=STD, **options)
+    return [{k: v.numpy() for k, v in b.items()} for b in pipe.take(n_batches)]
+
+
+def test_crop_flip_scale_keep_image_and_label_aligned():
+    batches = _train_batches(_coded(), crop_size=(24, 24), flip=True, min_scale=0.75, max_scale=1.5, n_batches=6)
+    flipped = False
+    for batch in batches:
+        assert batch["image"].shape == (2, 24, 24, 3) and batch["label"].shape == (2, 24, 24)
+        assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
+        for image, label in zip(batch["image"], batch["label"]):
+            valid = label != 255
+            # Red encodes the label wherever the label is not padding.
+            code = image[..., 0][valid]
+            inside = label[valid] * 60.0
+            # Bilinear resizing blurs the image at block edges, so compare the class the image
+            # codes for (nearest multiple of 60); a misaligned crop or flip mismatches ~75%.
+            assert np.mean(np.abs(code - inside) < 30.0) > 0.9
+            # The padded (ignore) area of the label is padding in the image too (blue != 7).
+            assert np.all(image[..., 2][~valid] != 7)
+            green = image[..., 1][valid.all(axis=1)]
+            if green.size and (np.diff(green, axis=1) < 0).mean() > 0.5:
+                flipped = True
+    assert flipped, "some crops should be mirrored"
+
+
+def test_labels_use_nearest_neighbour_only():
+    batches = _train_batches(_coded(), crop_size=(30, 30), min_scale=0.6, max_scale=1.7, n_batches=6)
+    values = set()
+    for batch in batches:
+        values |= set(np.unique(batch["label"]).tolist())
+    assert values <= {0, 1, 2, 3, 255}
+
+
+def test_small_images_are_padded_with_ignore_label():
+    batches = _train_batches(_coded(h=20, w=20), crop_size=(32, 32), flip=False)
+    label = batches[0]["label"][0]
+    assert label.shape == (32, 32)
+    assert np.all(label[20:, :] == 255) and np.all(label[:, 20:] == 255)
+    assert np.all(label[:20, :20] != 255)
+
+
+def test_colour_jitter_changes_image_not_label():
+    plain = _train_batches(_coded(), crop_size=(24, 24), flip=False)
+    jittered = _train_batches(_coded(), crop_size=(24, 24), flip=False, brightness=0.1, contrast=(0.8, 1.2), hue=0.1)
+    for p, j in zip(plain, jittered):
+        assert np.array_equal(p["label"], j["label"])
+        assert not np.allclose(p["image"], j["image"])
+
+
+def test_same_seed_same_batches():
+    a = _train_batches(_coded(), crop_size=(24, 24), min_scale=0.7, max_scale=1.3, hue=0.1)
+    b = _train_batches(_coded(), crop_size=(24, 24), min_scale=0.7, max_scale=1.3, hue=0.1)
+    for x, y in zip(a, b):
+        assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["label"], y["label"])
+
+
+def test_normalisation():
+    pipe = build_pipeline(_coded(), INFO, "validation", False, 1, 1, mean=(10.0, 20.0, 30.0), std=(2.0, 4.0, 5.0))
+    image = next(iter(pipe))["image"].numpy()[0]
+    assert np.allclose(image[..., 2], (7 - 30) / 5.0)
+
+
+def test_training_batches_drop_the_remainder_and_repeat():
+    pipe = build_pipeline(_coded(n=5), INFO, "train", True, 4, 1, crop_size=(16, 16))
+    shapes = [b["image"].shape[0] for b in pipe.take(5)]
+    assert shapes == [4] * 5
+
+
+def test_eval_keeps_full_size_and_pads_to_the_model_divisor():
+    ds = _coded(n=5, h=37, w=45)
+    pipe = build_pipeline(ds, INFO, "validation", False, 2, 8, mean=MEAN, std=STD)
+    batches = list(pipe)
+    assert [b["image"].shape[0] for b in batches] == [2, 2, 1]
+    for b in batches:
+        assert b["image"].shape[1:3] == (40, 48)
+        label = b["label"].numpy()
+        assert np.all(label[:, 37:, :] == 255) and np.all(label[:, :, 45:] == 255)
+        assert np.all(label[:, :37, :45] != 255)
+
+
+def test_batch_larger_than_split_is_a_clear_error():
+    with pytest.raises(SegtrainError, match=r"train.batch_size=8 is larger than dataset 'toy' split 'train' \(6 examples\)"):
+        build_pipeline(_coded(), INFO, "train", True, 8, 1, crop_size=(16, 16))
+
+
+def test_crop_size_must_suit_the_model():
+    with pytest.raises(SegtrainError, match=r"pipeline.crop_size=\(30, 30\).*multiples of 16"):
+        build_pipeline(_coded(), INFO, "train", True, 2, 16, crop_size=(30, 30))
+
+
+def test_training_needs_a_fixed_size():
+    with pytest.raises(SegtrainError, match="pipeline.crop_size"):
+        build_pipeline(_coded(), INFO, "train", True, 2, 1)
+
+
+def test_label_outside_classes_fails_naming_the_value():
+    label = np.zeros((8, 8), np.uint8)
+    label[2, 3] = 9
+    ds = tf.data.Dataset.from_tensors({"image": np.zeros((8, 8, 3), np.uint8), "label": label})
+    pipe = build_pipeline(ds, INFO, "validation", False, 1, 1)
+    with pytest.raises(SegtrainError) as e, data_errors():
+        list(pipe)
+    assert str(e.value).startswith(
+        "Label value 9 in dataset 'toy' split 'validation' is neither a class id in [0, 3] nor the ignore label 255."
+    )

@@ -1,0 +1,163 @@
+"""Losses: per-example values, ignore label out of sum and normaliser, checked against NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from registry import LOSSES
+from segtrain.errors import SegtrainError
+
+IGNORE = 255
+
+
+def _data(seed=0, b=3, h=6, w=7, c=4, ignore_frac=0.2):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, size=(b, h, w))
+    labels[rng.random((b, h, w)) < ignore_frac] = IGNORE
+    logits = rng.normal(size=(b, h, w, c)).astype(np.float32) * 2
+    return labels.astype(np.int32), logits
+
+
+def _np_log_softmax(logits):
+    z = logits - logits.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _np_ce(labels, logits, weights=None):
+    logp = _np_log_softmax(logits.astype(np.float64))
+    out = []
+    for i in range(labels.shape[0]):
+        valid = labels[i] != IGNORE
+        lab = labels[i][valid]
+        ce = -logp[i][valid, lab]
+        if weights is not None:
+            ce = ce * np.asarray(weights)[lab]
+        out.append(ce.sum() / max(valid.sum(), 1))
+    return np.array(out)
+
+
+def _loss(name, **config):
+    return LOSSES.get(name)(ignore_label=IGNORE, **config)
+
+
+def test_cross_entropy_matches_numpy_per_example():
+    labels, logits = _data()
+    got = _loss("cross_entropy")(labels, logits).numpy()
+    assert got.shape == (3,)
+    np.testing.assert_allclose(got, _np_ce(labels, logits), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "dice", "focal"])
+def test_ignored_pixels_do_not_count(name):
+    labels, logits = _data(seed=1)
+    loss = _loss(name)
+    base = loss(labels, logits).numpy()
+    # Whatever the model predicts at ignored pixels, the loss is the same.
+    noisy = logits.copy()
+    noisy[labels == IGNORE] = 50.0
+    np.testing.assert_allclose(loss(labels, noisy).numpy(), base, rtol=1e-5)
+    # And the normaliser counts valid pixels only: an example made of one valid row equals
+    # that row alone.
+    lab = np.full((1, 4, 5), IGNORE, np.int32)
+    lab[0, 0] = [0, 1, 2, 3, 1]
+    alone = loss(lab[:, :1], logits[:1, :1, :5]).numpy()
+    padded = loss(lab, np.concatenate([logits[:1, :1, :5], logits[:1, 1:4, :5]], axis=1)).numpy()
+    np.testing.assert_allclose(padded, alone, rtol=1e-5)
+
+
+def test_example_without_valid_pixels_has_zero_loss():
+    labels = np.full((2, 4, 4), IGNORE, np.int32)
+    labels[1] = 1
+    logits = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
+    for name in ("cross_entropy", "dice", "focal"):
+        values = _loss(name)(labels, logits).numpy()
+        assert values[0] == 0.0 and np.isfinite(values).all(), name
+
+
+def test_weighted_cross_entropy_fixed_weights():
+    labels, logits = _data(seed=2)
+    weights = [0.5, 1.0, 2.0, 4.0]
+    got = _loss("weighted_cross_entropy", class_weights=weights)(labels, logits).numpy()
+    np.testing.assert_allclose(got, _np_ce(labels, logits, weights), rtol=1e-5)
+
+
+def test_weighted_cross_entropy_per_batch_inverse_frequency():
+    labels, logits = _data(seed=3, c=3)
+    labels[labels == 2] = 0  # class 2 absent from the batch
+    valid = labels[labels != IGNORE]
+    counts = np.bincount(valid, minlength=3).astype(float)
+    present = counts > 0
+    weights = np.where(present, valid.size / (present.sum() * np.maximum(counts, 1)), 0)
+    got = _loss("weighted_cross_entropy", class_weights="batch")(labels, logits).numpy()
+    np.testing.assert_allclose(got, _np_ce(labels, logits, weights), rtol=1e-5)
+
+
+def test_weighted_cross_entropy_needs_weights():
+    with pytest.raises(SegtrainError, match="class_weights"):
+        _loss("weighted_cross_entropy")
+
+
+def test_dice_over_present_classes_matches_numpy():
+    labels, logits = _data(seed=4)
+    labels[0][labels[0] == 3] = 1  # example 0 has no class 3
+    got = _loss("dice", smooth=1.0)(labels, logits).numpy()
+    probs = np.exp(_np_log_softmax(logits.astype(np.float64)))
+    expected = []
+    for i in range(labels.shape[0]):
+        valid = labels[i] != IGNORE
+        scores = []
+        for c in range(4):
+            truth = (labels[i] == c) & valid
+            if not truth.any():
+                continue
+            p = probs[i][..., c] * valid
+            scores.append((2 * (p * truth).sum() + 1) / (p.sum() + truth.sum() + 1))
+        expected.append(1 - np.mean(scores))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_perfect_prediction_has_near_zero_dice_and_ce():
+    labels = np.random.default_rng(5).integers(0, 3, size=(2, 8, 8)).astype(np.int32)
+    logits = np.eye(3, dtype=np.float32)[labels] * 30
+    assert _loss("dice")(labels, logits).numpy().max() < 1e-3
+    assert _loss("cross_entropy")(labels, logits).numpy().max() < 1e-3
+
+
+def test_focal_with_gamma_zero_is_cross_entropy_and_focuses_on_hard_pixels():
+    labels, logits = _data(seed=6)
+    np.testing.assert_allclose(
+        _loss("focal", gamma=0.0)(labels, logits).numpy(), _np_ce(labels, logits), rtol=1e-5
+    )
+    assert np.all(_loss("focal", gamma=2.0)(labels, logits).numpy() < _np_ce(labels, logits))
+    weights = [1.0, 2.0, 3.0, 4.0]
+    np.testing.assert_allclose(
+        _loss("focal", gamma=0.0, alpha=weights)(labels, logits).numpy(),
+        _np_ce(labels, logits, weights), rtol=1e-5,
+    )
+
+
+def test_combined_is_the_weighted_sum_of_registered_losses():
+    labels, logits = _data(seed=7)
+    combined = _loss("combined", weights={"cross_entropy": 1.0, "dice": 0.5})(labels, logits).numpy()
+    expected = _loss("cross_entropy")(labels, logits).numpy() + 0.5 * _loss("dice")(labels, logits).numpy()
+    np.testing.assert_allclose(combined, expected, rtol=1e-5)
+
+
+def test_combined_from_gin(configure):
+    configure("losses.combined.weights = {'cross_entropy': 2.0, 'focal': 1.0}", "losses.focal.gamma = 0.0", tiny=False)
+    labels, logits = _data(seed=8)
+    got = LOSSES.get("combined")(ignore_label=IGNORE)(labels, logits).numpy()
+    np.testing.assert_allclose(got, 3 * _np_ce(labels, logits), rtol=1e-5)
+
+
+def test_losses_have_gradients_wrt_logits():
+    labels, logits = _data(seed=9)
+    logits = tf.Variable(logits)
+    for name in ("cross_entropy", "dice", "focal"):
+        with tf.GradientTape() as tape:
+            value = tf.reduce_sum(_loss(name)(labels, logits))
+        grad = tape.gradient(value, logits).numpy()
+        assert np.isfinite(grad).all() and np.abs(grad).sum() > 0
+        assert np.all(grad[labels == IGNORE] == 0), name

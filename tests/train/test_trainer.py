@@ -1,0 +1,157 @@
+"""The training loop: learning, TensorBoard output, checkpoints, resume, best, early stop, NaN."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+
+from registry import DATASETS, LOSSES, MODELS
+from segtrain.data.info import DatasetInfo
+from segtrain.errors import SegtrainError
+from segtrain.train.trainer import Run, TrainConfig, Trainer, train
+from tests.conftest import read_scalars, read_tags
+
+
+def test_run_writes_checkpoints_summaries_and_config(tmp_path, configure):
+    configure()
+    results = train(str(tmp_path))
+    assert {"loss", "pixel_accuracy", "mean_accuracy", "mean_iou", "per_class_iou", "dice"} <= set(results)
+    names = set(os.listdir(tmp_path))
+    assert {"checkpoint", "ckpt-3.index", "ckpt-6.index", "operative_config.gin", "train", "eval", "best"} <= names
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert best["metric"] == "mean_iou" and best["step"] in (3, 6)
+    operative = (tmp_path / "operative_config.gin").read_text()
+    assert "train.model = 'unet'" in operative and "unet.base_filters = 4" in operative
+    assert "pipeline.crop_size = (32, 32)" in operative
+
+    train_tags = read_tags(str(tmp_path / "train"))
+    assert {"loss", "learning_rate", "images_per_second", "mean_iou", "config/operative_gin"} <= train_tags
+    eval_tags = read_tags(str(tmp_path / "eval"))
+    assert {"loss", "pixel_accuracy", "mean_accuracy", "mean_iou", "dice"} <= eval_tags
+    assert "per_class_iou/background" in eval_tags
+    assert {"confusion_matrix/0", "examples/0", "examples/1"} <= eval_tags
+    eval_steps = [s for s, _ in read_scalars(str(tmp_path / "eval"))["mean_iou"]]
+    assert eval_steps == [3, 6]
+
+
+def test_loss_falls(tmp_path, configure):
+    configure("train.num_steps = 60", "train.eval_every = 60", "train.steps_per_loop = 10",
+              "learning_rate.base = 0.01", "models.unet.base_filters = 8", "train.num_image_panels = 0")
+    train(str(tmp_path))
+    losses = [v for _, v in read_scalars(str(tmp_path / "train"))["loss"]]
+    assert len(losses) == 6
+    assert np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2])
+
+
+def test_rerun_resumes_at_the_saved_step(tmp_path, capsys, configure):
+    configure()
+    train(str(tmp_path))
+    configure("train.num_steps = 9")
+    run = Run(str(tmp_path), TrainConfig())
+    Trainer(run).fit()
+    assert "from ckpt-6 at step 6" in capsys.readouterr().out
+    assert int(run.step.numpy()) == 9
+    assert int(run.optimizer.iterations.numpy()) == 9  # optimizer state came back too
+    steps = [s for s, _ in read_scalars(str(tmp_path / "train"))["loss"]]
+    assert steps == [3, 6, 9]
+    # A run that is already done does not train again.
+    capsys.readouterr()
+    train(str(tmp_path))
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_early_stopping_and_best_checkpoint(tmp_path, capsys, configure):
+    configure("train.num_steps = 30", "train.early_stopping_patience = 1", "train.min_delta = 2.0",
+              "train.best_metric = 'loss'")
+    train(str(tmp_path))
+    assert "Early stopping at step 6" in capsys.readouterr().out
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert best == {"metric": "loss", "value": best["value"], "step": 3, "path": "ckpt-3"}
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-6")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, configure):
+    configure()
+    train(str(tmp_path))
+    before = {f: os.path.getmtime(tmp_path / f) for f in os.listdir(tmp_path) if f.startswith("ckpt-6")}
+
+    @LOSSES.register("test_nan", override=True)
+    def test_nan(ignore_label=255):
+        return lambda labels, logits: tf.reduce_mean(logits, axis=[1, 2, 3]) * np.nan
+
+    configure("train.num_steps = 12", "train.loss = 'test_nan'")
+    with pytest.raises(SegtrainError, match=r"loss became nan at step 7\. The last good checkpoint, ckpt-6, is intact"):
+        train(str(tmp_path))
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-6")
+    assert before == {f: os.path.getmtime(tmp_path / f) for f in before}
+    reader = tf.train.load_checkpoint(str(tmp_path / "ckpt-6"))
+    assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 6
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path, configure):
+    configure("train.num_steps = 1", "train.steps_per_loop = 1", "train.eval_every = 1",
+              "train.clip_norm = 1e-3", "optimizer.name = 'sgd'", "optimizer.momentum = 0.0",
+              "learning_rate.base = 1.0", "train.num_image_panels = 0")
+    run = Run(str(tmp_path), TrainConfig())
+    before = [v.numpy().copy() for v in run.model.trainable_variables]
+    Trainer(run).fit()
+    delta = np.sqrt(sum(np.sum((v.numpy() - b) ** 2) for v, b in zip(run.model.trainable_variables, before)))
+    assert 0 < delta <= 1e-3 * 1.001
+
+
+def test_bad_label_value_is_a_clear_error(tmp_path, configure):
+    @DATASETS.register("test_bad_labels", override=True)
+    def test_bad_labels(split="train"):
+        label = np.zeros((32, 32), np.uint8)
+        label[5, 5] = 7
+        ds = tf.data.Dataset.from_tensors({"image": np.zeros((32, 32, 3), np.uint8), "label": label}).repeat(8)
+        return ds, DatasetInfo(num_classes=3, name="test_bad_labels", num_examples={split: 8})
+
+    configure("train.dataset = 'test_bad_labels'")
+    with pytest.raises(SegtrainError) as e:
+        train(str(tmp_path))
+    assert str(e.value).startswith("Label value 7 in dataset 'test_bad_labels' split 'train' is neither a class id in [0, 2]")
+    assert "node" not in str(e.value)
+
+
+def test_model_breaking_the_contract_is_rejected(tmp_path, configure):
+    @MODELS.register("test_wrong_channels", override=True)
+    def test_wrong_channels(num_classes):
+        inputs = keras.Input((None, None, 3))
+        return keras.Model(inputs, keras.layers.Conv2D(num_classes + 1, 1)(inputs))
+
+    @MODELS.register("test_wrong_size", override=True)
+    def test_wrong_size(num_classes):
+        inputs = keras.Input((None, None, 3))
+        return keras.Model(inputs, keras.layers.Conv2D(num_classes, 2, strides=2)(inputs))
+
+    configure("train.model = 'test_wrong_channels'")
+    with pytest.raises(SegtrainError, match="outputs 5 channels but dataset 'shapes' has 4 classes"):
+        train(str(tmp_path / "a"))
+    configure("train.model = 'test_wrong_size'")
+    with pytest.raises(SegtrainError, match=r"returned logits of size \(16, 16\) for images of size \(32, 32\)"):
+        train(str(tmp_path / "b"))
+
+
+def test_missing_model_dir_is_a_clear_error(configure):
+    configure()
+    with pytest.raises(SegtrainError, match="--model_dir is required"):
+        train("")
+
+
+def test_unknown_plugin_name_in_config(tmp_path, configure):
+    configure("train.loss = 'cross_entopy'")
+    with pytest.raises(ValueError, match="Unknown loss 'cross_entopy'. Did you mean 'cross_entropy'"):
+        train(str(tmp_path))
+
+
+def test_best_metric_must_be_computed(configure):
+    configure("train.best_metric = 'miou'")
+    with pytest.raises(SegtrainError, match="train.best_metric='miou' is not among train.metrics"):
+        TrainConfig()
