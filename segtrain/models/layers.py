@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import keras
 
+from segtrain.errors import SegtrainError
+
 
 def conv_bn_relu(
     x,
@@ -47,7 +49,6 @@ def check_divisible(input_shape, divisor: int, model: str) -> None:
         return
     for dim in input_shape[:2]:
         if dim is not None and dim % divisor:
-            raise ValueError(
-                f"{model} needs input height and width divisible by {divisor}; got "
-                f"input_shape={tuple(input_shape)}."
+            raise SegtrainError(
+                f"models.{model}.input_shape={tuple(input_shape)}: {model} needs input height and width divisible by {divisor}."
             )

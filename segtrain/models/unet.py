@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 
 from registry import MODELS
+from segtrain.errors import SegtrainError
 from segtrain.models.layers import check_divisible, classifier, conv_bn_relu, image_input
 
 
@@ -46,7 +47,9 @@ def unet(
       A keras.Model mapping [B,H,W,3] images to [B,H,W,num_classes] float32 logits.
     """
     if depth < 1 or base_filters < 1:
-        raise ValueError(f"unet needs depth >= 1 and base_filters >= 1, got {depth}, {base_filters}")
+        raise SegtrainError(
+            f"models.unet needs depth >= 1 and base_filters >= 1, got {depth} and {base_filters}."
+        )
     check_divisible(input_shape, 2**depth, "unet")
     inputs = image_input(input_shape)
     x, skips = inputs, []

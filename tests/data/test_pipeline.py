@@ -135,3 +135,12 @@ def test_label_outside_classes_fails_naming_the_value():
     assert str(e.value).startswith(
         "Label value 9 in dataset 'toy' split 'validation' is neither a class id in [0, 3] nor the ignore label 255."
     )
+
+
+def test_resize_gives_fixed_size_batches_without_a_crop():
+    pipe = build_pipeline(_coded(h=37, w=45), INFO, "train", True, 2, 1, resize=(20, 30), flip=False)
+    batch = next(iter(pipe))
+    assert batch["image"].shape == (2, 20, 30, 3) and batch["label"].shape == (2, 20, 30)
+    assert set(np.unique(batch["label"].numpy()).tolist()) <= {0, 1, 2, 3}
+    evaluated = next(iter(build_pipeline(_coded(h=37, w=45), INFO, "validation", False, 2, 1, eval_size=(16, 24))))
+    assert evaluated["image"].shape == (2, 16, 24, 3)

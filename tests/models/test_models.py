@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from registry import MODELS
+from segtrain.errors import SegtrainError
 
 
 @pytest.mark.parametrize("size", [(32, 32), (48, 64), (96, 40)])
@@ -42,7 +43,7 @@ def test_final_layer_computes_in_float32_under_mixed_precision():
 
 
 def test_unet_rejects_a_fixed_size_it_cannot_handle():
-    with pytest.raises(ValueError, match="divisible by 16"):
+    with pytest.raises(SegtrainError, match=r"models.unet.input_shape=\(100, 100, 3\): unet needs input height and width divisible by 16"):
         MODELS.get("unet")(num_classes=2, depth=4, input_shape=(100, 100, 3))
 
 
