@@ -68,7 +68,6 @@ def load_plugins() -> list[str]:
     with _plugins_lock:
         if _plugins_loaded:
             return []
-        _plugins_loaded = True
         loaded = []
         for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
             try:
@@ -81,6 +80,9 @@ def load_plugins() -> list[str]:
                     f"{type(e).__name__}: {e}. Fix or uninstall that package."
                 ) from e
             loaded.append(ep.name)
+        # Only once every entry point imported: after a failure, the next lookup retries and
+        # reports the same error instead of silently missing the plugins.
+        _plugins_loaded = True
         return loaded
 
 
@@ -158,9 +160,9 @@ class Registry:
 
     def _load(self) -> None:
         if not self._locations_loaded:
-            self._locations_loaded = True
             for module in self.locations:
                 importlib.import_module(module)
+            self._locations_loaded = True
         load_plugins()
 
     def __contains__(self, name: object) -> bool:

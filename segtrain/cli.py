@@ -19,9 +19,10 @@ COMMANDS = ("train", "evaluate", "list")
 flags.DEFINE_multi_string("gin_file", [], "Gin file; may be repeated, later files win.")
 flags.DEFINE_multi_string("gin_param", [], "Gin binding such as 'train.num_steps = 100'; wins over files.")
 flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard logs, configs, results.")
-flags.DEFINE_string("split", "test", "evaluate: the dataset split to evaluate.")
-flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "evaluate: which checkpoint to restore.")
-flags.DEFINE_integer("batch_size", None, "evaluate: batch size (default: the run's).")
+flags.DEFINE_string("split", "test", "evaluate: the dataset split to evaluate (gin: evaluate.split).")
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                  "evaluate: which checkpoint to restore (gin: evaluate.checkpoint).")
+flags.DEFINE_integer("batch_size", None, "evaluate: batch size (default: the run's; gin: evaluate.batch_size).")
 FLAGS = flags.FLAGS
 
 USAGE = f"usage: segtrain {{{'|'.join(COMMANDS)}}} [flags]; segtrain --help lists the flags."
@@ -79,7 +80,9 @@ def _evaluate() -> int:
             f"{operative} not found: --model_dir must be a directory `segtrain train` wrote."
         )
     config.parse([operative, *FLAGS.gin_file], FLAGS.gin_param)
-    evaluate_run(model_dir, split=FLAGS.split, checkpoint=FLAGS.checkpoint, batch_size=FLAGS.batch_size)
+    # A flag given on the command line wins; otherwise evaluate.* gin bindings (or defaults) apply.
+    given = {name: FLAGS[name].value for name in ("split", "checkpoint", "batch_size") if FLAGS[name].present}
+    evaluate_run(model_dir, **given)
     return 0
 
 

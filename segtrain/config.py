@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import os
 import re
 from typing import Sequence
@@ -34,10 +35,29 @@ def parse(files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
         here = os.path.dirname(os.path.abspath(path))
         for search in (here, os.path.dirname(here)):
             gin.add_config_file_search_path(search)
+    quiet = _DropMissingIncludeNoise()
+    logging.getLogger().addFilter(quiet)
     try:
         gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+    except ImportError as e:
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        where = f" ({' '.join(lines[1:3])})" if len(lines) > 1 else ""
+        raise SegtrainError(
+            f"Bad gin configuration: an `import` in a gin file failed: {lines[0]}{where}. Install "
+            "the package that provides it, or fix the import line."
+        ) from None
     except (ValueError, IOError, SyntaxError) as e:
         raise SegtrainError(_explain(e)) from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _DropMissingIncludeNoise(logging.Filter):
+    """gin tries each include on the Python path before the search paths, and logs an ERROR
+    for every miss even when the include then resolves; a real miss still raises."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found")
 
 
 def _explain(error: Exception) -> str:

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from segtrain import metrics as M
 from segtrain.data.info import DatasetInfo
-from segtrain.errors import data_errors
+from segtrain.errors import SegtrainError, data_errors
 from segtrain.train.progress import Progress
 
 
@@ -85,7 +85,9 @@ class Evaluator:
             if int(r_batches) < self.chunk:
                 break
         progress.close()
-        results = {"loss": loss_sum / count if count else float("nan")}
+        if not count:
+            raise SegtrainError(f"{label}: the evaluation split of dataset '{self.info.name}' is empty.")
+        results = {"loss": loss_sum / count}
         results.update(M.compute(cm, self.metric_names))
         return results, cm
 

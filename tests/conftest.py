@@ -42,10 +42,11 @@ def clean_gin():
 
 @pytest.fixture
 def configure():
-    """configure(*bindings): parses TINY plus the given bindings (later ones win)."""
+    """configure(*bindings): a fresh gin config of TINY plus the given bindings (later ones win)."""
     from segtrain import config
 
     def apply(*bindings: str, tiny: bool = True):
+        gin.clear_config()
         config.parse([], (TINY if tiny else []) + list(bindings))
 
     return apply

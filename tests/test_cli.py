@@ -101,3 +101,25 @@ def test_unknown_dataset(tmp_path):
 def test_unknown_command():
     result = segtrain_cli("fit")
     assert result.returncode == 2 and "usage: segtrain" in result.stderr
+
+
+def test_gin_file_with_a_failing_import(tmp_path):
+    conf = tmp_path / "bad.gin"
+    conf.write_text("import no_such_package_xyz\ntrain.model = 'unet'\n")
+    _fails(segtrain_cli("train", f"--gin_file={conf}", f"--model_dir={tmp_path / 'run'}"),
+           "an `import` in a gin file failed", "no_such_package_xyz")
+
+
+def test_includes_do_not_log_false_errors(tmp_path, caplog):
+    from segtrain import config
+
+    conf = tmp_path / "conf"
+    (conf / "models").mkdir(parents=True)
+    (conf / "models" / "small.gin").write_text("models.unet.depth = 2\n")
+    (conf / "exp.gin").write_text("include 'models/small.gin'\n")
+    with caplog.at_level("INFO"):
+        config.parse([str(conf / "exp.gin")])
+    assert not [r for r in caplog.records if "Path not found" in r.getMessage()]
+    import gin
+
+    assert gin.query_parameter("unet.depth") == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import gin
+import numpy as np
 import tensorflow as tf
 
 from segtrain.data import transforms as T
@@ -152,7 +153,5 @@ def normalization() -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def denormalize(image, mean: Sequence[float], std: Sequence[float]):
     """Inverse of the normalisation, as uint8 [..., 3] NumPy, for display."""
-    import numpy as np
-
     pixels = np.asarray(image, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
     return np.clip(np.round(pixels), 0, 255).astype(np.uint8)

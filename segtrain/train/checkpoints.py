@@ -40,31 +40,37 @@ class Checkpoints:
         return os.path.join(self.best_dir, "best.json")
 
     def restore_latest(self) -> str | None:
-        """Restores the latest checkpoint, if any, with optimizer state; returns its path."""
+        """Restores the latest checkpoint, if any, with optimizer state; returns its path.
+
+        Raises:
+          SegtrainError: the checkpoint was written by a different model or optimizer.
+        """
         path = self.latest.latest_checkpoint
         if path:
-            self.checkpoint.restore(path).assert_existing_objects_matched()
+            self._restore(path, lambda status: status.assert_existing_objects_matched())
         return path
 
     def save(self, step: int) -> str:
         return self.latest.save(checkpoint_number=step)
 
     def best_record(self) -> dict | None:
+        """The best-checkpoint and early-stopping record, or None before the first evaluation."""
         if not os.path.exists(self.best_json):
             return None
         with open(self.best_json) as f:
             return json.load(f)
 
-    def save_best(self, step: int, metric: str, value: float) -> str:
-        path = self.best.save(checkpoint_number=step)
-        atomic_write_text(self.best_json, json.dumps({"metric": metric, "value": value, "step": step, "path": os.path.basename(path)}, indent=2))
-        return path
+    def save_best(self, step: int) -> str:
+        return self.best.save(checkpoint_number=step)
+
+    def write_record(self, record: dict) -> None:
+        atomic_write_text(self.best_json, json.dumps(record, indent=2) + "\n")
 
     def restore_for_eval(self, which: str = "best") -> str:
         """Restores model weights from the 'best' (falling back to 'latest') or 'latest' checkpoint.
 
         Raises:
-          SegtrainError: no checkpoint in model_dir.
+          SegtrainError: no checkpoint in model_dir, or one of a different model.
         """
         if which not in ("best", "latest"):
             raise SegtrainError(f"--checkpoint={which!r}: use 'best' or 'latest'.")
@@ -74,5 +80,17 @@ class Checkpoints:
                 f"No checkpoint in {self.model_dir}: train first with "
                 f"`segtrain train --model_dir={self.model_dir} ...`."
             )
-        self.checkpoint.restore(path).expect_partial()
+        self._restore(path, lambda status: status.expect_partial())
         return path
+
+    def _restore(self, path: str, check) -> None:
+        try:
+            check(self.checkpoint.restore(path))
+        except (ValueError, AssertionError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SegtrainError(
+                f"Checkpoint {path} does not fit the model and optimizer configured now: it was "
+                f"written by a different model or configuration ({first[:300]}). Use a new "
+                f"--model_dir, or the gin configuration the run was trained with "
+                f"({self.model_dir}/operative_config.gin)."
+            ) from None

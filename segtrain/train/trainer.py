@@ -7,6 +7,7 @@ picked by name (``train.model = 'unet'``), their arguments set in their own gin 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Sequence
@@ -76,20 +77,42 @@ class TrainConfig:
     train_split: str = "train"
 
     def __post_init__(self):
+        def check(field, ok, what, kinds=(int,)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
+                raise SegtrainError(f"train.{field} must be {what}, got {value!r}.")
+
         for field in ("num_steps", "batch_size", "steps_per_loop", "keep_checkpoints"):
-            if getattr(self, field) < 1:
-                raise SegtrainError(f"train.{field} must be >= 1, got {getattr(self, field)}.")
+            check(field, lambda v: v >= 1, "an integer >= 1")
+        for field in ("eval_every", "early_stopping_patience", "num_image_panels"):
+            check(field, lambda v: v >= 0, "an integer >= 0")
+        if self.checkpoint_every is not None:
+            check("checkpoint_every", lambda v: v >= 1, "None or an integer >= 1")
+        if self.clip_norm is not None:
+            check("clip_norm", lambda v: v > 0, "None or a number > 0", (int, float))
+        check("min_delta", lambda v: v >= 0, "a number >= 0", (int, float))
         if self.best_mode not in ("auto", "max", "min"):
             raise SegtrainError(f"train.best_mode={self.best_mode!r}: use 'auto', 'max' or 'min'.")
         for name in self.metrics:
             METRICS.get(name)
-        if self.best_metric != "loss" and self.best_metric not in self.metrics:
-            raise SegtrainError(
-                f"train.best_metric={self.best_metric!r} is not among train.metrics "
-                f"{list(self.metrics)} (or 'loss')."
-            )
-        if self.best_metric == "per_class_iou":
-            raise SegtrainError("train.best_metric must be a scalar metric, not 'per_class_iou'.")
+        if self.best_metric != "loss":
+            if self.best_metric not in self.metrics:
+                raise SegtrainError(
+                    f"train.best_metric={self.best_metric!r} is not among train.metrics "
+                    f"{list(self.metrics)} (or 'loss')."
+                )
+            if np.ndim(METRICS.get(self.best_metric)(np.eye(2, dtype=np.int64))) != 0:
+                raise SegtrainError(
+                    f"train.best_metric={self.best_metric!r} is a per-class metric: pick a scalar "
+                    f"one such as 'mean_iou' (or 'loss')."
+                )
+
+    @property
+    def mode(self) -> str:
+        """'max' or 'min': which way best_metric improves."""
+        if self.best_mode != "auto":
+            return self.best_mode
+        return "min" if self.best_metric == "loss" else "max"
 
 
 class Run:
@@ -109,17 +132,14 @@ class Run:
         keras.utils.set_random_seed(config.seed)
         with self.strategy.scope():
             self.model = model_fn(num_classes=self.info.num_classes)
+            divisor = int(getattr(self.model, "size_divisor", 1))
+            if not self.model.built:  # a subclassed model makes its variables on the first call
+                side = divisor * -(-64 // divisor)
+                self.model(tf.zeros([1, side, side, 3]), training=False)
             self.optimizer = build_optimizer(config.num_steps)
             self.optimizer.build(self.model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        out_channels = self.model.output_shape[-1]
-        if out_channels != self.info.num_classes:
-            raise SegtrainError(
-                f"Model '{config.model}' outputs {out_channels} channels but dataset "
-                f"'{config.dataset}' has {self.info.num_classes} classes: a model must return "
-                f"logits [B,H,W,num_classes]."
-            )
-        self.size_divisor = int(getattr(self.model, "size_divisor", 1))
+        self.size_divisor = divisor
         self.checkpoints = Checkpoints(
             model_dir, config.keep_checkpoints, model=self.model, optimizer=self.optimizer, step=self.step
         )
@@ -171,7 +191,12 @@ class Trainer:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
         grads = tape.gradient(loss, self.model.trainable_variables)
         if self.cfg.clip_norm:
-            grads = self._clip(grads)
+            # Variables the loss does not reach have no gradient; clip the others.
+            present = [i for i, g in enumerate(grads) if g is not None]
+            clipped = self._clip([grads[i] for i in present])
+            grads = list(grads)
+            for i, g in zip(present, clipped):
+                grads[i] = g
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         cm = M.confusion_matrix(labels, tf.argmax(logits, -1), self.run.info.num_classes, self.run.info.ignore_label)
         return loss, cm
@@ -211,26 +236,32 @@ class Trainer:
         start = int(self.step.numpy())
         if restored:
             print(f"Resuming {run.model_dir} from {os.path.basename(restored)} at step {start}")
-        if start >= cfg.num_steps:
-            print(f"{run.model_dir} is already at step {start} >= train.num_steps={cfg.num_steps}; nothing to train.")
-            return run.checkpoints.best_record() or {}
+        record = self._load_record()
+        last_results = os.path.join(run.model_dir, f"eval_results_{cfg.eval_split}.json")
+        stopped = cfg.early_stopping_patience and record["evaluations_without_improvement"] >= cfg.early_stopping_patience
+        if start >= cfg.num_steps or stopped:
+            why = (f"stopped early at step {start} ({cfg.best_metric} did not improve for "
+                   f"{record['evaluations_without_improvement']} evaluations; raise "
+                   f"train.early_stopping_patience, or set it to 0, to go on)" if stopped and start < cfg.num_steps
+                   else f"is already at step {start} >= train.num_steps={cfg.num_steps}")
+            print(f"{run.model_dir} {why}; nothing to train.")
+            return _read_json(last_results) if os.path.exists(last_results) else {}
         # A resumed run continues with fresh shuffling/augmentation draws instead of replaying
         # the first steps' data.
         train_ds = run.train_dataset(seed=cfg.seed + start)
-        self._check_output_size(train_ds.element_spec["image"].shape[1:3])
+        self._check_output(train_ds.element_spec["image"].shape[1:3])
         eval_ds = run.eval_dataset(cfg.eval_split)
         iterator = iter(self.strategy.experimental_distribute_dataset(train_ds))
-        self._write_operative_config(start)
-        writers = {k: tf.summary.create_file_writer(os.path.join(run.model_dir, k)) for k in ("train", "eval")}
         evaluator = Evaluator(self.model, run.loss_fn, run.info, self.strategy, run.metric_names)
         eval_every = cfg.eval_every or cfg.num_steps
-        checkpoint_every = cfg.checkpoint_every or eval_every
-        best = run.checkpoints.best_record()
-        mode = cfg.best_mode if cfg.best_mode != "auto" else ("min" if cfg.best_metric == "loss" else "max")
-        stale, results = 0, {}
+        # Without periodic evaluation, still checkpoint now and then so a long run can resume.
+        checkpoint_every = cfg.checkpoint_every or (cfg.eval_every or min(1000, cfg.num_steps))
+        results: dict = {}
         progress = Progress("train", cfg.num_steps, start=start)
-        step = start
+        step = saved = start
+        writers = {k: tf.summary.create_file_writer(os.path.join(run.model_dir, k)) for k in ("train", "eval")}
         try:
+            self._write_operative_config(writers["train"], start)
             while step < cfg.num_steps:
                 n = min(cfg.steps_per_loop, cfg.num_steps - step, eval_every - step % eval_every,
                         checkpoint_every - step % checkpoint_every)
@@ -242,44 +273,81 @@ class Trainer:
                 step += n
                 images_per_s = cfg.batch_size * n / elapsed
                 lr = current_learning_rate(self.optimizer)
-                train_metrics = M.compute(cm.numpy(), ("pixel_accuracy", "mean_iou"))
-                S.write_scalars(writers["train"], {
-                    "loss": float(losses.mean()), "learning_rate": lr, "images_per_second": images_per_s,
-                    "step_time_seconds": elapsed / n, **train_metrics}, step)
+                scalars = {"loss": float(losses.mean()), "learning_rate": lr,
+                           **M.compute(cm.numpy(), ("pixel_accuracy", "mean_iou"))}
+                if step - n > start:  # the first call also traces the step: not a speed figure
+                    scalars.update(images_per_second=images_per_s, step_time_seconds=elapsed / n)
+                S.write_scalars(writers["train"], scalars, step)
                 progress.update(step, images_per_s, loss=float(losses.mean()), lr=lr)
                 if step % checkpoint_every == 0 or step == cfg.num_steps:
+                    self._check_weights(step)
                     run.checkpoints.save(step)
+                    saved = step
                 if step % eval_every == 0 or step == cfg.num_steps:
                     progress.close()
                     results, cm = evaluator.run(eval_ds)
                     self._write_eval(writers["eval"], results, cm, eval_ds, evaluator, step)
-                    value = results[cfg.best_metric]
                     print(f"eval step {step}: " + "  ".join(
                         f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float)))
-                    if best is None or _improved(value, best["value"], mode, cfg.min_delta):
-                        run.checkpoints.save_best(step, cfg.best_metric, float(value))
-                        best, stale = {"metric": cfg.best_metric, "value": float(value), "step": step}, 0
-                    else:
-                        stale += 1
+                    record = self._update_record(record, results[cfg.best_metric], step)
+                    stale = record["evaluations_without_improvement"]
                     if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
                         print(f"Early stopping at step {step}: {cfg.best_metric} has not improved for "
-                              f"{stale} evaluations (best {best['value']:.4f} at step {best['step']}).")
-                        run.checkpoints.save(step)
+                              f"{stale} evaluations (best {record['value']} at step {record['step']}).")
+                        if saved != step:
+                            self._check_weights(step)
+                            run.checkpoints.save(step)
                         break
         finally:
             progress.close()
             for w in writers.values():
                 w.close()
         if results:
-            write_results(os.path.join(run.model_dir, "eval_results_" + cfg.eval_split + ".json"),
-                          {**results, "step": step, "split": cfg.eval_split})
+            write_results(last_results, {**results, "step": step, "split": cfg.eval_split})
             print(format_table(results, run.info.class_names))
         return results
 
-    def _check_output_size(self, size) -> None:
-        """One eager forward pass: a model must return logits at input size (before tracing,
-        where an error would be buried in framework context)."""
+    def _load_record(self) -> dict:
+        """The best/early-stopping record of this run; a fresh one if it judged another metric."""
+        cfg = self.cfg
+        fresh = {"metric": cfg.best_metric, "mode": cfg.mode, "value": None, "step": None,
+                 "evaluations_without_improvement": 0}
+        record = self.run.checkpoints.best_record()
+        if record is None:
+            return fresh
+        if (record.get("metric"), record.get("mode")) != (cfg.best_metric, cfg.mode):
+            print(f"The best checkpoint so far was chosen by {record.get('metric')} "
+                  f"({record.get('mode')}); now by {cfg.best_metric} ({cfg.mode}): starting a new record.")
+            return fresh
+        return {**fresh, **record}
+
+    def _update_record(self, record: dict, value, step: int) -> dict:
+        """Saves the best checkpoint when ``value`` improves; counts evaluations without."""
+        cfg = self.cfg
+        value = float(value)
+        if np.isfinite(value) and (record["value"] is None or _improved(value, record["value"], cfg.mode, cfg.min_delta)):
+            self._check_weights(step)
+            path = self.run.checkpoints.save_best(step)
+            record = {**record, "value": value, "step": step, "path": os.path.basename(path),
+                      "evaluations_without_improvement": 0}
+        else:
+            record = {**record, "evaluations_without_improvement": record["evaluations_without_improvement"] + 1}
+        self.run.checkpoints.write_record(record)
+        return record
+
+    def _check_output(self, size) -> None:
+        """One eager forward pass: a model must return [B,H,W,num_classes] logits at input size.
+
+        Checked before tracing, where an error would be buried in framework context.
+        """
         logits = self.model(tf.zeros([1, *size, 3]), training=False)
+        num_classes = self.run.info.num_classes
+        if logits.shape.rank != 4 or logits.shape[-1] != num_classes:
+            raise SegtrainError(
+                f"Model '{self.cfg.model}' returned logits of shape {tuple(logits.shape)}, but dataset "
+                f"'{self.cfg.dataset}' has {num_classes} classes: a model must return logits "
+                f"[B,H,W,num_classes]."
+            )
         if tuple(logits.shape[1:3]) != tuple(size):
             raise SegtrainError(
                 f"Model '{self.cfg.model}' returned logits of size {tuple(logits.shape[1:3])} for "
@@ -289,20 +357,28 @@ class Trainer:
     def _check_finite(self, losses: np.ndarray, start: int) -> None:
         bad = np.flatnonzero(~np.isfinite(losses))
         if bad.size:
-            latest = self.run.checkpoints.latest.latest_checkpoint
-            kept = (f"The last good checkpoint, {os.path.basename(latest)}, is intact; "
-                    if latest else "No checkpoint was written; ")
             raise SegtrainError(
-                f"The loss became {losses[bad[0]]} at step {start + int(bad[0]) + 1}. {kept}"
-                f"lower learning_rate.base, set train.clip_norm, or check the data, then rerun."
+                f"The loss became {losses[bad[0]]} at step {start + int(bad[0]) + 1}. {self._kept()}"
             )
 
-    def _write_operative_config(self, step: int) -> None:
-        # Built after model, data, loss and optimizer: gin lists only what was called.
+    def _check_weights(self, step: int) -> None:
+        """Refuses to save weights that are not finite (a step can overflow with a finite loss)."""
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in self.model.weights
+                                if "float" in str(v.dtype)])
+        if not bool(finite):
+            raise SegtrainError(f"The model weights became NaN or infinite by step {step}. {self._kept()}")
+
+    def _kept(self) -> str:
+        latest = self.run.checkpoints.latest.latest_checkpoint
+        kept = (f"The last good checkpoint, {os.path.basename(latest)}, is intact; "
+                if latest else "No checkpoint was written; ")
+        return kept + "lower learning_rate.base, set train.clip_norm, or check the data, then rerun."
+
+    def _write_operative_config(self, writer, step: int) -> None:
+        # Called after model, data, loss and optimizer are built: gin lists only what was called.
         config = gin.operative_config_str()
         atomic_write_text(os.path.join(self.run.model_dir, "operative_config.gin"), config)
-        with tf.summary.create_file_writer(os.path.join(self.run.model_dir, "train")).as_default(step=step):
-            tf.summary.text("config/operative_gin", S.gin_markdown(config), step=step)
+        S.write_text(writer, "config/operative_gin", S.gin_markdown(config), step)
 
     def _write_eval(self, writer, results, cm, eval_ds, evaluator, step) -> None:
         info = self.run.info
@@ -317,6 +393,11 @@ class Trainer:
                 image = denormalize(batch["image"][0], mean, std)
                 panels.append(S.panel(image, batch["label"][0].numpy(), prediction, info))
             S.write_images(writer, "examples", panels, step)
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 def _improved(value: float, best: float, mode: str, min_delta: float) -> bool:

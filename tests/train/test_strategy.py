@@ -12,9 +12,24 @@ from tests.conftest import REPO, TINY
 
 SCRIPT = textwrap.dedent("""
     import json, sys
+    import keras
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from registry import MODELS
+
+    @MODELS.register("with_unused_weights")
+    class WithUnusedWeights(keras.Model):
+        # A subclassed model (built lazily) with a layer the loss never reaches: no gradient.
+        def __init__(self, num_classes):
+            super().__init__()
+            self.head = keras.layers.Conv2D(num_classes, 3, padding="same", dtype="float32")
+            self.unused = keras.layers.Dense(2)
+            self.unused.build((None, 3))
+
+        def call(self, x):
+            return self.head(x)
+
     from segtrain import config
     from segtrain.train.trainer import train
     config.parse([], json.loads(sys.argv[2]))
@@ -39,6 +54,12 @@ def test_mirrored_strategy_trains_with_two_replicas(tmp_path):
     out = json.loads(line[len("RESULT "):])
     assert out["replicas"] == 2 and out["loss"] == out["loss"]  # finite, not NaN
     assert (tmp_path / "ckpt-6.index").exists() and (tmp_path / "best" / "best.json").exists()
+
+
+def test_subclassed_model_with_unused_weights_and_clipping(tmp_path):
+    result = _run(tmp_path, ["train.model = 'with_unused_weights'", "train.clip_norm = 0.5"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "ckpt-6.index").exists()
 
 
 def test_global_batch_must_divide_over_replicas(tmp_path):

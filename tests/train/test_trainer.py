@@ -62,8 +62,9 @@ def test_rerun_resumes_at_the_saved_step(tmp_path, capsys, configure):
     assert steps == [3, 6, 9]
     # A run that is already done does not train again.
     capsys.readouterr()
-    train(str(tmp_path))
+    again = train(str(tmp_path))
     assert "nothing to train" in capsys.readouterr().out
+    assert again["step"] == 9 and "mean_iou" in again  # the last evaluation's results
 
 
 def test_early_stopping_and_best_checkpoint(tmp_path, capsys, configure):
@@ -72,8 +73,47 @@ def test_early_stopping_and_best_checkpoint(tmp_path, capsys, configure):
     train(str(tmp_path))
     assert "Early stopping at step 6" in capsys.readouterr().out
     best = json.loads((tmp_path / "best" / "best.json").read_text())
-    assert best == {"metric": "loss", "value": best["value"], "step": 3, "path": "ckpt-3"}
+    assert best == {"metric": "loss", "mode": "min", "value": best["value"], "step": 3, "path": "ckpt-3",
+                    "evaluations_without_improvement": 1}
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-6")
+    # A restarted job (a requeue) does not train past its early stop...
+    train(str(tmp_path))
+    assert "stopped early at step 6" in capsys.readouterr().out
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-6")
+    # ...unless early stopping is turned off.
+    configure("train.num_steps = 9", "train.best_metric = 'loss'")
+    train(str(tmp_path))
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-9")
+
+
+def test_a_different_best_metric_starts_a_new_record(tmp_path, capsys, configure):
+    configure("train.best_metric = 'loss'")
+    train(str(tmp_path))
+    configure("train.num_steps = 9", "train.best_metric = 'mean_iou'")
+    train(str(tmp_path))
+    assert "now by mean_iou (max): starting a new record" in capsys.readouterr().out
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert best["metric"] == "mean_iou" and best["step"] == 9
+
+
+def test_restoring_a_checkpoint_of_another_model_is_a_clear_error(tmp_path, configure):
+    configure()
+    train(str(tmp_path))
+    configure("models.unet.base_filters = 8", "train.num_steps = 9")
+    with pytest.raises(SegtrainError, match="does not fit the model and optimizer configured now"):
+        train(str(tmp_path))
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, configure):
+    configure()
+    train(str(tmp_path))
+    configure("train.num_steps = 9")
+    run = Run(str(tmp_path), TrainConfig())
+    trainer = Trainer(run)
+    run.checkpoints.restore_latest()
+    run.model.trainable_variables[0].assign(run.model.trainable_variables[0] * np.inf)
+    with pytest.raises(SegtrainError, match="weights became NaN or infinite by step 9. The last good checkpoint, ckpt-6, is intact"):
+        trainer._check_weights(9)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, configure):
@@ -132,7 +172,7 @@ def test_model_breaking_the_contract_is_rejected(tmp_path, configure):
         return keras.Model(inputs, keras.layers.Conv2D(num_classes, 2, strides=2)(inputs))
 
     configure("train.model = 'test_wrong_channels'")
-    with pytest.raises(SegtrainError, match="outputs 5 channels but dataset 'shapes' has 4 classes"):
+    with pytest.raises(SegtrainError, match=r"returned logits of shape \(1, 32, 32, 5\), but dataset 'shapes' has 4 classes"):
         train(str(tmp_path / "a"))
     configure("train.model = 'test_wrong_size'")
     with pytest.raises(SegtrainError, match=r"returned logits of size \(16, 16\) for images of size \(32, 32\)"):
@@ -151,7 +191,23 @@ def test_unknown_plugin_name_in_config(tmp_path, configure):
         train(str(tmp_path))
 
 
-def test_best_metric_must_be_computed(configure):
+def test_best_metric_must_be_computed_and_scalar(configure):
     configure("train.best_metric = 'miou'")
     with pytest.raises(SegtrainError, match="train.best_metric='miou' is not among train.metrics"):
+        TrainConfig()
+    configure("train.metrics = ('mean_iou', 'per_class_accuracy')", "train.best_metric = 'per_class_accuracy'")
+    with pytest.raises(SegtrainError, match="is a per-class metric"):
+        TrainConfig()
+
+
+@pytest.mark.parametrize("binding,message", [
+    ("train.checkpoint_every = -2", "train.checkpoint_every must be None or an integer >= 1, got -2"),
+    ("train.eval_every = -1", "train.eval_every must be an integer >= 0, got -1"),
+    ("train.num_image_panels = -1", "train.num_image_panels must be an integer >= 0"),
+    ("train.num_steps = 'abc'", "train.num_steps must be an integer >= 1, got 'abc'"),
+    ("train.clip_norm = 0", "train.clip_norm must be None or a number > 0"),
+])
+def test_bad_train_settings(configure, binding, message):
+    configure(binding)
+    with pytest.raises(SegtrainError, match=message):
         TrainConfig()
