@@ -7,7 +7,6 @@ operative_config.gin, restores the best (or latest) checkpoint and writes eval_r
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -20,6 +19,7 @@ import tensorflow as tf
 from segtrain import metrics as M
 from segtrain.data.info import DatasetInfo
 from segtrain.errors import SegtrainError, data_errors
+from segtrain.io import write_json
 from segtrain.train.progress import Progress
 
 
@@ -130,9 +130,7 @@ def json_ready(results: dict) -> dict:
 
 
 def write_results(path: str, results: dict) -> None:
-    from segtrain.io import atomic_write_text
-
-    atomic_write_text(path, json.dumps(json_ready(results), indent=2) + "\n")
+    write_json(path, json_ready(results))
 
 
 @gin.configurable("evaluate", denylist=["model_dir"])

@@ -10,13 +10,12 @@ written the same way, so an interrupted save never leaves a checkpoint that look
 
 from __future__ import annotations
 
-import json
 import os
 
 import tensorflow as tf
 
 from segtrain.errors import SegtrainError
-from segtrain.io import atomic_write_text
+from segtrain.io import read_json, write_json
 
 
 class Checkpoints:
@@ -55,16 +54,13 @@ class Checkpoints:
 
     def best_record(self) -> dict | None:
         """The best-checkpoint and early-stopping record, or None before the first evaluation."""
-        if not os.path.exists(self.best_json):
-            return None
-        with open(self.best_json) as f:
-            return json.load(f)
+        return read_json(self.best_json) if os.path.exists(self.best_json) else None
 
     def save_best(self, step: int) -> str:
         return self.best.save(checkpoint_number=step)
 
     def write_record(self, record: dict) -> None:
-        atomic_write_text(self.best_json, json.dumps(record, indent=2) + "\n")
+        write_json(self.best_json, record)
 
     def restore_for_eval(self, which: str = "best") -> str:
         """Restores model weights from the 'best' (falling back to 'latest') or 'latest' checkpoint.

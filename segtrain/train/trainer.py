@@ -7,7 +7,6 @@ picked by name (``train.model = 'unet'``), their arguments set in their own gin 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Sequence
@@ -22,7 +21,7 @@ from segtrain import metrics as M
 from segtrain.data.pipeline import build_pipeline, denormalize, normalization
 from segtrain.errors import SegtrainError, data_errors
 from segtrain.evaluate import Evaluator, format_table, write_results
-from segtrain.io import atomic_write_text
+from segtrain.io import atomic_write_text, read_json
 from segtrain.train import summaries as S
 from segtrain.train.checkpoints import Checkpoints
 from segtrain.train.optimization import build_optimizer, current_learning_rate
@@ -179,6 +178,7 @@ class Trainer:
         self.strategy = run.strategy
         self.model, self.optimizer, self.step = run.model, run.optimizer, run.step
         self._train_loop = tf.function(self._loop)
+        self._weights_checked_at: int | None = None
 
     # ---- the compiled part -------------------------------------------------------------
     def _replica_step(self, batch):
@@ -191,26 +191,29 @@ class Trainer:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
         grads = tape.gradient(loss, self.model.trainable_variables)
         if self.cfg.clip_norm:
-            # Variables the loss does not reach have no gradient; clip the others.
-            present = [i for i, g in enumerate(grads) if g is not None]
-            clipped = self._clip([grads[i] for i in present])
-            grads = list(grads)
-            for i, g in zip(present, clipped):
-                grads[i] = g
+            grads = self._clip(grads)
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         cm = M.confusion_matrix(labels, tf.argmax(logits, -1), self.run.info.num_classes, self.run.info.ignore_label)
         return loss, cm
 
     def _clip(self, grads):
-        """Clips the norm of the gradient summed over replicas, not of each replica's part."""
+        """Clips the norm of the gradient summed over replicas, not of each replica's part.
+
+        Variables the loss does not reach have no gradient (None); they stay None.
+        """
+        present = [i for i, g in enumerate(grads) if g is not None]
+        parts = [grads[i] for i in present]
         replicas = self.strategy.num_replicas_in_sync
         if replicas > 1:
-            total = tf.distribute.get_replica_context().all_reduce("SUM", grads)
-            clipped, _ = tf.clip_by_global_norm(total, self.cfg.clip_norm)
+            parts = tf.distribute.get_replica_context().all_reduce("SUM", parts)
+        clipped, _ = tf.clip_by_global_norm(parts, self.cfg.clip_norm)
+        if replicas > 1:
             # The optimizer sums over replicas again: hand it an equal share of the clipped sum.
-            return [g / replicas for g in clipped]
-        clipped, _ = tf.clip_by_global_norm(grads, self.cfg.clip_norm)
-        return clipped
+            clipped = [g / replicas for g in clipped]
+        grads = list(grads)
+        for i, g in zip(present, clipped):
+            grads[i] = g
+        return grads
 
     def _loop(self, iterator, num_steps):
         losses = tf.TensorArray(tf.float32, size=num_steps)
@@ -245,7 +248,7 @@ class Trainer:
                    f"train.early_stopping_patience, or set it to 0, to go on)" if stopped and start < cfg.num_steps
                    else f"is already at step {start} >= train.num_steps={cfg.num_steps}")
             print(f"{run.model_dir} {why}; nothing to train.")
-            return _read_json(last_results) if os.path.exists(last_results) else {}
+            return read_json(last_results) if os.path.exists(last_results) else {}
         # A resumed run continues with fresh shuffling/augmentation draws instead of replaying
         # the first steps' data.
         train_ds = run.train_dataset(seed=cfg.seed + start)
@@ -362,11 +365,17 @@ class Trainer:
             )
 
     def _check_weights(self, step: int) -> None:
-        """Refuses to save weights that are not finite (a step can overflow with a finite loss)."""
+        """Refuses to save weights that are not finite (a step can overflow with a finite loss).
+
+        The latest and the best checkpoint of one step share one check.
+        """
+        if self._weights_checked_at == step:
+            return
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in self.model.weights
                                 if "float" in str(v.dtype)])
         if not bool(finite):
             raise SegtrainError(f"The model weights became NaN or infinite by step {step}. {self._kept()}")
+        self._weights_checked_at = step
 
     def _kept(self) -> str:
         latest = self.run.checkpoints.latest.latest_checkpoint
@@ -393,11 +402,6 @@ class Trainer:
                 image = denormalize(batch["image"][0], mean, std)
                 panels.append(S.panel(image, batch["label"][0].numpy(), prediction, info))
             S.write_images(writer, "examples", panels, step)
-
-
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 def _improved(value: float, best: float, mode: str, min_delta: float) -> bool:
