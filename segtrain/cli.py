@@ -1,6 +1,8 @@
 """The ``segtrain`` command.
 
     segtrain train --gin_file=gin/quickstart.gin [--gin_param='train.num_steps = 100'] --model_dir=D
+        [--strategy=auto|one_device|mirrored|multi_worker] [--cpu_replicas=N]
+        [--precision=float32|mixed_float16|mixed_bfloat16] [--xla]
     segtrain evaluate --model_dir=D [--split=test] [--checkpoint=best|latest]
     segtrain list
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
@@ -23,6 +26,14 @@ flags.DEFINE_string("split", "test", "evaluate: the dataset split to evaluate (g
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
                   "evaluate: which checkpoint to restore (gin: evaluate.checkpoint).")
 flags.DEFINE_integer("batch_size", None, "evaluate: batch size (default: the run's; gin: evaluate.batch_size).")
+flags.DEFINE_enum("strategy", "auto", ["auto", "one_device", "mirrored", "multi_worker"],
+                  "train: tf.distribute strategy; auto picks multi-worker for a TF_CONFIG/SLURM cluster, "
+                  "mirrored for 2+ GPUs, else one device (gin: distribute.strategy).")
+flags.DEFINE_integer("cpu_replicas", 0, "train: split the CPU into N logical devices and mirror over them "
+                     "(machines without GPUs, tests; gin: distribute.cpu_replicas).", lower_bound=0)
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+                  "train: numeric precision (gin: train.precision).")
+flags.DEFINE_bool("xla", False, "train: compile the per-replica step with XLA (gin: train.xla).")
 FLAGS = flags.FLAGS
 
 USAGE = f"usage: segtrain {{{'|'.join(COMMANDS)}}} [flags]; segtrain --help lists the flags."
@@ -35,6 +46,12 @@ def main(argv: list[str]) -> int:
         return 2
     from segtrain.errors import SegtrainError, user_message
 
+    if not FLAGS["verbosity"].present:
+        # TensorFlow's INFO lines (checkpoint sharding, all-reduce plans) drown the progress line;
+        # --verbosity=0 brings them back.
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)
     try:
         return {"train": _train, "evaluate": _evaluate, "list": _list}[argv[1]]()
     except Exception as e:
@@ -62,10 +79,19 @@ def _train() -> int:
     model_dir = _require_model_dir()
     if not FLAGS.gin_file and not FLAGS.gin_param:
         raise SegtrainError("Nothing to train: give --gin_file (e.g. gin/quickstart.gin) and/or --gin_param.")
-    config.parse(FLAGS.gin_file, FLAGS.gin_param)
+    config.parse(FLAGS.gin_file, FLAGS.gin_param + _flag_bindings())
     train(model_dir)
     print(f"Done. TensorBoard: tensorboard --logdir {model_dir}")
     return 0
+
+
+# Flags given on the command line become gin bindings that win over the files and --gin_param.
+_FLAG_BINDINGS = {"strategy": "distribute.strategy", "cpu_replicas": "distribute.cpu_replicas",
+                  "precision": "train.precision", "xla": "train.xla"}
+
+
+def _flag_bindings() -> list[str]:
+    return [f"{binding} = {FLAGS[flag].value!r}" for flag, binding in _FLAG_BINDINGS.items() if FLAGS[flag].present]
 
 
 def _evaluate() -> int:
@@ -103,11 +129,12 @@ def _list() -> int:
 
 def run() -> None:
     """Console-script entry point."""
-    from absl import logging
+    from segtrain.errors import SegtrainWarning
 
-    # TensorFlow's Python INFO lines (checkpoint sharding, ...) drown the progress line;
-    # --verbosity=0 brings them back.
-    FLAGS.set_default("verbosity", logging.WARNING)
+    plain = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *args, **kwargs: (
+        f"warning: {message}\n" if issubclass(category, SegtrainWarning) else plain(message, category, *args, **kwargs)
+    )
     app.run(lambda argv: sys.exit(main(argv)))
 
 

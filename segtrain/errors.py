@@ -1,11 +1,24 @@
 """The one error type a user can cause: its message says what is wrong and what to do."""
 
+import warnings
+
 
 class SegtrainError(ValueError):
     """A user-caused problem (bad flag, gin binding, data, or a diverged run).
 
     The CLI prints its message alone, without a traceback, and exits with status 1.
     """
+
+
+class SegtrainWarning(UserWarning):
+    """Works, but not as the user probably hopes (e.g. a precision that is slow here).
+
+    The CLI prints it as one ``warning: ...`` line.
+    """
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, SegtrainWarning, stacklevel=3)
 
 
 def user_message(error: Exception) -> str:

@@ -87,3 +87,19 @@ def segtrain_cli(*args: str, cwd: str = REPO, env: dict | None = None, timeout: 
         [sys.executable, "-m", "segtrain.cli", *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def tiny_flags(*extra: str) -> list[str]:
+    """TINY plus ``extra`` bindings as --gin_param flags of the `segtrain` command."""
+    return [f"--gin_param={b}" for b in TINY + list(extra)]
+
+
+def assert_user_error(result, *fragments: str) -> str:
+    """A finished `segtrain` process failed with one `error:` line holding every fragment."""
+    assert result.returncode == 1, (result.stdout[-2000:], result.stderr[-2000:])
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in error, error
+    assert "Traceback" not in result.stderr
+    return error

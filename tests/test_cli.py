@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 
+from tests.conftest import assert_user_error as _fails
 from tests.conftest import TINY, segtrain_cli
-
-
-def _params(*extra):
-    return [f"--gin_param={b}" for b in TINY + list(extra)]
+from tests.conftest import tiny_flags as _params
 
 
 def test_train_then_evaluate(tmp_path):
@@ -52,15 +50,6 @@ def test_list_shows_every_plugin_with_arguments():
                  "losses:", "cross_entropy(ignore_label=255)", "focal(ignore_label=255, gamma=2.0",
                  "metrics:", "mean_iou(cm)", "datasets:", "shapes(split='train'"):
         assert text in result.stdout, text
-
-
-def _fails(result, *fragments):
-    assert result.returncode == 1, (result.stdout, result.stderr[-2000:])
-    error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: "), result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in error, error
-    assert "Traceback" not in result.stderr
 
 
 def test_unknown_plugin_name(tmp_path):

@@ -131,6 +131,10 @@ def build_pipeline(
 
     options = tf.data.Options()
     options.deterministic = True
+    if dataset.options().experimental_distribute.auto_shard_policy == tf.data.experimental.AutoShardPolicy.AUTO:
+        # Generated datasets have no files to split between workers: each worker keeps every
+        # n-th element (tf.distribute would try files first, fail and fall back, with a warning).
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     ds = dataset.with_options(options)
     if cache:
         ds = ds.cache()

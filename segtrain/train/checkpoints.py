@@ -24,19 +24,28 @@ class Checkpoints:
     Args:
       model_dir: the run's directory.
       max_to_keep: how many of the latest checkpoints to keep.
+      write_dir: where this process saves (default model_dir). Multi-worker runs restore from
+        the chief's model_dir on every worker, while the other workers save to scratch
+        directories: each must take part in a save, but only the chief's is kept.
       **trackables: objects to checkpoint, e.g. model=..., optimizer=..., step=....
     """
 
-    def __init__(self, model_dir: str, max_to_keep: int = 3, **trackables):
+    def __init__(self, model_dir: str, max_to_keep: int = 3, write_dir: str | None = None, **trackables):
         self.model_dir = model_dir
+        write_dir = write_dir or model_dir
         self.checkpoint = tf.train.Checkpoint(**trackables)
-        self.latest = tf.train.CheckpointManager(self.checkpoint, model_dir, max_to_keep=max_to_keep)
+        self.latest = tf.train.CheckpointManager(self.checkpoint, write_dir, max_to_keep=max_to_keep)
+        self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(write_dir, "best"), max_to_keep=1)
         self.best_dir = os.path.join(model_dir, "best")
-        self.best = tf.train.CheckpointManager(self.checkpoint, self.best_dir, max_to_keep=1)
 
     @property
     def best_json(self) -> str:
         return os.path.join(self.best_dir, "best.json")
+
+    @property
+    def latest_checkpoint(self) -> str | None:
+        """The newest checkpoint in model_dir (the chief's)."""
+        return tf.train.latest_checkpoint(self.model_dir)
 
     def restore_latest(self) -> str | None:
         """Restores the latest checkpoint, if any, with optimizer state; returns its path.
@@ -44,7 +53,7 @@ class Checkpoints:
         Raises:
           SegtrainError: the checkpoint was written by a different model or optimizer.
         """
-        path = self.latest.latest_checkpoint
+        path = self.latest_checkpoint
         if path:
             self._restore(path, lambda status: status.assert_existing_objects_matched())
         return path
@@ -60,7 +69,7 @@ class Checkpoints:
         return self.best.save(checkpoint_number=step)
 
     def write_record(self, record: dict) -> None:
-        write_json(self.best_json, record)
+        write_json(os.path.join(self.best.directory, "best.json"), record)
 
     def restore_for_eval(self, which: str = "best") -> str:
         """Restores model weights from the 'best' (falling back to 'latest') or 'latest' checkpoint.
@@ -70,7 +79,7 @@ class Checkpoints:
         """
         if which not in ("best", "latest"):
             raise SegtrainError(f"--checkpoint={which!r}: use 'best' or 'latest'.")
-        path = (which == "best" and self.best.latest_checkpoint) or self.latest.latest_checkpoint
+        path = (which == "best" and tf.train.latest_checkpoint(self.best_dir)) or self.latest_checkpoint
         if not path:
             raise SegtrainError(
                 f"No checkpoint in {self.model_dir}: train first with "

@@ -125,4 +125,5 @@ def build_optimizer(
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
     """The learning rate of the optimizer's next step."""
-    return float(optimizer.learning_rate)
+    # tf.convert_to_tensor: a constant rate is a MirroredVariable under MirroredStrategy.
+    return float(tf.convert_to_tensor(optimizer.learning_rate))

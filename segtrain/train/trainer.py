@@ -7,7 +7,9 @@ picked by name (``train.model = 'unet'``), their arguments set in their own gin 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import re
 import time
 from typing import Sequence
 
@@ -19,11 +21,13 @@ import tensorflow as tf
 from registry import DATASETS, LOSSES, METRICS, MODELS
 from segtrain import metrics as M
 from segtrain.data.pipeline import build_pipeline, denormalize, normalization
-from segtrain.errors import SegtrainError, data_errors
+from segtrain.errors import DATA_ERROR_MARKER, SegtrainError, data_errors, warn
 from segtrain.evaluate import Evaluator, format_table, write_results
 from segtrain.io import atomic_write_text, read_json
 from segtrain.train import summaries as S
+from segtrain.train import precision as P
 from segtrain.train.checkpoints import Checkpoints
+from segtrain.train.distribute import WriteDir, build_strategy, task_name
 from segtrain.train.optimization import build_optimizer, current_learning_rate
 from segtrain.train.progress import Progress
 
@@ -52,6 +56,8 @@ class TrainConfig:
       num_image_panels: validation examples shown in TensorBoard's image panels.
       seed: seed of weight initialisation, shuffling and augmentation.
       train_split: split trained on.
+      precision: 'float32', 'mixed_float16' (dynamic loss scaling) or 'mixed_bfloat16'.
+      xla: compile each replica's forward and backward pass with XLA (jit_compile=True).
     """
 
     model: str = "unet"
@@ -74,6 +80,8 @@ class TrainConfig:
     num_image_panels: int = 3
     seed: int = 0
     train_split: str = "train"
+    precision: str = "float32"
+    xla: bool = False
 
     def __post_init__(self):
         def check(field, ok, what, kinds=(int,)):
@@ -90,6 +98,10 @@ class TrainConfig:
         if self.clip_norm is not None:
             check("clip_norm", lambda v: v > 0, "None or a number > 0", (int, float))
         check("min_delta", lambda v: v >= 0, "a number >= 0", (int, float))
+        if self.precision not in P.PRECISIONS:
+            raise SegtrainError(f"train.precision={self.precision!r} is not one of {', '.join(P.PRECISIONS)}.")
+        if not isinstance(self.xla, bool):
+            raise SegtrainError(f"train.xla must be True or False, got {self.xla!r}.")
         if self.best_mode not in ("auto", "max", "min"):
             raise SegtrainError(f"train.best_mode={self.best_mode!r}: use 'auto', 'max' or 'min'.")
         for name in self.metrics:
@@ -128,6 +140,9 @@ class Run:
         model_fn, loss_factory = MODELS.get(config.model), LOSSES.get(config.loss)
         _, self.info = self.dataset_fn(split=config.train_split)
         self.loss_fn = loss_factory(ignore_label=self.info.ignore_label)
+        # Every run sets the policy, float32 included, so one run's precision never leaks into
+        # the next one built in the same process.
+        P.set_precision(config.precision)
         keras.utils.set_random_seed(config.seed)
         with self.strategy.scope():
             self.model = model_fn(num_classes=self.info.num_classes)
@@ -135,12 +150,15 @@ class Run:
             if not self.model.built:  # a subclassed model makes its variables on the first call
                 side = divisor * -(-64 // divisor)
                 self.model(tf.zeros([1, side, side, 3]), training=False)
-            self.optimizer = build_optimizer(config.num_steps)
+            self.optimizer = P.wrap_optimizer(build_optimizer(config.num_steps), config.precision)
             self.optimizer.build(self.model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.size_divisor = divisor
+        # Only the chief writes into model_dir; every worker restores from it.
+        self.write_dir = WriteDir(model_dir, self.strategy)
         self.checkpoints = Checkpoints(
-            model_dir, config.keep_checkpoints, model=self.model, optimizer=self.optimizer, step=self.step
+            model_dir, config.keep_checkpoints, write_dir=self.write_dir.path,
+            model=self.model, optimizer=self.optimizer, step=self.step,
         )
 
     @classmethod
@@ -165,8 +183,21 @@ class Run:
 
 
 def train(model_dir: str, strategy: tf.distribute.Strategy | None = None) -> dict:
-    """Trains the experiment configured in gin; returns the last evaluation's results."""
-    return Trainer(Run(model_dir, TrainConfig(), strategy)).fit()
+    """Trains the experiment configured in gin; returns the last evaluation's results.
+
+    Args:
+      model_dir: the run's directory.
+      strategy: the strategy to train under (default: ``distribute.*`` in gin, see
+        segtrain.train.distribute.build_strategy).
+    """
+    if not model_dir:
+        raise SegtrainError("--model_dir is required: the directory for checkpoints and TensorBoard logs.")
+    strategy = strategy or build_strategy()  # first: it may split the CPU before TF starts
+    run = Run(model_dir, TrainConfig(), strategy)
+    try:
+        return Trainer(run).fit()
+    finally:
+        run.write_dir.cleanup()
 
 
 class Trainer:
@@ -177,23 +208,49 @@ class Trainer:
         self.cfg = run.config
         self.strategy = run.strategy
         self.model, self.optimizer, self.step = run.model, run.optimizer, run.step
+        self.chief = run.write_dir.chief
+        if self.cfg.xla and not tf.config.list_physical_devices("GPU"):
+            warn("--xla without a GPU: XLA's speed-up is on GPUs. On a CPU it can be slower than "
+                 "TensorFlow's own kernels, and the first step compiles for a while: compare with "
+                 "benchmarks/bench_train.py before relying on it.")
         self._train_loop = tf.function(self._loop)
+        # Under MirroredStrategy only the loss-and-gradient part compiles (apply_gradients on
+        # mirrored variables does not), so that part is what XLA gets under every strategy.
+        self._forward_backward = (tf.function(self._loss_and_grads, jit_compile=True) if self.cfg.xla
+                                  else self._loss_and_grads)
         self._weights_checked_at: int | None = None
 
     # ---- the compiled part -------------------------------------------------------------
-    def _replica_step(self, batch):
-        images, labels = batch["image"], batch["label"]
+    def _loss_and_grads(self, images, labels):
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
-            per_example = self.run.loss_fn(labels, logits)
+            per_example = self.run.loss_fn(labels, tf.cast(logits, tf.float32))
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.cfg.batch_size)
             if self.model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
-        grads = tape.gradient(loss, self.model.trainable_variables)
-        if self.cfg.clip_norm:
-            grads = self._clip(grads)
-        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+                regularization = tf.add_n([tf.cast(x, tf.float32) for x in self.model.losses])
+                loss += tf.nn.scale_regularization_loss(regularization)
+            # float16: gradients of the scaled loss; apply_gradients unscales them and skips
+            # (and halves the scale on) a step whose gradients are not finite.
+            scaled = self.optimizer.scale_loss(loss) if self._loss_scaling else loss
+        grads = tape.gradient(scaled, self.model.trainable_variables)
         cm = M.confusion_matrix(labels, tf.argmax(logits, -1), self.run.info.num_classes, self.run.info.ignore_label)
+        return loss, grads, cm
+
+    @property
+    def _loss_scaling(self) -> bool:
+        return isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+
+    def _replica_step(self, batch):
+        loss, grads, cm = self._forward_backward(batch["image"], batch["label"])
+        if self.cfg.clip_norm:
+            # Clip the true gradient: unscale first, scale back after (powers of two: exact).
+            scale = tf.cast(self.optimizer.dynamic_scale, tf.float32) if self._loss_scaling else None
+            if scale is not None:
+                grads = [None if g is None else g / scale for g in grads]
+            grads = self._clip(grads)
+            if scale is not None:
+                grads = [None if g is None else g * scale for g in grads]
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         return loss, cm
 
     def _clip(self, grads):
@@ -262,26 +319,19 @@ class Trainer:
         results: dict = {}
         progress = Progress("train", cfg.num_steps, start=start)
         step = saved = start
-        writers = {k: tf.summary.create_file_writer(os.path.join(run.model_dir, k)) for k in ("train", "eval")}
+        # Summaries come from the chief alone; the other workers' would be duplicates.
+        writers = {k: (tf.summary.create_file_writer(os.path.join(run.model_dir, k)) if self.chief
+                       else tf.summary.create_noop_writer()) for k in ("train", "eval")}
         try:
-            self._write_operative_config(writers["train"], start)
+            if self.chief:
+                self._write_operative_config(writers["train"], start)
             while step < cfg.num_steps:
                 n = min(cfg.steps_per_loop, cfg.num_steps - step, eval_every - step % eval_every,
                         checkpoint_every - step % checkpoint_every)
-                t0 = time.perf_counter()
-                losses, cm = self._train_loop(iterator, tf.constant(n))
-                losses = losses.numpy()
-                elapsed = time.perf_counter() - t0
-                self._check_finite(losses, step)
+                scalars, images_per_s = self.train_window(iterator, n, step, first=step == start)
                 step += n
-                images_per_s = cfg.batch_size * n / elapsed
-                lr = current_learning_rate(self.optimizer)
-                scalars = {"loss": float(losses.mean()), "learning_rate": lr,
-                           **M.compute(cm.numpy(), ("pixel_accuracy", "mean_iou"))}
-                if step - n > start:  # the first call also traces the step: not a speed figure
-                    scalars.update(images_per_second=images_per_s, step_time_seconds=elapsed / n)
                 S.write_scalars(writers["train"], scalars, step)
-                progress.update(step, images_per_s, loss=float(losses.mean()), lr=lr)
+                progress.update(step, images_per_s, loss=scalars["loss"], lr=scalars["learning_rate"])
                 if step % checkpoint_every == 0 or step == cfg.num_steps:
                     self._check_weights(step)
                     run.checkpoints.save(step)
@@ -289,7 +339,8 @@ class Trainer:
                 if step % eval_every == 0 or step == cfg.num_steps:
                     progress.close()
                     results, cm = evaluator.run(eval_ds)
-                    self._write_eval(writers["eval"], results, cm, eval_ds, evaluator, step)
+                    if self.chief:
+                        self._write_eval(writers["eval"], results, cm, eval_ds, evaluator, step)
                     print(f"eval step {step}: " + "  ".join(
                         f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float)))
                     record = self._update_record(record, results[cfg.best_metric], step)
@@ -306,9 +357,49 @@ class Trainer:
             for w in writers.values():
                 w.close()
         if results:
-            write_results(last_results, {**results, "step": step, "split": cfg.eval_split})
+            if self.chief:
+                write_results(last_results, {**results, "step": step, "split": cfg.eval_split})
             print(format_table(results, run.info.class_names))
+        task = task_name(self.strategy)
+        if task != "local":  # lets a multi-worker job confirm that its workers agree
+            print(f"{task}: step {step}, weights sha256 {weights_fingerprint(self.model)}")
         return results
+
+    def train_window(self, iterator, n: int, step: int, first: bool = False) -> tuple[dict, float]:
+        """Trains ``n`` steps from ``step`` in one compiled call.
+
+        Returns:
+          The window's scalars for TensorBoard, and its images/second. The speed scalars are
+          left out of the ``first`` window, which also traces (with XLA, compiles) the step.
+        """
+        t0 = time.perf_counter()
+        losses, cm = self._run_loop(iterator, n, first)
+        losses = losses.numpy()
+        elapsed = time.perf_counter() - t0
+        self._check_finite(losses, step)
+        scalars = {"loss": float(losses.mean()), "learning_rate": current_learning_rate(self.optimizer),
+                   **M.compute(cm.numpy(), ("pixel_accuracy", "mean_iou"))}
+        if self._loss_scaling:
+            scalars["loss_scale"] = P.loss_scale(self.optimizer)
+        images_per_s = self.cfg.batch_size * n / elapsed
+        if not first:
+            scalars.update(images_per_second=images_per_s, step_time_seconds=elapsed / n)
+        return scalars, images_per_s
+
+    def _run_loop(self, iterator, n: int, first: bool):
+        """One call of the compiled loop; the first call's compile errors become one message."""
+        if not (first and self.cfg.xla):
+            return self._train_loop(iterator, tf.constant(n))
+        try:
+            return self._train_loop(iterator, tf.constant(n))
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.InternalError) as e:
+            if DATA_ERROR_MARKER in str(e):
+                raise
+            raise SegtrainError(
+                f"XLA could not compile model '{self.cfg.model}' with loss '{self.cfg.loss}' at "
+                f"precision {self.cfg.precision}: {_xla_reason(e.message)}. Train without XLA (drop --xla, or "
+                f"train.xla = False)."
+            ) from None
 
     def _load_record(self) -> dict:
         """The best/early-stopping record of this run; a fresh one if it judged another metric."""
@@ -378,7 +469,7 @@ class Trainer:
         self._weights_checked_at = step
 
     def _kept(self) -> str:
-        latest = self.run.checkpoints.latest.latest_checkpoint
+        latest = self.run.checkpoints.latest_checkpoint
         kept = (f"The last good checkpoint, {os.path.basename(latest)}, is intact; "
                 if latest else "No checkpoint was written; ")
         return kept + "lower learning_rate.base, set train.clip_norm, or check the data, then rerun."
@@ -408,3 +499,20 @@ def _improved(value: float, best: float, mode: str, min_delta: float) -> bool:
     if not np.isfinite(value):
         return False
     return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """A short SHA-256 of every weight of ``model``: equal on workers that hold equal weights."""
+    digest = hashlib.sha256()
+    for v in model.weights:
+        digest.update(np.asarray(v.numpy()).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _xla_reason(message: str) -> str:
+    """The line of a TensorFlow error that says why XLA failed, without node decorations."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Graph execution error", "Detected at node", "<stack"))]
+    reason = next((line for line in useful if "unsupported operations" in line or "XLA" in line),
+                  useful[0] if useful else "unknown error")
+    return re.sub(r"\{\{node [^}]*\}\}", "", reason).strip()[:400]

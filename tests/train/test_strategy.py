@@ -1,4 +1,7 @@
-"""The loop takes its strategy as a parameter: two replicas on two logical CPU devices."""
+"""Data parallelism for real: MirroredStrategy over logical CPU devices, in fresh processes.
+
+Each run is its own process because the CPU must be split before TensorFlow starts.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +11,17 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import REPO, TINY
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import REPO, TINY, segtrain_cli
+from tests.conftest import assert_user_error as _fails
+from tests.conftest import tiny_flags as _params
 
 SCRIPT = textwrap.dedent("""
     import json, sys
     import keras
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from registry import MODELS
 
     @MODELS.register("with_unused_weights")
@@ -33,36 +39,69 @@ SCRIPT = textwrap.dedent("""
     from segtrain import config
     from segtrain.train.trainer import train
     config.parse([], json.loads(sys.argv[2]))
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    results = train(sys.argv[1], strategy=strategy)
-    print("RESULT " + json.dumps({"replicas": strategy.num_replicas_in_sync, "loss": results["loss"]}))
+    results = train(sys.argv[1])  # the strategy comes from distribute.* in gin
+    print("RESULT " + json.dumps({"loss": results["loss"]}))
 """)
 
 
-def _run(model_dir, bindings):
-    return subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(model_dir), json.dumps(TINY + bindings)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
+def _ok(result):
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    return result
 
 
-def test_mirrored_strategy_trains_with_two_replicas(tmp_path):
-    result = _run(tmp_path, ["train.clip_norm = 1.0", "learning_rate.base = 0.01"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    out = json.loads(line[len("RESULT "):])
-    assert out["replicas"] == 2 and out["loss"] == out["loss"]  # finite, not NaN
-    assert (tmp_path / "ckpt-6.index").exists() and (tmp_path / "best" / "best.json").exists()
-
-
-def test_subclassed_model_with_unused_weights_and_clipping(tmp_path):
-    result = _run(tmp_path, ["train.model = 'with_unused_weights'", "train.clip_norm = 0.5"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "ckpt-6.index").exists()
+def test_subclassed_model_with_unused_weights_and_clipping_on_two_replicas(tmp_path):
+    bindings = TINY + ["distribute.cpu_replicas = 2", "train.model = 'with_unused_weights'", "train.clip_norm = 0.5"]
+    result = _ok(subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path), json.dumps(bindings)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    ))
+    assert "RESULT" in result.stdout and (tmp_path / "ckpt-6.index").exists()
 
 
 def test_global_batch_must_divide_over_replicas(tmp_path):
-    result = _run(tmp_path, ["train.batch_size = 3"])
-    assert result.returncode != 0
-    assert "train.batch_size=3 does not divide over 2 replicas: use a multiple of 2." in result.stderr
+    _fails(segtrain_cli("train", f"--model_dir={tmp_path}", "--cpu_replicas=2", *_params("train.batch_size = 3")),
+           "train.batch_size=3 does not divide over 2 replicas: use a multiple of 2.")
+
+
+def test_cpu_replicas_with_a_one_device_strategy(tmp_path):
+    _fails(segtrain_cli("train", f"--model_dir={tmp_path}", "--strategy=one_device", "--cpu_replicas=2", *_params()),
+           "--cpu_replicas=2 splits one machine's CPU for MirroredStrategy; it does not combine with "
+           "--strategy=one_device")
+
+
+def _variables(model_dir) -> dict[str, np.ndarray]:
+    """Every variable of the latest checkpoint: weights, batch-norm statistics, optimizer state."""
+    reader = tf.train.load_checkpoint(str(model_dir))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if not name.startswith(("save_counter", "_CHECKPOINTABLE_OBJECT_GRAPH"))}
+
+
+@pytest.mark.parametrize("model", [
+    ["models.unet.batch_norm = False"],
+    ["models.unet.synchronized_batch_norm = True"],
+], ids=["no_batch_norm", "synchronized_batch_norm"])
+def test_one_and_two_replicas_train_the_same_weights(tmp_path, model):
+    """Same seed, data order and global batch: the replicas split each batch, the gradient is
+    summed over them, so 2 replicas must land where 1 does (up to float summation order)."""
+    runs = {}
+    for name, flags in (("one", ["--strategy=one_device"]), ("two", ["--strategy=mirrored", "--cpu_replicas=2"])):
+        runs[name] = tmp_path / name
+        _ok(segtrain_cli("train", f"--model_dir={runs[name]}", *flags,
+                         *_params(*model, "learning_rate.base = 0.01", "train.clip_norm = 1.0")))
+    one, two = _variables(runs["one"]), _variables(runs["two"])
+    assert one.keys() == two.keys() and len(one) > 30
+    for name in one:
+        np.testing.assert_allclose(one[name], two[name], rtol=1e-4, atol=2e-5, err_msg=name)
+    results = [json.loads((runs[n] / "eval_results_validation.json").read_text()) for n in ("one", "two")]
+    for key in ("loss", "pixel_accuracy", "mean_iou"):
+        assert results[0][key] == pytest.approx(results[1][key], rel=1e-4, abs=1e-5), key
+
+
+def test_xla_with_bfloat16_on_two_replicas(tmp_path):
+    result = _ok(segtrain_cli("train", f"--model_dir={tmp_path}", "--cpu_replicas=2", "--xla",
+                              "--precision=mixed_bfloat16", *_params("train.num_image_panels = 0")))
+    assert "warning: --xla without a GPU: XLA's speed-up is on GPUs." in result.stderr
+    results = json.loads((tmp_path / "eval_results_validation.json").read_text())
+    assert np.isfinite(results["loss"]) and (tmp_path / "ckpt-6.index").exists()
+    operative = (tmp_path / "operative_config.gin").read_text()
+    assert "train.xla = True" in operative and "distribute.cpu_replicas = 2" in operative
