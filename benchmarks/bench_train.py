@@ -163,7 +163,8 @@ def measure(args, model: str, precision: str, xla: bool, replicas: int) -> dict:
                 raise
             # Keras compiles fit's whole step; with XLA that fails under MirroredStrategy over
             # logical CPU devices ("Trying to access resource ... located in device CPU:1").
-            fit_error = e.message.strip().splitlines()[0][:200]
+            lines = [x.strip() for x in e.message.splitlines() if x.strip()]
+            fit_error = next((x for x in lines if "Trying to access resource" in x), lines[-1] if lines else "")[:200]
             del loops["fit"]
             continue
         fn()
