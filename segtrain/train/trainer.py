@@ -388,12 +388,10 @@ class Trainer:
 
     def _run_loop(self, iterator, n: int, first: bool):
         """One call of the compiled loop; the first call's compile errors become one message."""
-        if not (first and self.cfg.xla):
-            return self._train_loop(iterator, tf.constant(n))
         try:
             return self._train_loop(iterator, tf.constant(n))
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.InternalError) as e:
-            if DATA_ERROR_MARKER in str(e):
+            if not (first and self.cfg.xla) or DATA_ERROR_MARKER in str(e):
                 raise
             raise SegtrainError(
                 f"XLA could not compile model '{self.cfg.model}' with loss '{self.cfg.loss}' at "
