@@ -16,6 +16,8 @@ def encoder_decoder(num_classes: int, input_shape=None) -> keras.Model:
     with Rescaling(1/255) and ends with a softmax; here the input pipeline normalises and the
     model returns logits (2,880,643 parameters for 3 classes, as in the book).
 
+    Source: Chollet, Deep Learning with Python, ch. 9.
+
     Args:
       num_classes: output channels (logits).
       input_shape: (H, W, 3) to fix the input size, or None; H and W must be divisible by 8.

@@ -19,11 +19,13 @@ def conv_bn_relu(
     strides: int = 1,
     batch_norm: bool = True,
     synchronized: bool = False,
+    dilation_rate: int = 1,
+    padding: str = "same",
 ):
-    """Conv (same padding) -> [BatchNorm] -> ReLU."""
+    """Conv -> [BatchNorm] -> ReLU."""
     x = keras.layers.Conv2D(
-        filters, kernel_size, strides=strides, padding="same", use_bias=not batch_norm,
-        name=f"{name}.conv",
+        filters, kernel_size, strides=strides, padding=padding, dilation_rate=dilation_rate,
+        use_bias=not batch_norm, name=f"{name}.conv",
     )(x)
     if batch_norm:
         x = keras.layers.BatchNormalization(synchronized=synchronized, name=f"{name}.bn")(x)
@@ -52,3 +54,46 @@ def check_divisible(input_shape, divisor: int, model: str) -> None:
             raise SegtrainError(
                 f"models.{model}.input_shape={tuple(input_shape)}: {model} needs input height and width divisible by {divisor}."
             )
+
+
+class ResizeLike(keras.layers.Layer):
+    """Bilinear resize of ``x`` to the height and width of ``like`` (any size, known at run time).
+
+    It computes in float32: under a mixed policy XLA cannot compile the gradient of a
+    half-precision bilinear resize, and a float32 resize is the more accurate one anyway.
+    """
+
+    def __init__(self, interpolation: str = "bilinear", **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.interpolation = interpolation
+
+    def call(self, x, like):
+        import tensorflow as tf
+
+        return tf.image.resize(x, tf.shape(like)[1:3], method=self.interpolation)
+
+    def compute_output_shape(self, x_shape, like_shape):
+        return (x_shape[0], like_shape[1], like_shape[2], x_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "interpolation": self.interpolation}
+
+
+class CropLike(keras.layers.Layer):
+    """Keeps the top-left part of ``x`` the size of ``like``: undoes the extra row or column of
+    a 2x upsampling of an odd-sized map, or the padding a model added around its input."""
+
+    def call(self, x, like):
+        import tensorflow as tf
+
+        size = tf.shape(like)[1:3]
+        return x[:, : size[0], : size[1]]
+
+    def compute_output_shape(self, x_shape, like_shape):
+        return (x_shape[0], like_shape[1], like_shape[2], x_shape[3])
+
+
+def upsample_like(x, like, name: str):
+    """Bilinear upsampling of ``x`` to the size of ``like`` (float32, see ResizeLike)."""
+    return ResizeLike(name=name)(x, like)

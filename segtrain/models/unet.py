@@ -6,7 +6,7 @@ import keras
 
 from registry import MODELS
 from segtrain.errors import SegtrainError
-from segtrain.models.layers import check_divisible, classifier, conv_bn_relu, image_input
+from segtrain.models.layers import CropLike, check_divisible, classifier, conv_bn_relu, image_input
 
 
 def double_conv(x, filters: int, name: str, batch_norm: bool, synchronized: bool):
@@ -33,6 +33,8 @@ def unet(
     input_shape=None,
 ) -> keras.Model:
     """U-Net: `depth` down/up levels, filters doubling per level, same padding, batch norm.
+
+    Source: Ronneberger et al. 2015, with same padding and batch norm.
 
     Args:
       num_classes: output channels (logits).
@@ -64,4 +66,218 @@ def unet(
         x = up_block(x, skips[level], base_filters * 2**level, f"decoder.level{level}", batch_norm, synchronized_batch_norm)
     model = keras.Model(inputs, classifier(x, num_classes), name="unet")
     model.size_divisor = 2**depth
+    return model
+
+
+def valid_unet_sizes(size: int, depth: int) -> tuple[int, int, int]:
+    """(input, output, margin) of the smallest valid-convolution U-Net tile covering ``size``.
+
+    Each level loses 4 pixels to its two unpadded 3x3 convolutions and must pool an even size;
+    the valid output is centred in the input, ``margin`` pixels in from each side.
+    """
+    scale = 2**depth
+    bottom = max(5, -(-(size + 8 * scale - 4) // scale))  # smallest bottleneck input that covers
+    return scale * bottom + 4 * (scale - 1), scale * bottom - 8 * scale + 4, 6 * scale - 4
+
+
+class OverlapTilePad(keras.layers.Layer):
+    """Mirror-pads images so a valid-convolution U-Net's output covers the whole image.
+
+    The overlap-tile strategy of the U-Net paper: context missing at the border is filled by
+    reflection. Padding may exceed the image (reflection repeats), and sizes known only at run
+    time work, so the model keeps the contract "logits at input size" for any input.
+    """
+
+    def __init__(self, depth: int, **kwargs):
+        super().__init__(**kwargs)
+        self.depth = depth
+
+    def call(self, images):
+        import tensorflow as tf
+
+        scale, margin = 2**self.depth, 6 * 2**self.depth - 4
+        for axis in (1, 2):
+            size = tf.shape(images)[axis]
+            bottom = tf.maximum(5, -((-(size + 8 * scale - 4)) // scale))
+            padded = scale * bottom + 4 * (scale - 1)
+            index = tf.range(padded) - margin
+            # Reflection without repeating the edge pixel, periodic for pads longer than the image.
+            period = tf.maximum(2 * (size - 1), 1)
+            index = tf.math.floormod(index, period)
+            index = tf.where(index >= size, period - index, index)
+            images = tf.gather(images, index, axis=axis)
+        return images
+
+    def compute_output_shape(self, shape):
+        sizes = [None if s is None else valid_unet_sizes(s, self.depth)[0] for s in shape[1:3]]
+        return (shape[0], *sizes, shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "depth": self.depth}
+
+
+@MODELS.register("unet_original")
+def unet_original(
+    num_classes: int,
+    depth: int = 4,
+    base_filters: int = 64,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+    input_shape=None,
+) -> keras.Model:
+    """The original U-Net: unpadded 3x3 convolutions, crop-and-concat skips, overlap-tile input.
+
+    A 572x572 tile gives a 388x388 output in the paper. Here the model mirror-pads any input to
+    the smallest tile whose valid output covers it and returns logits at the input size, so it
+    trains and evaluates like every other model.
+
+    Source: Ronneberger et al. 2015, arXiv:1505.04597.
+
+    Args:
+      num_classes: output channels (logits).
+      depth: number of 2x downsamplings (4 in the paper).
+      base_filters: filters of the first level (64).
+      batch_norm: batch norm after every convolution (the paper has none).
+      dropout: at the end of the contracting path (0.5 in the paper).
+      input_shape: (H, W, 3) to fix the input size, or None for any size.
+    """
+    if depth < 1 or base_filters < 1:
+        raise SegtrainError(
+            f"models.unet_original needs depth >= 1 and base_filters >= 1, got {depth} and {base_filters}."
+        )
+    inputs = image_input(input_shape)
+    x, skips = OverlapTilePad(depth, name="overlap_tile")(inputs), []
+    for level in range(depth):
+        x = _valid_double_conv(x, base_filters * 2**level, f"encoder.level{level}", batch_norm)
+        skips.append(x)
+        x = keras.layers.MaxPooling2D(2, name=f"encoder.level{level}.pool")(x)
+    x = _valid_double_conv(x, base_filters * 2**depth, "bottleneck", batch_norm)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="bottleneck.dropout")(x)
+    for level in reversed(range(depth)):
+        name = f"decoder.level{level}"
+        x = keras.layers.Conv2DTranspose(base_filters * 2**level, 2, strides=2, name=f"{name}.upconv")(x)
+        skip = CenterCropLike(name=f"{name}.crop")(skips[level], x)
+        x = keras.layers.Concatenate(name=f"{name}.concat")([x, skip])
+        x = _valid_double_conv(x, base_filters * 2**level, name, batch_norm)
+    logits = classifier(x, num_classes)
+    model = keras.Model(inputs, CropLike(dtype="float32", name="crop")(logits, inputs), name="unet_original")
+    model.margin = 6 * 2**depth - 4
+    return model
+
+
+def _valid_double_conv(x, filters: int, name: str, batch_norm: bool):
+    x = conv_bn_relu(x, filters, f"{name}.conv1", batch_norm=batch_norm, padding="valid")
+    return conv_bn_relu(x, filters, f"{name}.conv2", batch_norm=batch_norm, padding="valid")
+
+
+class CenterCropLike(keras.layers.Layer):
+    """The centre of ``x`` the size of ``like``: the U-Net paper's crop of the skip connection."""
+
+    def call(self, x, like):
+        import tensorflow as tf
+
+        offset = (tf.shape(x)[1:3] - tf.shape(like)[1:3]) // 2
+        size = tf.shape(like)[1:3]
+        return x[:, offset[0]: offset[0] + size[0], offset[1]: offset[1] + size[1]]
+
+    def compute_output_shape(self, x_shape, like_shape):
+        return (x_shape[0], like_shape[1], like_shape[2], x_shape[3])
+
+
+@MODELS.register("unet_resnet50")
+def unet_resnet50(
+    num_classes: int,
+    backbone: str = "resnet50",
+    decoder_filters: tuple = (512, 256, 64, 32),
+    backbone_weights: str | None = None,
+    freeze_backbone: bool = False,
+    freeze_batch_norm: bool = False,
+    input_shape=None,
+) -> keras.Model:
+    """U-Net with a ResNet-50 encoder (up to conv4, stride 16) and a transposed-conv decoder.
+
+    Each decoder step is a 2x2 stride-2 transposed convolution, concatenation with the encoder
+    features of the same stride (conv3, conv2 and conv1 outputs), and two 3x3 convolutions; a last
+    transposed convolution returns to the input size. Same padding, so any input size works: a
+    2x-upsampled odd-sized map is cropped to its skip.
+
+    Source: U-Net decoder on a ResNet-50 encoder (He et al. 2016).
+
+    Args:
+      num_classes: output channels (logits).
+      backbone: the ResNet of keras.applications ('resnet50' or 'resnet101').
+      decoder_filters: filters of the steps to strides 8, 4, 2 and 1.
+      backbone_weights: None, or a local keras.applications weights file (include_top=False).
+      freeze_backbone: train only the decoder.
+      freeze_batch_norm: keep the encoder's batch norm statistics and scales fixed.
+      input_shape: (H, W, 3) to fix the input size, or None for any size.
+    """
+    from segtrain.models.backbones import backbone as build_backbone
+
+    if len(decoder_filters) != 4:
+        raise SegtrainError(f"models.unet_resnet50.decoder_filters={decoder_filters!r}: give 4 widths (strides 8, 4, 2, 1).")
+    inputs = image_input(input_shape)
+    *skips, x = build_backbone(
+        backbone, (2, 4, 8, 16), input_shape=inputs.shape[1:], weights=backbone_weights,
+        freeze=freeze_backbone, freeze_batch_norm=freeze_batch_norm, owner="unet_resnet50",
+    )(inputs)
+    for skip, filters, stride in zip(reversed(skips), decoder_filters, (8, 4, 2)):
+        name = f"decoder.stride{stride}"
+        x = keras.layers.Conv2DTranspose(filters, 2, strides=2, activation="relu", name=f"{name}.upconv")(x)
+        x = CropLike(name=f"{name}.crop")(x, skip)
+        x = keras.layers.Concatenate(name=f"{name}.concat")([x, skip])
+        x = double_conv(x, filters, name, batch_norm=True, synchronized=False)
+    x = keras.layers.Conv2DTranspose(decoder_filters[3], 2, strides=2, activation="relu", name="decoder.stride1.upconv")(x)
+    x = CropLike(name="decoder.stride1.crop")(x, inputs)
+    x = double_conv(x, decoder_filters[3], "decoder.stride1", batch_norm=True, synchronized=False)
+    model = keras.Model(inputs, classifier(x, num_classes), name="unet_resnet50")
+    return model
+
+
+@MODELS.register("unet_compact")
+def unet_compact(
+    num_classes: int,
+    levels: int = 6,
+    base_filters: int = 128,
+    max_filters: int = 512,
+    input_shape=None,
+) -> keras.Model:
+    """The compact U-Net of the transposed-convolution notes: strided convs down, transposed up.
+
+    Encoder: ``levels`` stride-2 3x3 convolutions with LeakyReLU, filters doubling from
+    ``base_filters`` and capped at ``max_filters`` (256x256 -> 4x4 with the defaults). Decoder:
+    stride-2 3x3 transposed convolutions with ReLU, each concatenated with the encoder output of
+    the same size; a last transposed convolution gives the logits at input size. No batch norm.
+
+    Source: the compact U-Net of the transposed-convolution notes.
+
+    Args:
+      num_classes: output channels (logits).
+      levels: number of stride-2 downsamplings; inputs need sides divisible by 2**levels.
+      base_filters: filters of the first level (128).
+      max_filters: cap on the filters (512).
+      input_shape: (H, W, 3) to fix the input size, or None.
+    """
+    if levels < 1:
+        raise SegtrainError(f"models.unet_compact.levels={levels}: needs at least 1.")
+    check_divisible(input_shape, 2**levels, "unet_compact")
+    widths = [min(base_filters * 2**i, max_filters) for i in range(levels)]
+    inputs = image_input(input_shape)
+    x, skips = inputs, []
+    for level, filters in enumerate(widths):
+        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", kernel_initializer="he_normal",
+                                name=f"encoder.level{level}.conv")(x)
+        x = keras.layers.LeakyReLU(name=f"encoder.level{level}.leaky_relu")(x)
+        skips.append(x)
+    for level in reversed(range(levels - 1)):  # up to the size of each skip but the deepest
+        name = f"decoder.level{level}"
+        x = keras.layers.Conv2DTranspose(widths[level + 1], 3, strides=2, padding="same",
+                                         kernel_initializer="he_normal", name=f"{name}.upconv")(x)
+        x = keras.layers.ReLU(name=f"{name}.relu")(x)
+        x = keras.layers.Concatenate(name=f"{name}.concat")([x, skips[level]])
+    logits = keras.layers.Conv2DTranspose(num_classes, 3, strides=2, padding="same", kernel_initializer="he_normal",
+                                          dtype="float32", name="logits")(x)
+    model = keras.Model(inputs, logits, name="unet_compact")
+    model.size_divisor = 2**levels
     return model

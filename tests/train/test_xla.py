@@ -54,22 +54,4 @@ def test_the_same_model_trains_without_xla(tmp_path, configure):
     configure("train.model = 'host_round_net'", "train.num_image_panels = 0")
     assert np.isfinite(train(str(tmp_path))["loss"])
 
-
-def _built_in_models() -> list[str]:
-    import registry
-
-    registry.load_all()
-    return [n for n in MODELS.names() if MODELS.original(n).__module__.startswith("segtrain.")]
-
-
-@pytest.mark.parametrize("model", _built_in_models())
-def test_every_built_in_model_trains_under_xla_with_mixed_precision(tmp_path, configure, model):
-    """The compiled step on the code path GPUs take: XLA plus a mixed policy (bfloat16 here,
-    as float16 is emulated on CPU) with every registered architecture."""
-    configure(f"train.model = '{model}'", "train.xla = True", "train.precision = 'mixed_bfloat16'",
-              "train.num_steps = 2", "train.steps_per_loop = 2", "train.eval_every = 0",
-              "train.num_image_panels = 0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SegtrainWarning)
-        results = train(str(tmp_path))
-    assert np.isfinite(results["loss"])
+# Every built-in model under XLA with mixed precision: tests/models/test_training.py.

@@ -1,0 +1,1 @@
+"""An example segtrain plugin package (see models.py)."""

@@ -1,0 +1,111 @@
+"""Fully convolutional networks (Long, Shelhamer & Darrell, 2015): FCN-32s, FCN-16s, FCN-8s.
+
+The chapter 6 models: VGG-16's convolutions, its dense layers recast as convolutions (fc6 a 7x7,
+fc7 a 1x1), a 1x1 scoring layer, and transposed convolutions initialised to bilinear
+interpolation. FCN-16s adds the scores of pool4 to the 2x-upsampled coarse scores; FCN-8s also
+adds those of pool3. The pool4/pool3 scoring layers start at zero, as in the paper, so training
+begins from the coarser net's prediction.
+
+Same padding replaces the paper's 100-pixel input padding and final crop: inputs need height
+and width divisible by 32 (the pipeline pads evaluation images to that).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from registry import MODELS
+from segtrain.models.backbones import backbone as build_backbone
+from segtrain.models.layers import check_divisible, image_input
+
+
+class BilinearUpsampling(keras.initializers.Initializer):
+    """A Conv2DTranspose kernel that performs bilinear upsampling, channel by channel."""
+
+    def __call__(self, shape, dtype=None):
+        size, _, out_channels, in_channels = shape
+        factor = (size + 1) // 2
+        center = factor - 1 if size % 2 == 1 else factor - 0.5
+        grid = np.ogrid[:size, :size]
+        filt = (1 - abs(grid[0] - center) / factor) * (1 - abs(grid[1] - center) / factor)
+        kernel = np.zeros(shape, np.float32)
+        for c in range(min(out_channels, in_channels)):
+            kernel[:, :, c, c] = filt
+        return keras.ops.convert_to_tensor(kernel, dtype=dtype)
+
+
+def upsample(x, num_classes: int, factor: int, name: str, dtype=None):
+    """Transposed convolution by ``factor`` (kernel 2x the factor), bilinear at the start."""
+    return keras.layers.Conv2DTranspose(
+        num_classes, 2 * factor, strides=factor, padding="same", use_bias=False,
+        kernel_initializer=BilinearUpsampling(), dtype=dtype, name=name,
+    )(x)
+
+
+def score(x, num_classes: int, name: str, zeros: bool = False):
+    """A 1x1 convolution giving class scores at this stride."""
+    init = "zeros" if zeros else "glorot_uniform"
+    return keras.layers.Conv2D(num_classes, 1, kernel_initializer=init, name=name)(x)
+
+
+def _fcn(variant: int, num_classes, backbone, fc_filters, dropout, backbone_weights, freeze_backbone, input_shape):
+    name = f"fcn{variant}s"
+    check_divisible(input_shape, 32, name)
+    inputs = image_input(input_shape)
+    strides = {32: (32,), 16: (16, 32), 8: (8, 16, 32)}[variant]
+    features = build_backbone(backbone, strides, input_shape=inputs.shape[1:], weights=backbone_weights,
+                              freeze=freeze_backbone, owner=name)(inputs)
+    features = dict(zip(strides, features if isinstance(features, list) else [features]))
+    x = keras.layers.Conv2D(fc_filters, 7, padding="same", activation="relu", name="fc6")(features[32])
+    x = keras.layers.Dropout(dropout, name="fc6.dropout")(x)
+    x = keras.layers.Conv2D(fc_filters, 1, activation="relu", name="fc7")(x)
+    x = keras.layers.Dropout(dropout, name="fc7.dropout")(x)
+    x = score(x, num_classes, "score_fr")
+    stride = 32
+    while stride > variant:  # fuse the next finer pool's scores
+        stride //= 2
+        x = upsample(x, num_classes, 2, f"score{stride * 2}.up2")
+        pool = score(features[stride], num_classes, f"score_pool{stride.bit_length() - 1}", zeros=True)
+        x = keras.layers.Add(name=f"fuse_pool{stride.bit_length() - 1}")([x, pool])
+    logits = upsample(x, num_classes, variant, "upsample", dtype="float32")
+    model = keras.Model(inputs, logits, name=name)
+    model.size_divisor = 32
+    return model
+
+
+_ARGS = """
+    Source: Long, Shelhamer & Darrell 2015, arXiv:1411.4038.
+
+    Args:
+      num_classes: output channels (logits).
+      backbone: 'vgg16' (keras.applications structure) or a registered VGG-like backbone.
+      fc_filters: channels of fc6 and fc7 (4096 in VGG-16).
+      dropout: after fc6 and fc7 (0.5).
+      backbone_weights: None, or a local keras.applications VGG16 weights file (include_top=False).
+      freeze_backbone: train only fc6 onwards.
+      input_shape: (H, W, 3) to fix the input size (divisible by 32), or None.
+"""
+
+
+@MODELS.register("fcn32s")
+def fcn32s(num_classes: int, backbone: str = "vgg16", fc_filters: int = 4096, dropout: float = 0.5, backbone_weights: str | None = None,
+           freeze_backbone: bool = False, input_shape=None) -> keras.Model:
+    return _fcn(32, num_classes, backbone, fc_filters, dropout, backbone_weights, freeze_backbone, input_shape)
+
+
+@MODELS.register("fcn16s")
+def fcn16s(num_classes: int, backbone: str = "vgg16", fc_filters: int = 4096, dropout: float = 0.5, backbone_weights: str | None = None,
+           freeze_backbone: bool = False, input_shape=None) -> keras.Model:
+    return _fcn(16, num_classes, backbone, fc_filters, dropout, backbone_weights, freeze_backbone, input_shape)
+
+
+@MODELS.register("fcn8s")
+def fcn8s(num_classes: int, backbone: str = "vgg16", fc_filters: int = 4096, dropout: float = 0.5, backbone_weights: str | None = None,
+          freeze_backbone: bool = False, input_shape=None) -> keras.Model:
+    return _fcn(8, num_classes, backbone, fc_filters, dropout, backbone_weights, freeze_backbone, input_shape)
+
+
+fcn32s.__doc__ = "FCN-32s: VGG-16, fc6/fc7 as convolutions, one 32x transposed-conv upsampling.\n" + _ARGS
+fcn16s.__doc__ = "FCN-16s: FCN-32s's scores upsampled 2x and added to pool4's, then 16x upsampling.\n" + _ARGS
+fcn8s.__doc__ = "FCN-8s: FCN-16s's fused scores upsampled 2x and added to pool3's, then 8x upsampling.\n" + _ARGS

@@ -1,0 +1,71 @@
+"""Facts about registered models for the README's model table: ``segtrain list --models --details``.
+
+Parameters and forward GFLOPs are measured on the model built at 512x512 with 21 classes (Pascal
+VOC), with the defaults of its registered function; GFLOPs are TensorFlow's profiler count (a
+multiply-add is 2 FLOPs). The output stride is that of the coarsest feature map. The source is the
+``Source:`` line of the model's docstring.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+SIZE, CLASSES = 512, 21
+HEADER = "| model | parameters | GFLOPs at 512x512 | output stride | source |\n|---|---:|---:|---:|---|"
+
+
+def forward_flops(model, size: int) -> float:
+    """Forward FLOPs of one size x size image, counted by TensorFlow's profiler on the graph."""
+    import tensorflow as tf
+    from tensorflow.python.profiler import model_analyzer, option_builder
+
+    spec = tf.TensorSpec([1, size, size, 3], tf.float32)
+    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec).graph
+    options = (option_builder.ProfileOptionBuilder(option_builder.ProfileOptionBuilder.float_operation())
+               .with_empty_output().build())
+    return float(model_analyzer.profile(graph, options=options).total_float_ops)
+
+
+def source(name: str) -> str:
+    from registry import MODELS
+
+    for line in (inspect.getdoc(MODELS.original(name)) or "").splitlines():
+        if line.strip().startswith("Source:"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def output_stride(model, size: int = SIZE) -> int:
+    """Input size over the smallest feature map (global pooling aside), as a power of two."""
+    smallest = size
+    for layer in model.layers:
+        for sub in getattr(layer, "layers", [layer]):  # look inside a nested backbone
+            shape = getattr(sub, "output", None)
+            shape = getattr(shape, "shape", None)
+            if shape is not None and len(shape) == 4 and shape[1] and shape[1] > 1:
+                smallest = min(smallest, shape[1])
+    return 2 ** round(math.log2(size / smallest))
+
+
+def details(name: str, flops: bool = True) -> dict:
+    """{'model', 'parameters', 'gflops', 'output_stride', 'source'} of a registered model."""
+    from registry import MODELS
+
+    model = MODELS.get(name)(num_classes=CLASSES, input_shape=(SIZE, SIZE, 3))
+    return {
+        "model": name,
+        "parameters": model.count_params(),
+        "gflops": forward_flops(model, SIZE) / 1e9 if flops else None,
+        "output_stride": output_stride(model),
+        "source": source(name),
+    }
+
+
+def row(d: dict) -> str:
+    gflops = "" if d["gflops"] is None else f"{d['gflops']:.1f}"
+    return f"| `{d['model']}` | {d['parameters'] / 1e6:.2f} M | {gflops} | {d['output_stride']} | {d['source']} |"
+
+
+def table(names, flops: bool = True) -> str:
+    return "\n".join([HEADER] + [row(details(n, flops)) for n in names])

@@ -1,0 +1,94 @@
+"""Backbones: local weight files (never a download), clear errors, freezing for fine-tuning."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from registry import MODELS
+from segtrain.errors import SegtrainError
+from tests.models import tiny
+
+
+def _randomise(model: keras.Model) -> None:
+    rng = np.random.default_rng(1)
+    model.set_weights([rng.normal(size=w.shape).astype(w.dtype) for w in model.get_weights()])
+
+
+def _assert_same(backbone: keras.Model, reference: keras.Model) -> None:
+    by_name = {v.path: v for v in reference.weights}  # 'conv1_conv/kernel'
+    compared = 0
+    for v in backbone.weights:
+        key = v.path
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), keras.ops.convert_to_numpy(by_name[key]), err_msg=key)
+        compared += 1
+    assert compared == len(reference.weights)
+
+
+def test_resnet50_weights_file_loads_into_the_dilated_deeplab_backbone(tmp_path):
+    reference = keras.applications.ResNet50(include_top=False, weights=None)
+    _randomise(reference)
+    path = str(tmp_path / "resnet50_notop.weights.h5")
+    reference.save_weights(path)
+    model = MODELS.get("deeplabv3")(num_classes=3, backbone_weights=path, output_stride=8)
+    backbone = model.get_layer("backbone")
+    assert backbone.get_layer("conv5_block3_2_conv").dilation_rate == (4, 4)
+    _assert_same(backbone, reference)
+
+
+def test_vgg16_weights_in_keras_h5_format_load_into_fcn(tmp_path):
+    reference = keras.applications.VGG16(include_top=False, weights=None)
+    _randomise(reference)
+    path = str(tmp_path / "vgg16_notop.h5")  # the legacy HDF5 layout of Keras' own weight files
+    from keras.src.legacy.saving import legacy_h5_format
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, reference)
+    model = MODELS.get("fcn8s")(num_classes=3, fc_filters=8, backbone_weights=path)
+    _assert_same(model.get_layer("backbone"), reference)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    path = str(tmp_path / "nowhere" / "resnet50.h5")
+    with pytest.raises(SegtrainError, match=r"models.deeplabv3.backbone_weights='.*nowhere/resnet50.h5': no such file. "
+                                            r"segtrain downloads nothing"):
+        MODELS.get("deeplabv3")(num_classes=2, backbone_weights=path)
+
+
+def test_weights_of_another_network_are_a_clear_error(tmp_path):
+    path = str(tmp_path / "vgg_tiny.weights.h5")
+    tiny.vgg_tiny((None, None, 3)).save_weights(path)
+    with pytest.raises(SegtrainError) as e:
+        MODELS.get("unet_resnet50")(num_classes=2, backbone="resnet_tiny", backbone_weights=path)
+    message = str(e.value)
+    assert message.startswith(f"models.unet_resnet50.backbone_weights={path!r}: cannot be loaded into the "
+                              f"resnet_tiny backbone (include_top=False): ")
+    bad = tmp_path / "weights.bin"
+    bad.write_bytes(b"x")
+    with pytest.raises(SegtrainError, match=r"expected a Keras weights file ending in .h5"):
+        MODELS.get("unet_resnet50")(num_classes=2, backbone="resnet_tiny", backbone_weights=str(bad))
+
+
+def test_freeze_backbone_trains_only_the_head():
+    model = MODELS.get("deeplabv3")(num_classes=2, **{**tiny.TINY_MODELS["deeplabv3"], "freeze_backbone": True})
+    backbone = model.get_layer("backbone")
+    assert not backbone.trainable and backbone.trainable_weights == []
+    head = {id(v) for v in model.trainable_weights}
+    assert head and not head & {id(v) for v in backbone.weights}
+
+
+def test_freeze_batch_norm_keeps_statistics_while_convolutions_train():
+    model = MODELS.get("unet_resnet50")(num_classes=2, **{**tiny.TINY_MODELS["unet_resnet50"], "freeze_batch_norm": True})
+    backbone = model.get_layer("backbone")
+    bn = [l for l in backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert bn and not any(l.trainable for l in bn)
+    assert backbone.get_layer("conv2_block1_2_conv").trainable
+    before = [keras.ops.convert_to_numpy(w).copy() for l in bn for w in l.weights]
+    model(np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32) * 5, training=True)
+    after = [keras.ops.convert_to_numpy(w) for l in bn for w in l.weights]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    # The decoder's own batch norm still learns its statistics.
+    decoder_bn = model.get_layer("decoder.stride8.conv1.bn")
+    assert decoder_bn.trainable

@@ -1,0 +1,58 @@
+"""Tiny versions of every built-in model, for training smoke tests that run in seconds.
+
+The backbones keep keras.applications' structure and layer names (so dilation, feature taps,
+freezing and weight loading take the same code paths) with one block per stage and a few
+channels. They are registered through the public ``register_backbone``.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from segtrain.models.backbones import BACKBONES, BackboneSpec, _resnet_stages, register_backbone
+
+
+def resnet_tiny(input_shape) -> keras.Model:
+    """keras.applications' ResNet v1 (the ResNet50 code) with one bottleneck block per stage."""
+    from keras.src.applications.resnet import ResNet, stack_residual_blocks_v1
+
+    def stack_fn(x):
+        x = stack_residual_blocks_v1(x, 4, 1, stride1=1, name="conv2")
+        x = stack_residual_blocks_v1(x, 8, 1, name="conv3")
+        x = stack_residual_blocks_v1(x, 8, 1, name="conv4")
+        return stack_residual_blocks_v1(x, 16, 1, name="conv5")
+
+    return ResNet(stack_fn, False, True, include_top=False, weights=None, input_shape=input_shape, name="resnet_tiny")
+
+
+def vgg_tiny(input_shape) -> keras.Model:
+    """VGG-16's layout and layer names with one 3x3 convolution of few channels per block."""
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for block, filters in enumerate((4, 8, 8, 16, 16), start=1):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"block{block}_conv1")(x)
+        x = keras.layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
+    return keras.Model(inputs, x, name="vgg_tiny")
+
+
+if "resnet_tiny" not in BACKBONES:
+    register_backbone("resnet_tiny", BackboneSpec(resnet_tiny, _resnet_stages(), "tests"))
+    register_backbone("vgg_tiny", BackboneSpec(vgg_tiny, {2 ** k: rf"block{k}_.*" for k in range(1, 6)}, "tests"))
+
+# The arguments that shrink each built-in model.
+TINY_MODELS: dict[str, dict] = {
+    "unet": {"depth": 2, "base_filters": 4},
+    "encoder_decoder": {},
+    "deeplabv3": {"backbone": "resnet_tiny", "aspp_filters": 8},
+    "deeplabv3_plus": {"backbone": "resnet_tiny", "aspp_filters": 8, "low_level_filters": 4, "decoder_filters": 8},
+    **{f"fcn{v}s": {"backbone": "vgg_tiny", "fc_filters": 16} for v in (32, 16, 8)},
+    "unet_original": {"depth": 2, "base_filters": 4},
+    "unet_resnet50": {"backbone": "resnet_tiny", "decoder_filters": (16, 8, 8, 4)},
+    "unet_compact": {"levels": 3, "base_filters": 4, "max_filters": 16},
+    "xception_unet": {"stem_filters": 4, "filters": (8, 16)},
+}
+
+
+def bindings(model: str) -> list[str]:
+    """Gin bindings that select ``model`` in its tiny form."""
+    return [f"train.model = '{model}'"] + [f"models.{model}.{k} = {v!r}" for k, v in TINY_MODELS[model].items()]

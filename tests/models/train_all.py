@@ -1,0 +1,69 @@
+"""Trains tiny versions of models a few steps under one precision / XLA / replica setting.
+
+    python -m tests.models.train_all '{"precision": "float32", "xla": false, "replicas": 2,
+                                       "runs": {"unet": "/tmp/run_unet"}}'
+
+A process of its own: the CPU is split into two logical devices before TensorFlow starts.
+Prints one line ``RESULT {model: [loss of each window] or error}`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+
+
+def main(spec: dict) -> dict:
+    from segtrain.train.distribute import split_cpu
+
+    split_cpu(2)
+    import gin
+
+    from segtrain import config
+    from segtrain.errors import SegtrainWarning
+    from segtrain.train.trainer import Run, TrainConfig, Trainer
+    from tests.conftest import TINY
+    from tests.models import tiny
+
+    import tensorflow as tf
+
+    # One strategy for every model: a second MirroredStrategy in the same process reuses the
+    # first one's collective instance keys, and the replicas' all-reduces then mismatch.
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if spec["replicas"] == 2 \
+        else tf.distribute.OneDeviceStrategy("/cpu:0")
+    results = {}
+    for model, model_dir in spec["runs"].items():
+        gin.clear_config()
+        config.parse([], TINY + tiny.bindings(model) + [
+            f"train.precision = '{spec['precision']}'", f"train.xla = {spec['xla']}",
+            "train.batch_size = 4", "pipeline.crop_size = (64, 64)", "datasets.shapes.num_train = 4",
+            "datasets.shapes.min_size = 64", "datasets.shapes.max_size = 72",
+        ])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SegtrainWarning)
+            start = time.perf_counter()
+            try:
+                results[model] = _train(Run(model_dir, TrainConfig(), strategy), Trainer)
+            except Exception as e:  # report every model, not just the first failure
+                results[model] = f"{type(e).__name__}: {e}"[:2000]
+            print(f"{model}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return results
+
+
+def _train(run, trainer_class, windows: int = 3, steps: int = 3) -> list[float]:
+    """The trainer's own compiled windows, without the evaluations and checkpoints of fit()."""
+    trainer = trainer_class(run)
+    dataset = run.train_dataset(seed=0)
+    trainer._check_output(dataset.element_spec["image"].shape[1:3])
+    iterator = iter(run.strategy.experimental_distribute_dataset(dataset))
+    losses = []
+    for window in range(windows):
+        scalars, _ = trainer.train_window(iterator, steps, window * steps, first=window == 0)
+        losses.append(scalars["loss"])
+    return losses
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(main(json.loads(sys.argv[1]))), flush=True)
