@@ -177,6 +177,8 @@ def measure(args, model: str, precision: str, xla: bool, replicas: int) -> dict:
     images_per_s = {name: batch * steps / statistics.median(t) for name, t in times.items()}
     images_per_s.setdefault("fit", None)
 
+    from segtrain.models.zoo import forward_flops
+
     flops_per_image = 3 * forward_flops(run.model, size)
     dtype = {"float32": tf.float32, "mixed_float16": tf.float16, "mixed_bfloat16": tf.bfloat16}[precision]
     peak = peak_flops(dtype, args.matmul or (8192 if gpus else 2048)) * max(1, replicas if gpus else 1)
@@ -193,18 +195,6 @@ def measure(args, model: str, precision: str, xla: bool, replicas: int) -> dict:
         "mfu": images_per_s["segtrain"] * flops_per_image / peak,
         "device": gpu_name(gpus) or platform.processor() or platform.machine(),
     }
-
-
-def forward_flops(model, size: int) -> float:
-    """Forward FLOPs of one image, counted by TensorFlow's profiler on the model's graph."""
-    import tensorflow as tf
-    from tensorflow.python.profiler import model_analyzer, option_builder
-
-    spec = tf.TensorSpec([1, size, size, 3], tf.float32)
-    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec).graph
-    options = (option_builder.ProfileOptionBuilder(option_builder.ProfileOptionBuilder.float_operation())
-               .with_empty_output().build())
-    return float(model_analyzer.profile(graph, options=options).total_float_ops)
 
 
 def peak_flops(dtype, n: int, repeats: int = 5) -> float:
