@@ -133,6 +133,15 @@ def backbone(
     return features
 
 
+def features(inputs, name: str, strides: Sequence[int], **kwargs) -> list:
+    """The backbone's feature maps of ``inputs`` (a keras.Input) at ``strides``, as a list.
+
+    Keyword arguments are those of ``backbone``; the input shape is the input's.
+    """
+    outputs = backbone(name, strides, input_shape=inputs.shape[1:], **kwargs)(inputs)
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
 def _stage_output(model: keras.Model, pattern: str, name: str) -> str:
     names = [layer.name for layer in model.layers if re.fullmatch(pattern, layer.name)]
     if not names:
@@ -200,8 +209,3 @@ def _dilate(model, spec: BackboneSpec, name: str, output_stride: int, multi_grid
     new = keras.models.clone_model(model, clone_function=clone)
     new.set_weights(model.get_weights())
     return new
-
-
-def feature_names(model: keras.Model) -> list[str]:
-    """The layer names whose outputs a backbone model returns (for tests and docs)."""
-    return [t._keras_history.operation.name for t in model.outputs]

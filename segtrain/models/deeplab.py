@@ -16,7 +16,7 @@ import keras
 
 from registry import MODELS
 from segtrain.errors import SegtrainError
-from segtrain.models.backbones import backbone as build_backbone
+from segtrain.models.backbones import features as backbone_features
 from segtrain.models.layers import classifier, conv_bn_relu, image_input, upsample_like
 
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
@@ -45,12 +45,10 @@ def _check(output_stride: int, name: str) -> None:
 def _encoder(name, inputs, backbone, backbone_weights, output_stride, multi_grid, freeze_backbone,
              freeze_batch_norm, strides):
     _check(output_stride, name)
-    features = build_backbone(
-        backbone, strides, input_shape=inputs.shape[1:], weights=backbone_weights,
-        output_stride=output_stride, multi_grid=multi_grid, freeze=freeze_backbone,
-        freeze_batch_norm=freeze_batch_norm, owner=name,
-    )(inputs)
-    return features if isinstance(features, (list, tuple)) else [features]  # one output: a tensor
+    return backbone_features(
+        inputs, backbone, strides, weights=backbone_weights, output_stride=output_stride,
+        multi_grid=multi_grid, freeze=freeze_backbone, freeze_batch_norm=freeze_batch_norm, owner=name,
+    )
 
 
 @MODELS.register("deeplabv3")

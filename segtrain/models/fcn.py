@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from registry import MODELS
-from segtrain.models.backbones import backbone as build_backbone
+from segtrain.models.backbones import features as backbone_features
 from segtrain.models.layers import check_divisible, image_input
 
 
@@ -54,9 +54,8 @@ def _fcn(variant: int, num_classes, backbone, fc_filters, dropout, backbone_weig
     check_divisible(input_shape, 32, name)
     inputs = image_input(input_shape)
     strides = {32: (32,), 16: (16, 32), 8: (8, 16, 32)}[variant]
-    features = build_backbone(backbone, strides, input_shape=inputs.shape[1:], weights=backbone_weights,
-                              freeze=freeze_backbone, owner=name)(inputs)
-    features = dict(zip(strides, features if isinstance(features, list) else [features]))
+    features = dict(zip(strides, backbone_features(inputs, backbone, strides, weights=backbone_weights,
+                                                   freeze=freeze_backbone, owner=name)))
     x = keras.layers.Conv2D(fc_filters, 7, padding="same", activation="relu", name="fc6")(features[32])
     x = keras.layers.Dropout(dropout, name="fc6.dropout")(x)
     x = keras.layers.Conv2D(fc_filters, 1, activation="relu", name="fc7")(x)

@@ -6,6 +6,7 @@ import keras
 
 from registry import MODELS
 from segtrain.errors import SegtrainError
+from segtrain.models.backbones import features as backbone_features
 from segtrain.models.layers import CropLike, check_divisible, classifier, conv_bn_relu, image_input
 
 
@@ -162,7 +163,6 @@ def unet_original(
         x = _valid_double_conv(x, base_filters * 2**level, name, batch_norm)
     logits = classifier(x, num_classes)
     model = keras.Model(inputs, CropLike(dtype="float32", name="crop")(logits, inputs), name="unet_original")
-    model.margin = 6 * 2**depth - 4
     return model
 
 
@@ -213,15 +213,13 @@ def unet_resnet50(
       freeze_batch_norm: keep the encoder's batch norm statistics and scales fixed.
       input_shape: (H, W, 3) to fix the input size, or None for any size.
     """
-    from segtrain.models.backbones import backbone as build_backbone
-
     if len(decoder_filters) != 4:
         raise SegtrainError(f"models.unet_resnet50.decoder_filters={decoder_filters!r}: give 4 widths (strides 8, 4, 2, 1).")
     inputs = image_input(input_shape)
-    *skips, x = build_backbone(
-        backbone, (2, 4, 8, 16), input_shape=inputs.shape[1:], weights=backbone_weights,
-        freeze=freeze_backbone, freeze_batch_norm=freeze_batch_norm, owner="unet_resnet50",
-    )(inputs)
+    *skips, x = backbone_features(
+        inputs, backbone, (2, 4, 8, 16), weights=backbone_weights, freeze=freeze_backbone,
+        freeze_batch_norm=freeze_batch_norm, owner="unet_resnet50",
+    )
     for skip, filters, stride in zip(reversed(skips), decoder_filters, (8, 4, 2)):
         name = f"decoder.stride{stride}"
         x = keras.layers.Conv2DTranspose(filters, 2, strides=2, activation="relu", name=f"{name}.upconv")(x)
