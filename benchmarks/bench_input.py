@@ -10,7 +10,7 @@ prepares it with ``segtrain.data.prepare.prepare`` (timed), and measures the ima
 training pipelines doing the same augmentation (the chapter 8 set: resize to 444x444, random
 384x384 crop, random left-right flip, hue 0.1, brightness 0.1, contrast 0.8-1.2):
 
-  segtrain  ``segtrain.data.voc.voc2012('train', data_dir=...)`` through ``build_pipeline``:
+  segtrain  the ``voc2012`` dataset plugin (``data_dir=...``) through ``build_pipeline``:
             the prepared records, shuffled while encoded, decoded and augmented in one parallel
             map, batched, prefetched
   baseline  a re-implementation of the book's chapter 8 pipeline: ``Dataset.from_generator``
@@ -189,10 +189,10 @@ def train_pairs(root: str) -> list[tuple[str, str]]:
 
 # ---- the two pipelines ----------------------------------------------------------------------
 def segtrain_pipeline(data_dir: str, batch: int, seed: int):
-    import segtrain.data
+    from registry import DATASETS
     from segtrain.data.pipeline import build_pipeline
 
-    ds, info = segtrain.data.voc.voc2012("train", data_dir=data_dir)
+    ds, info = DATASETS.original("voc2012")("train", data_dir=data_dir)
     return build_pipeline(ds, info, "train", True, batch, 1, seed, resize=RESIZE, crop_size=CROP, flip=True,
                           hue=HUE, brightness=BRIGHTNESS, contrast=CONTRAST)
 
@@ -255,10 +255,10 @@ def stage_pipelines(data_dir: str, batch: int, seed: int) -> dict:
     """Cumulative parts of the segtrain pipeline, each parallel like the real one."""
     import tensorflow as tf
 
-    import segtrain.data
+    from registry import DATASETS
     from segtrain.data.pipeline import build_pipeline
 
-    ds, info = segtrain.data.voc.voc2012("train", data_dir=data_dir)
+    ds, info = DATASETS.original("voc2012")("train", data_dir=data_dir)
     n = info.num_examples["train"]
 
     def parallel(fn):

@@ -69,10 +69,10 @@ def measure(args, model: str, precision: str, xla: bool, replicas: int) -> dict:
     import keras
 
     from registry import MODELS
-    from segtrain import config
-    from segtrain.train import precision as P
-    from segtrain.train.optimization import build_optimizer
-    from segtrain.train.trainer import Run, TrainConfig, Trainer
+    from segtrain.commands.configure import parse_config
+    from segtrain.experiment import Experiment, ExperimentConfig
+    from segtrain.train.optimizers import build_optimizer, loss_scaling
+    from segtrain.train.trainer import Trainer
 
     if replicas > 1:
         devices = [f"/gpu:{i}" for i in range(replicas)] if gpus else [f"/cpu:{i}" for i in range(replicas)]
@@ -90,11 +90,11 @@ def measure(args, model: str, precision: str, xla: bool, replicas: int) -> dict:
     import warnings
 
     warnings.simplefilter("ignore")  # the CPU speed warnings: this is what is measured
-    config.parse(args.gin_file or [os.path.join(REPO, "gin", "quickstart.gin")], bindings)
+    parse_config(args.gin_file or [os.path.join(REPO, "gin", "quickstart.gin")], bindings)
 
-    run = Run(tempfile.mkdtemp(prefix="segtrain-bench-"), TrainConfig(), strategy)
-    trainer = Trainer(run)
-    num_classes = run.info.num_classes
+    config = ExperimentConfig()
+    trainer = Trainer(Experiment(config, strategy, split=config.train_split), tempfile.mkdtemp(prefix="segtrain-bench-"))
+    num_classes = trainer.experiment.info.num_classes
     rng = tf.random.Generator.from_seed(0)
     images = rng.normal([batch, size, size, 3])
     labels = rng.uniform([batch, size, size], 0, num_classes, dtype=tf.int32)
@@ -102,22 +102,22 @@ def measure(args, model: str, precision: str, xla: bool, replicas: int) -> dict:
     dist = strategy.experimental_distribute_dataset(data)
 
     # The baselines: a fresh model of the same architecture, the same optimizer configuration.
-    model_fn = MODELS.get(run.config.model)
+    model_fn = MODELS.get(config.model)
     with strategy.scope():
         minimal_model = model_fn(num_classes=num_classes)
-        minimal_opt = P.wrap_optimizer(build_optimizer(run.config.num_steps), precision)
+        minimal_opt = build_optimizer(config.num_steps, precision)
         minimal_opt.build(minimal_model.trainable_variables)
         fit_model = model_fn(num_classes=num_classes)
         # Keras 3.15's multi-step fit fails under MirroredStrategy ("You must feed a value for
         # placeholder tensor 'while/cond/...'"), so with replicas it runs one step per call.
         fit_steps_per_execution = steps if replicas == 1 else 1
         fit_model.compile(
-            optimizer=P.wrap_optimizer(build_optimizer(run.config.num_steps), precision),
+            optimizer=build_optimizer(config.num_steps, precision),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             steps_per_execution=fit_steps_per_execution, jit_compile=xla,
         )
         fit_model.optimizer.build(fit_model.trainable_variables)  # in scope, as MirroredStrategy needs
-    scaling = isinstance(minimal_opt, keras.optimizers.LossScaleOptimizer)
+    scaling = loss_scaling(minimal_opt)
 
     def loss_and_grads(x, y):
         with tf.GradientTape() as tape:
@@ -145,7 +145,7 @@ def measure(args, model: str, precision: str, xla: bool, replicas: int) -> dict:
     fit_data = tf.data.Dataset.from_tensors((images, labels)).repeat()
 
     def run_segtrain(first=False):
-        trainer.train_window(segtrain_it, steps, 0, first=first)
+        trainer.train_window(segtrain_it, 0, steps, first=first)
 
     def run_minimal(first=False):
         float(minimal_loop(minimal_it, tf.constant(steps)))
@@ -179,11 +179,11 @@ def measure(args, model: str, precision: str, xla: bool, replicas: int) -> dict:
 
     from segtrain.models.zoo import forward_flops
 
-    flops_per_image = 3 * forward_flops(run.model, size)
+    flops_per_image = 3 * forward_flops(trainer.model, size)
     dtype = {"float32": tf.float32, "mixed_float16": tf.float16, "mixed_bfloat16": tf.bfloat16}[precision]
     peak = peak_flops(dtype, args.matmul or (8192 if gpus else 2048)) * max(1, replicas if gpus else 1)
     return {
-        "precision": precision, "xla": xla, "replicas": replicas, "model": run.config.model,
+        "precision": precision, "xla": xla, "replicas": replicas, "model": config.model,
         "size": size, "batch": batch, "steps": steps, "rounds": args.rounds,
         "fit_steps_per_execution": fit_steps_per_execution,
         **{f"{k}_images_per_s": v for k, v in images_per_s.items()},

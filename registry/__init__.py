@@ -1,4 +1,7 @@
-"""The plugin registry: one naming system for models, losses, metrics and datasets.
+"""The plugin registry: one naming system for every named choice of segtrain.
+
+Models, backbones, losses, metrics, datasets, optimizers and learning-rate schedules are each
+a ``Registry``.
 
 A plugin is registered under a name; registering also makes it gin-configurable in the
 module named after its kind, so ``models.unet.base_filters = 32`` in a gin file sets an
@@ -11,6 +14,7 @@ and registers its plugins as it is imported.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.metadata
@@ -22,10 +26,13 @@ from typing import Any, Callable, Iterable, TypeVar
 import gin
 
 __all__ = [
+    "BACKBONES",
     "DATASETS",
     "LOSSES",
     "METRICS",
     "MODELS",
+    "OPTIMIZERS",
+    "SCHEDULES",
     "PLUGIN_GROUP",
     "Registry",
     "RegistryError",
@@ -33,6 +40,7 @@ __all__ = [
     "load_all",
     "load_plugins",
     "snake_case",
+    "variant",
 ]
 
 PLUGIN_GROUP = "segtrain.plugins"
@@ -94,12 +102,16 @@ class Registry:
       singular: the kind in the singular, for messages ('loss').
       locations: modules that register the built-in plugins of this kind; imported on the
         first lookup, so importing the registry alone stays cheap.
+      framework_args: arguments segtrain itself passes to every plugin of this kind (a model's
+        ``num_classes``); a gin binding of one would be overridden, so gin refuses it.
     """
 
-    def __init__(self, kind: str, locations: Iterable[str] = (), singular: str | None = None):
+    def __init__(self, kind: str, locations: Iterable[str] = (), singular: str | None = None,
+                 framework_args: Iterable[str] = ()):
         self.kind = kind
         self.singular = singular or kind.removesuffix("s")
         self.locations = tuple(locations)
+        self.framework_args = tuple(framework_args)
         self._locations_loaded = False
         self._entries: dict[str, Callable[..., Any]] = {}
         self._originals: dict[str, Callable[..., Any]] = {}
@@ -131,12 +143,11 @@ class Registry:
                     f"(by {_where(self._originals[key])}); pick another name or pass "
                     f"override=True to replace it."
                 )
-            if override:
-                # gin refuses a second configurable of the same name outside interactive mode.
-                with gin.config.interactive_mode():
-                    self._entries[key] = gin.external_configurable(fn, name=key, module=self.kind)
-            else:
-                self._entries[key] = gin.external_configurable(fn, name=key, module=self.kind)
+            params = _parameters(fn)
+            denylist = [a for a in self.framework_args if a in params]
+            # gin refuses a second configurable of the same name outside interactive mode.
+            with gin.config.interactive_mode() if override else contextlib.nullcontext():
+                self._entries[key] = gin.external_configurable(fn, name=key, module=self.kind, denylist=denylist)
             self._originals[key] = fn
             return fn
 
@@ -210,6 +221,41 @@ def _where(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
+def _parameters(fn: Callable[..., Any]) -> list[str]:
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def variant(builder: Callable[..., Any], name: str, doc: str, **fixed: Any) -> Callable[..., Any]:
+    """A thin variant of ``builder`` with some arguments fixed (timm's pattern).
+
+    The variant's signature is the builder's without the fixed arguments, so gin checks
+    bindings against it (``models.fcn8s.fc_filters``) and ``segtrain list`` shows it.
+
+    Args:
+      builder: the function every variant calls.
+      name: the variant's function name (its default registry name).
+      doc: the variant's docstring (first line: what it is; a ``Source:`` line if any).
+      **fixed: arguments the variant always passes.
+    """
+    signature = inspect.signature(builder)
+    unknown = set(fixed) - set(signature.parameters)
+    if unknown:
+        raise TypeError(f"variant {name!r}: {builder.__name__} has no argument(s) {sorted(unknown)}")
+
+    def fn(*args, **kwargs):
+        return builder(*args, **kwargs, **fixed)
+
+    fn.__signature__ = signature.replace(
+        parameters=[p for n, p in signature.parameters.items() if n not in fixed])
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    fn.__module__ = builder.__module__
+    return fn
+
+
 def _signature(fn: Callable[..., Any]) -> str:
     try:
         sig = inspect.signature(fn)
@@ -226,14 +272,18 @@ def _signature(fn: Callable[..., Any]) -> str:
     return "(" + ", ".join(parts) + ")"
 
 
-MODELS = Registry("models", locations=("segtrain.models",))
-LOSSES = Registry("losses", locations=("segtrain.losses",), singular="loss")
+MODELS = Registry("models", locations=("segtrain.models",), framework_args=("num_classes",))
+BACKBONES = Registry("backbones", locations=("segtrain.models",))
+LOSSES = Registry("losses", locations=("segtrain.losses",), singular="loss", framework_args=("ignore_label",))
 METRICS = Registry("metrics", locations=("segtrain.metrics",))
-DATASETS = Registry("datasets", locations=("segtrain.data",))
+DATASETS = Registry("datasets", locations=("segtrain.data",), framework_args=("split",))
+OPTIMIZERS = Registry("optimizers", locations=("segtrain.train.optimizers",), framework_args=("learning_rate",))
+SCHEDULES = Registry("schedules", locations=("segtrain.train.optimizers",), framework_args=("base", "decay_steps"))
 
 
 def all_registries() -> dict[str, Registry]:
-    return {r.kind: r for r in (MODELS, LOSSES, METRICS, DATASETS)}
+    """Every registry by kind, in the order ``segtrain list`` shows them."""
+    return {r.kind: r for r in (MODELS, BACKBONES, LOSSES, METRICS, DATASETS, OPTIMIZERS, SCHEDULES)}
 
 
 def load_all() -> None:

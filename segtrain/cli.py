@@ -1,73 +1,180 @@
-"""The ``segtrain`` command.
+"""The ``segtrain`` command: one absl flag set per subcommand.
 
     segtrain train --gin_file=gin/quickstart.gin [--gin_param='train.num_steps = 100'] --model_dir=D
         [--strategy=auto|one_device|mirrored|multi_worker] [--cpu_replicas=N]
         [--precision=float32|mixed_float16|mixed_bfloat16] [--xla]
-    segtrain evaluate --model_dir=D [--split=test] [--checkpoint=best|latest]
-    segtrain prepare --dataset=voc2012 --source_dir=RAW --data_dir=OUT [--num_workers=K]
+    segtrain evaluate --model_dir=D [--split=test] [--checkpoint=best|latest] [--batch_size=N]
+    segtrain prepare --dataset=voc2012 --source_dir=RAW --data_dir=OUT [--num_workers=K] [--splits=train,val]
         [--skip_bad_examples] [--overwrite] [--gin_param='datasets.voc2012_aug.sbd_dir = "..."']
     segtrain list [--models [--details]]
+
+A flag belongs to the commands that use it: given to another command it is an error that says
+which commands take it. ``segtrain <command> --help`` lists a command's flags.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-COMMANDS = ("train", "evaluate", "prepare", "list")
+COMMANDS = {
+    "train": "train the experiment of gin files and bindings into a run directory",
+    "evaluate": "evaluate a trained run on a split (its best or latest checkpoint)",
+    "prepare": "check a dataset's raw files once and store them for fast reading",
+    "list": "show every registered plugin and its arguments",
+}
+USAGE = (f"usage: segtrain {{{'|'.join(COMMANDS)}}} [flags]\n"
+         + "".join(f"  {name:<9} {what}\n" for name, what in COMMANDS.items())
+         + "`segtrain <command> --help` lists a command's flags.")
 
-flags.DEFINE_multi_string("gin_file", [], "Gin file; may be repeated, later files win.")
-flags.DEFINE_multi_string("gin_param", [], "Gin binding such as 'train.num_steps = 100'; wins over files.")
-flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard logs, configs, results.")
-flags.DEFINE_string("split", "test", "evaluate: the dataset split to evaluate (gin: evaluate.split).")
-flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
-                  "evaluate: which checkpoint to restore (gin: evaluate.checkpoint).")
-flags.DEFINE_integer("batch_size", None, "evaluate: batch size (default: the run's; gin: evaluate.batch_size).")
-flags.DEFINE_enum("strategy", "auto", ["auto", "one_device", "mirrored", "multi_worker"],
-                  "train: tf.distribute strategy; auto picks multi-worker for a TF_CONFIG/SLURM cluster, "
-                  "mirrored for 2+ GPUs, else one device (gin: distribute.strategy).")
-flags.DEFINE_integer("cpu_replicas", 0, "train: split the CPU into N logical devices and mirror over them "
-                     "(machines without GPUs, tests; gin: distribute.cpu_replicas).", lower_bound=0)
-flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
-                  "train: numeric precision (gin: train.precision).")
-flags.DEFINE_bool("xla", False, "train: compile the per-replica step with XLA (gin: train.xla).")
-flags.DEFINE_bool("models", False, "list: only the models.")
-flags.DEFINE_bool("details", False, "list --models: a markdown table of parameters, GFLOPs at 512x512 "
-                  "with 21 classes, output stride and source (builds every model; takes a minute).")
-flags.DEFINE_string("dataset", None, "prepare: the dataset's registry name (voc2012, voc2012_aug, oxford_iiit_pet, "
-                    "cityscapes, folder); its other settings come from --gin_file/--gin_param (datasets.NAME.*).")
-flags.DEFINE_string("source_dir", None, "prepare: the directory holding the raw files (gin: datasets.NAME.source_dir).")
-flags.DEFINE_string("data_dir", None, "prepare: where the prepared dataset is written (gin: datasets.NAME.data_dir).")
-flags.DEFINE_integer("num_workers", None, "prepare: processes that decode and check images (default: all cores).",
-                     lower_bound=1)
-flags.DEFINE_bool("skip_bad_examples", False, "prepare: leave out bad examples (listed in skipped_examples.txt "
-                  "in the prepared dataset) instead of stopping.")
-flags.DEFINE_bool("overwrite", False, "prepare: rebuild a dataset that is already prepared.")
-FLAGS = flags.FLAGS
 
-USAGE = f"usage: segtrain {{{'|'.join(COMMANDS)}}} [flags]; segtrain --help lists the flags."
+def _gin(fv):
+    flags.DEFINE_multi_string("gin_file", [], "Gin file; may be repeated, later files win.", flag_values=fv)
+    flags.DEFINE_multi_string("gin_param", [], "Gin binding such as 'train.num_steps = 100'; wins over files.",
+                              flag_values=fv)
+
+
+def _verbosity(fv):
+    flags.DEFINE_integer("verbosity", None, "TensorFlow's and absl's log level (default: warnings only; "
+                         "0 brings back TensorFlow's INFO lines).", flag_values=fv)
+
+
+def _train(fv):
+    _gin(fv)
+    flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard logs, configs, results.",
+                        flag_values=fv)
+    flags.DEFINE_enum("strategy", "auto", ["auto", "one_device", "mirrored", "multi_worker"],
+                      "tf.distribute strategy; auto picks multi-worker for a TF_CONFIG/SLURM cluster, mirrored "
+                      "for 2+ GPUs, else one device (gin: distribute.strategy).", flag_values=fv)
+    flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into N logical devices and mirror over them (machines "
+                         "without GPUs, tests; gin: distribute.cpu_replicas).", lower_bound=0, flag_values=fv)
+    flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+                      "Numeric precision (gin: train.precision).", flag_values=fv)
+    flags.DEFINE_bool("xla", False, "Compile the per-replica step with XLA (gin: train.xla).", flag_values=fv)
+    _verbosity(fv)
+
+
+def _evaluate(fv):
+    _gin(fv)
+    flags.DEFINE_string("model_dir", None, "The run directory `segtrain train` wrote.", flag_values=fv)
+    flags.DEFINE_string("split", "test", "The dataset split to evaluate (gin: evaluate.split).", flag_values=fv)
+    flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                      "Which checkpoint to restore (gin: evaluate.checkpoint).", flag_values=fv)
+    flags.DEFINE_integer("batch_size", None, "Batch size (default: the run's; gin: evaluate.batch_size).",
+                         lower_bound=1, flag_values=fv)
+    _verbosity(fv)
+
+
+def _prepare(fv):
+    _gin(fv)
+    flags.DEFINE_string("dataset", None, "The dataset's registry name (voc2012, voc2012_aug, oxford_iiit_pet, "
+                        "cityscapes, folder); its other settings come from --gin_file/--gin_param "
+                        "(datasets.NAME.*).", flag_values=fv)
+    flags.DEFINE_string("source_dir", None, "The directory holding the raw files (gin: datasets.NAME.source_dir).",
+                        flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "Where the prepared dataset is written (gin: datasets.NAME.data_dir).",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_workers", None, "Processes that decode and check images (default: all cores).",
+                         lower_bound=1, flag_values=fv)
+    flags.DEFINE_list("splits", None, "The splits to prepare, e.g. train,val (default: all of the dataset's).",
+                      flag_values=fv)
+    flags.DEFINE_bool("skip_bad_examples", False, "Leave out bad examples (listed in skipped_examples.txt in the "
+                      "prepared dataset) instead of stopping.", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Rebuild a dataset that is already prepared.", flag_values=fv)
+    _verbosity(fv)
+
+
+def _list(fv):
+    flags.DEFINE_bool("models", False, "Only the models.", flag_values=fv)
+    flags.DEFINE_bool("details", False, "With --models: a markdown table of parameters, GFLOPs at 512x512 with 21 "
+                      "classes, output stride and source (builds every model; takes a minute).", flag_values=fv)
+
+
+def flag_sets() -> dict[str, flags.FlagValues]:
+    """A fresh absl FlagValues per command."""
+    sets = {}
+    for name, define in (("train", _train), ("evaluate", _evaluate), ("prepare", _prepare), ("list", _list)):
+        sets[name] = flags.FlagValues()
+        define(sets[name])
+    return sets
+
+
+class UsageError(Exception):
+    """A command line that cannot be run; the message says why (exit status 2)."""
+
+
+def parse(argv: list[str]) -> tuple[str, flags.FlagValues | None]:
+    """(command, its parsed flags) of ``argv``; flags None when only help was asked for.
+
+    Raises:
+      UsageError: no or an unknown command, a flag of another command, a bad flag value.
+    """
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        if len(argv) >= 2:
+            return "help", None
+        raise UsageError(USAGE)
+    command = argv[1]
+    if command not in COMMANDS:
+        raise UsageError(f"unknown command {command!r}.\n{USAGE}")
+    sets = flag_sets()
+    fv = sets[command]
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[2:]):
+        return command, None
+    try:
+        rest = fv([f"segtrain {command}", *argv[2:]])
+    except flags.UnrecognizedFlagError as e:
+        name = e.flagname
+        owners = [c for c, other in sets.items() if name in other or (name.startswith("no") and name[2:] in other)]
+        if owners:
+            raise UsageError(f"--{name} is not a flag of `segtrain {command}`; it belongs to "
+                             + " and ".join(f"`segtrain {c}`" for c in owners)
+                             + f". `segtrain {command} --help` lists the flags of {command}.") from None
+        close = difflib.get_close_matches(name, [f for f in fv if not f.startswith("help")], n=1)
+        hint = f" Did you mean --{close[0]}?" if close else ""
+        raise UsageError(f"unknown flag --{name} for `segtrain {command}`.{hint} `segtrain {command} --help` "
+                         f"lists its flags.") from None
+    except flags.Error as e:
+        raise UsageError(f"{e} (`segtrain {command} --help` lists the flags).") from None
+    if len(rest) > 1:
+        raise UsageError(f"`segtrain {command}` takes flags only; unexpected argument(s): {' '.join(rest[1:])}. "
+                         f"Did you mean a flag such as --model_dir={rest[1]}?")
+    return command, fv
+
+
+def help_text(command: str) -> str:
+    if command == "help":
+        return USAGE
+    help_ = flag_sets()[command].get_help(prefix="  ", include_special_flags=False)
+    # absl groups flags under a line naming the defining module: leave that line out.
+    lines = [line[2:] for line in help_.splitlines() if line.startswith("    ")]
+    return f"usage: segtrain {command} [flags]: {COMMANDS[command]}.\n\nflags:\n" + "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[1] not in COMMANDS:
-        extra = f" (got {' '.join(argv[1:])!r})" if len(argv) > 1 else ""
-        print(USAGE + extra, file=sys.stderr)
+    try:
+        command, fv = parse(argv)
+    except UsageError as e:
+        print(f"error: {e}" if not str(e).startswith("usage:") else str(e), file=sys.stderr)
         return 2
+    if fv is None:
+        print(help_text(command))
+        return 0
+    from absl import logging
+
+    # TensorFlow's INFO lines (checkpoint sharding, all-reduce plans) drown the progress line;
+    # --verbosity=0 brings them back.
+    verbosity = fv["verbosity"].value if "verbosity" in fv else None
+    logging.set_verbosity(logging.WARNING if verbosity is None else verbosity)
     from segtrain.errors import SegtrainError, user_message
 
-    if not FLAGS["verbosity"].present:
-        # TensorFlow's INFO lines (checkpoint sharding, all-reduce plans) drown the progress line;
-        # --verbosity=0 brings them back.
-        from absl import logging
-
-        logging.set_verbosity(logging.WARNING)
     try:
-        return {"train": _train, "evaluate": _evaluate, "prepare": _prepare, "list": _list}[argv[1]]()
+        return _run(command, fv)
     except Exception as e:
         from registry import RegistryError
 
@@ -77,98 +184,28 @@ def main(argv: list[str]) -> int:
         raise
 
 
-def _require_model_dir() -> str:
-    from segtrain.errors import SegtrainError
-
-    if not FLAGS.model_dir:
-        raise SegtrainError("--model_dir is required: the run's directory, e.g. --model_dir=runs/quickstart.")
-    return FLAGS.model_dir
+def _given(fv: flags.FlagValues, names) -> dict:
+    """The flags among ``names`` given on the command line, by name."""
+    return {name: fv[name].value for name in names if fv[name].present}
 
 
-def _train() -> int:
-    from segtrain import config
-    from segtrain.errors import SegtrainError
-    from segtrain.train.trainer import train
+def _run(command: str, fv: flags.FlagValues) -> int:
+    if command == "train":
+        from segtrain.commands import train
 
-    model_dir = _require_model_dir()
-    if not FLAGS.gin_file and not FLAGS.gin_param:
-        raise SegtrainError("Nothing to train: give --gin_file (e.g. gin/quickstart.gin) and/or --gin_param.")
-    config.parse(FLAGS.gin_file, FLAGS.gin_param + _flag_bindings())
-    train(model_dir)
-    print(f"Done. TensorBoard: tensorboard --logdir {model_dir}")
-    return 0
+        return train.run(fv.model_dir, fv.gin_file, fv.gin_param, _given(fv, train.FLAG_BINDINGS))
+    if command == "evaluate":
+        from segtrain.commands import evaluate
 
+        return evaluate.run(fv.model_dir, fv.gin_file, fv.gin_param, _given(fv, ("split", "checkpoint", "batch_size")))
+    if command == "prepare":
+        from segtrain.commands import prepare
 
-# Flags given on the command line become gin bindings that win over the files and --gin_param.
-_FLAG_BINDINGS = {"strategy": "distribute.strategy", "cpu_replicas": "distribute.cpu_replicas",
-                  "precision": "train.precision", "xla": "train.xla"}
+        return prepare.run(fv.dataset, fv.source_dir, fv.data_dir, fv.gin_file, fv.gin_param, fv.num_workers,
+                           fv.skip_bad_examples, fv.overwrite, fv.splits)
+    from segtrain.commands import listing
 
-
-def _flag_bindings() -> list[str]:
-    return [f"{binding} = {FLAGS[flag].value!r}" for flag, binding in _FLAG_BINDINGS.items() if FLAGS[flag].present]
-
-
-def _evaluate() -> int:
-    from segtrain import config
-    from segtrain.errors import SegtrainError
-    from segtrain.evaluate import evaluate_run
-
-    model_dir = _require_model_dir()
-    operative = os.path.join(model_dir, "operative_config.gin")
-    if not os.path.isfile(operative):
-        raise SegtrainError(
-            f"{operative} not found: --model_dir must be a directory `segtrain train` wrote."
-        )
-    config.parse([operative, *FLAGS.gin_file], FLAGS.gin_param)
-    # A flag given on the command line wins; otherwise evaluate.* gin bindings (or defaults) apply.
-    given = {name: FLAGS[name].value for name in ("split", "checkpoint", "batch_size") if FLAGS[name].present}
-    evaluate_run(model_dir, **given)
-    return 0
-
-
-def _prepare() -> int:
-    import gin
-
-    from segtrain import config
-    from segtrain.data.files import source_from_gin
-    from segtrain.data.prepare import prepare
-    from segtrain.errors import SegtrainError
-
-    if not FLAGS.dataset:
-        raise SegtrainError("--dataset is required, e.g. --dataset=voc2012 (`segtrain list` shows the datasets).")
-    config.parse(FLAGS.gin_file, FLAGS.gin_param)
-    source = source_from_gin(FLAGS.dataset)
-    bound = gin.get_bindings(f"datasets.{FLAGS.dataset}")
-    prepare(
-        source,
-        source_dir=FLAGS.source_dir or bound.get("source_dir"),
-        data_dir=FLAGS.data_dir or bound.get("data_dir"),
-        num_workers=FLAGS.num_workers,
-        skip_bad_examples=FLAGS.skip_bad_examples,
-        overwrite=FLAGS.overwrite,
-    )
-    return 0
-
-
-def _list() -> int:
-    import registry
-
-    registry.load_all()
-    if FLAGS.details:
-        from segtrain.models import zoo
-
-        print(zoo.table(registry.MODELS.names()))
-        return 0
-    for kind, reg in registry.all_registries().items():
-        if FLAGS.models and kind != "models":
-            continue
-        print(f"{kind}:")
-        for name in reg.names():
-            doc, args = reg.describe(name)
-            print(f"  {name}{args}")
-            if doc:
-                print(f"      {doc}")
-        print()
+    print(listing.text(models_only=fv.models, details=fv.details))
     return 0
 
 
@@ -180,7 +217,8 @@ def run() -> None:
     warnings.formatwarning = lambda message, category, *args, **kwargs: (
         f"warning: {message}\n" if issubclass(category, SegtrainWarning) else plain(message, category, *args, **kwargs)
     )
-    app.run(lambda argv: sys.exit(main(argv)))
+    flags.FLAGS.mark_as_parsed()  # absl's own flags keep their defaults; ours are per command
+    sys.exit(main(sys.argv))
 
 
 if __name__ == "__main__":

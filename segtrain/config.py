@@ -18,6 +18,9 @@ from segtrain.errors import SegtrainError
 def parse(files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
     """Loads every plugin, then parses gin files (in order) and bindings (which win).
 
+    The framework's own configurables (train.*, pipeline.*, optimizer.*...) must be registered
+    first: segtrain.commands.configure.parse_config does that.
+
     ``include`` statements in a gin file are looked up next to the file and in its parent
     directory, so files under gin/ include each other as 'models/unet.gin'.
 
@@ -25,10 +28,6 @@ def parse(files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
       SegtrainError: a missing file or a binding gin cannot apply, naming the file or binding.
     """
     registry.load_all()
-    # Registers the framework's own configurables: train.*, pipeline.*, optimizer.*, ...
-    import segtrain.evaluate  # noqa: F401
-    import segtrain.train.trainer  # noqa: F401
-
     for path in files:
         if not os.path.isfile(path):
             raise SegtrainError(f"--gin_file={path}: no such file.")
@@ -65,7 +64,14 @@ def _explain(error: Exception) -> str:
     first = text.splitlines()[0]
     where = " ".join(line.strip() for line in text.splitlines()[1:3])
     hint = ""
+    denied = re.search(r"Configurable '([\w.]+)' has denylisted kwarg '(\w+)'", first)
+    if denied:
+        return (f"Bad gin configuration: {denied.group(1)}.{denied.group(2)} is passed by segtrain itself (from the "
+                f"dataset, the run or the model), not set in gin: remove that binding." + (f" ({where})" if where else ""))
     m = re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", first)
+    moved = m and _moved(m.group(1), m.group(2))
+    if moved:
+        return f"Bad gin configuration: {m.group(1)}.{m.group(2)} is now {moved}." + (f" ({where})" if where else "")
     if m:
         params = _parameters(m.group(1))
         close = difflib.get_close_matches(m.group(2), params, n=2)
@@ -78,6 +84,32 @@ def _explain(error: Exception) -> str:
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         hint += " `segtrain list` shows every plugin and its parameters."
     return f"Bad gin configuration: {first}{hint}" + (f" ({where})" if where else "")
+
+
+# Settings that moved to the plugin they belong to (an optimizer's, a schedule's, a backbone's).
+_MOVED = {
+    "optimizer.momentum": "optimizers.sgd.momentum",
+    "optimizer.nesterov": "optimizers.sgd.nesterov",
+    "optimizer.weight_decay": "optimizers.<name>.weight_decay (e.g. optimizers.adamw.weight_decay)",
+    "optimizer.beta_1": "optimizers.adam.beta_1 (or optimizers.adamw.beta_1)",
+    "optimizer.beta_2": "optimizers.adam.beta_2 (or optimizers.adamw.beta_2)",
+    "optimizer.epsilon": "optimizers.adam.epsilon (or optimizers.adamw.epsilon)",
+    "learning_rate.end": "schedules.poly.end (or schedules.cosine.end)",
+    "learning_rate.power": "schedules.poly.power",
+    "backbone_weights": "backbones.<backbone>.weights (e.g. backbones.resnet50.weights)",
+    "freeze_backbone": "backbones.<backbone>.freeze",
+    "freeze_batch_norm": "backbones.<backbone>.freeze_batch_norm",
+}
+
+
+def _moved(selector: str, parameter: str) -> str | None:
+    """Where a setting of an earlier segtrain went, if ``selector.parameter`` is one."""
+    short = selector.rsplit(".", 1)[-1]
+    if f"{short}.{parameter}" in _MOVED:
+        return _MOVED[f"{short}.{parameter}"]
+    if "." not in parameter and parameter in _MOVED and short in registry.MODELS:
+        return _MOVED[parameter]
+    return None
 
 
 def _configurables() -> list[str]:

@@ -33,6 +33,29 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny run trained once per session (TINY: 6 steps, evaluations at 3 and 6). Read it, or
+    copy it with ``copy_run`` before changing it."""
+    from segtrain.commands.configure import parse_config
+    from segtrain.train.trainer import train
+
+    path = tmp_path_factory.mktemp("trained") / "run"
+    gin.clear_config()
+    parse_config([], TINY)
+    train(str(path))
+    gin.clear_config()
+    return path
+
+
+def copy_run(run, destination) -> str:
+    """A private copy of a trained run directory; returns its path."""
+    import shutil
+
+    shutil.copytree(run, destination)
+    return str(destination)
+
+
 @pytest.fixture(autouse=True)
 def clean_gin():
     gin.clear_config()
@@ -43,11 +66,11 @@ def clean_gin():
 @pytest.fixture
 def configure():
     """configure(*bindings): a fresh gin config of TINY plus the given bindings (later ones win)."""
-    from segtrain import config
+    from segtrain.commands.configure import parse_config
 
     def apply(*bindings: str, tiny: bool = True):
         gin.clear_config()
-        config.parse([], (TINY if tiny else []) + list(bindings))
+        parse_config([], (TINY if tiny else []) + list(bindings))
 
     return apply
 
@@ -87,6 +110,24 @@ def segtrain_cli(*args: str, cwd: str = REPO, env: dict | None = None, timeout: 
         [sys.executable, "-m", "segtrain.cli", *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def segtrain_main(*args: str):
+    """Runs `segtrain` in this process (no TensorFlow start-up to pay); returns what
+    ``segtrain_cli`` returns: returncode, stdout and stderr."""
+    import contextlib
+    import io
+    import types
+
+    from segtrain.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["segtrain", *args])
+    finally:
+        gin.clear_config()
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def tiny_flags(*extra: str) -> list[str]:

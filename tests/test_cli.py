@@ -1,14 +1,18 @@
-"""The `segtrain` command end to end, in fresh processes, and its errors."""
+"""The `segtrain` command: end to end in a fresh process, its errors in this one, and flags that
+belong to their subcommand."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
+from tests.conftest import TINY, copy_run, segtrain_cli, segtrain_main
 from tests.conftest import assert_user_error as _fails
-from tests.conftest import TINY, segtrain_cli
 from tests.conftest import tiny_flags as _params
 
 
+@pytest.mark.slow
 def test_train_then_evaluate(tmp_path):
     model_dir = tmp_path / "run"
     trained = segtrain_cli("train", f"--model_dir={model_dir}", *_params())
@@ -20,83 +24,155 @@ def test_train_then_evaluate(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "mean_iou" in evaluated.stdout and "per_class_iou" in evaluated.stdout
     results = json.loads((model_dir / "eval_results.json").read_text())
+    assert results["split"] == "test" and results["checkpoint"].startswith("ckpt-")
+
+
+def test_evaluate_writes_every_metric(trained_run, tmp_path):
+    model_dir = copy_run(trained_run, tmp_path / "run")
+    evaluated = segtrain_main("evaluate", f"--model_dir={model_dir}", "--split=test")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "mean_iou" in evaluated.stdout and "per_class_iou" in evaluated.stdout
+    results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
     for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "per_class_iou", "dice", "loss"):
         assert key in results
     assert len(results["per_class_iou"]) == 4 and results["split"] == "test"
     assert results["checkpoint"].startswith("ckpt-") and results["step"] in (3, 6)
     assert sum(map(sum, results["confusion_matrix"])) > 0
 
-    latest = segtrain_cli("evaluate", f"--model_dir={model_dir}", "--split=validation", "--checkpoint=latest")
+    latest = segtrain_main("evaluate", f"--model_dir={model_dir}", "--split=validation", "--checkpoint=latest",
+                           "--batch_size=3")
     assert latest.returncode == 0, latest.stderr[-3000:]
-    assert json.loads((model_dir / "eval_results.json").read_text())["step"] == 6
+    assert json.loads((tmp_path / "run" / "eval_results.json").read_text())["step"] == 6
 
 
-def test_gin_file_and_includes(tmp_path):
+def test_train_in_process_with_a_gin_file_and_includes(tmp_path):
     conf = tmp_path / "conf"
     (conf / "models").mkdir(parents=True)
     (conf / "models" / "small.gin").write_text("models.unet.depth = 2\nmodels.unet.base_filters = 4\n")
     (conf / "exp.gin").write_text("include 'models/small.gin'\n" + "\n".join(TINY[3:]) + "\n")
-    result = segtrain_cli("train", f"--gin_file={conf / 'exp.gin'}", f"--model_dir={tmp_path / 'run'}",
-                          "--gin_param=train.num_steps = 3")
+    result = segtrain_main("train", f"--gin_file={conf / 'exp.gin'}", f"--model_dir={tmp_path / 'run'}",
+                           "--gin_param=train.num_steps = 3", "--gin_param=train.num_image_panels = 0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "unet.base_filters = 4" in (tmp_path / "run" / "operative_config.gin").read_text()
-    assert "train step 3/3" in result.stdout
+    assert "train step 3/3" in result.stdout and "tensorboard --logdir" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_quickstart_runs_as_a_short_smoke_test(tmp_path):
+    """A warm-up longer than a short run is shortened to it, with one warning line."""
+    result = segtrain_cli("train", "--gin_file=gin/quickstart.gin", "--gin_param=train.num_steps=8",
+                          "--gin_param=datasets.shapes.num_validation = 16", f"--model_dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("warning: learning_rate.warmup_steps=50 is longer than train.num_steps=8: warming up over all 8 "
+            "steps.") in result.stderr
+    assert "train step 8/8" in result.stdout and (tmp_path / "run" / "ckpt-8.index").exists()
 
 
 def test_list_shows_every_plugin_with_arguments():
-    result = segtrain_cli("list")
+    result = segtrain_main("list")
     assert result.returncode == 0, result.stderr
     for text in ("models:", "unet(num_classes, depth=4, base_filters=64", "encoder_decoder(num_classes",
+                 "backbones:", "resnet50(weights=None, freeze=False, freeze_batch_norm=False)",
                  "losses:", "cross_entropy(ignore_label=255)", "focal(ignore_label=255, gamma=2.0",
-                 "metrics:", "mean_iou(cm)", "datasets:", "shapes(split='train'"):
+                 "metrics:", "mean_iou(cm)", "datasets:", "shapes(split='train'",
+                 "voc2012_aug(split='train', data_dir=None, source_dir=None, sbd_dir=None)",
+                 "optimizers:", "sgd(learning_rate, momentum=0.9", "schedules:", "poly(base, decay_steps, end=0.0"):
         assert text in result.stdout, text
+    models = segtrain_main("list", "--models")
+    assert "unet(" in models.stdout and "losses:" not in models.stdout
 
 
 def test_unknown_plugin_name(tmp_path):
-    _fails(segtrain_cli("train", f"--model_dir={tmp_path}", *_params("train.model = 'unet3'")),
+    _fails(segtrain_main("train", f"--model_dir={tmp_path}", *_params("train.model = 'unet3'")),
            "Unknown model 'unet3'", "Did you mean 'unet'", "Known models:")
 
 
 def test_unknown_gin_binding(tmp_path):
-    _fails(segtrain_cli("train", f"--model_dir={tmp_path}", *_params("train.num_step = 5")),
+    _fails(segtrain_main("train", f"--model_dir={tmp_path}", *_params("train.num_step = 5")),
            "Configurable 'train' doesn't have a parameter named 'num_step'", "Did you mean 'train.num_steps'")
-    _fails(segtrain_cli("train", f"--model_dir={tmp_path}", *_params("models.unett.depth = 2")),
+    _fails(segtrain_main("train", f"--model_dir={tmp_path}", *_params("models.unett.depth = 2")),
            "No configurable matching 'models.unett'", "models.unet")
 
 
+def test_a_binding_of_what_segtrain_passes_itself_is_refused(tmp_path):
+    _fails(segtrain_main("train", f"--model_dir={tmp_path}", *_params("models.unet.num_classes = 3")),
+           "models.unet.num_classes is passed by segtrain itself", "remove that binding")
+
+
 def test_missing_gin_file(tmp_path):
-    _fails(segtrain_cli("train", f"--model_dir={tmp_path}", "--gin_file=nope.gin"), "--gin_file=nope.gin: no such file")
+    _fails(segtrain_main("train", f"--model_dir={tmp_path}", "--gin_file=nope.gin"), "--gin_file=nope.gin: no such file")
 
 
 def test_missing_model_dir():
-    _fails(segtrain_cli("train", *_params()), "--model_dir is required")
-    _fails(segtrain_cli("evaluate"), "--model_dir is required")
+    _fails(segtrain_main("train", *_params()), "--model_dir is required")
+    _fails(segtrain_main("evaluate"), "--model_dir is required")
 
 
 def test_evaluate_a_directory_that_was_never_trained(tmp_path):
-    _fails(segtrain_cli("evaluate", f"--model_dir={tmp_path}"), "operative_config.gin not found")
+    _fails(segtrain_main("evaluate", f"--model_dir={tmp_path}"), "operative_config.gin not found")
 
 
 def test_batch_larger_than_split(tmp_path):
-    _fails(segtrain_cli("train", f"--model_dir={tmp_path}", *_params("train.batch_size = 128")),
+    _fails(segtrain_main("train", f"--model_dir={tmp_path}", *_params("train.batch_size = 128")),
            "train.batch_size=128 is larger than dataset 'shapes' split 'train' (64 examples)")
 
 
 def test_unknown_dataset(tmp_path):
-    _fails(segtrain_cli("train", f"--model_dir={tmp_path}", *_params("train.dataset = 'shape'")),
+    _fails(segtrain_main("train", f"--model_dir={tmp_path}", *_params("train.dataset = 'shape'")),
            "Unknown dataset 'shape'", "Did you mean 'shapes'")
 
 
-def test_unknown_command():
-    result = segtrain_cli("fit")
-    assert result.returncode == 2 and "usage: segtrain" in result.stderr
+def test_unknown_command_and_no_command():
+    for args in (("fit",), ()):
+        result = segtrain_main(*args)
+        assert result.returncode == 2 and "usage: segtrain {train|evaluate|prepare|list}" in result.stderr
 
 
 def test_gin_file_with_a_failing_import(tmp_path):
     conf = tmp_path / "bad.gin"
     conf.write_text("import no_such_package_xyz\ntrain.model = 'unet'\n")
-    _fails(segtrain_cli("train", f"--gin_file={conf}", f"--model_dir={tmp_path / 'run'}"),
+    _fails(segtrain_main("train", f"--gin_file={conf}", f"--model_dir={tmp_path / 'run'}"),
            "an `import` in a gin file failed", "no_such_package_xyz")
+
+
+@pytest.mark.parametrize("command, flag, owners", [
+    ("train", "--split=val", "`segtrain evaluate`"),
+    ("evaluate", "--xla", "`segtrain train`"),
+    ("evaluate", "--noxla", "`segtrain train`"),
+    ("train", "--dataset=voc2012", "`segtrain prepare`"),
+    ("list", "--model_dir=x", "`segtrain train` and `segtrain evaluate`"),
+])
+def test_a_flag_of_another_command_is_an_error_naming_its_commands(command, flag, owners):
+    result = segtrain_main(command, flag)
+    assert result.returncode == 2
+    name = flag.split("=")[0]
+    assert result.stderr.strip() == (f"error: {name} is not a flag of `segtrain {command}`; it belongs to {owners}. "
+                                     f"`segtrain {command} --help` lists the flags of {command}.")
+
+
+def test_unknown_flag_suggests_the_closest_and_bad_values_are_named():
+    result = segtrain_main("evaluate", "--modl_dir=x")
+    assert result.returncode == 2 and "unknown flag --modl_dir for `segtrain evaluate`. Did you mean --model_dir?" \
+        in result.stderr
+    result = segtrain_main("evaluate", "--checkpoint=first")
+    assert result.returncode == 2 and "--checkpoint=first: value should be one of <best|latest>" in result.stderr
+    result = segtrain_main("train", "runs/x")
+    assert result.returncode == 2 and "unexpected argument(s): runs/x" in result.stderr
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("train", {"gin_file", "gin_param", "model_dir", "strategy", "cpu_replicas", "precision", "xla", "verbosity"}),
+    ("evaluate", {"gin_file", "gin_param", "model_dir", "split", "checkpoint", "batch_size", "verbosity"}),
+    ("prepare", {"gin_file", "gin_param", "dataset", "source_dir", "data_dir", "num_workers", "splits",
+                 "skip_bad_examples", "overwrite", "verbosity"}),
+    ("list", {"models", "details"}),
+])
+def test_help_of_a_command_shows_its_flags_and_only_those(command, flags):
+    import re
+
+    result = segtrain_main(command, "--help")
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: segtrain {command} [flags]")
+    assert set(re.findall(r"^  --(?:\[no\])?(\w+)", result.stdout, re.M)) == flags
 
 
 def test_includes_do_not_log_false_errors(tmp_path, caplog):

@@ -16,8 +16,7 @@ import os
 
 import numpy as np
 
-from registry import DATASETS
-from segtrain.data.files import load, register_source
+from segtrain.data.files import file_dataset
 from segtrain.data.raw import INVALID, Example, Problem, Source, pair_by_stem
 from segtrain.errors import SegtrainError
 
@@ -57,7 +56,15 @@ def label_id_to_train_id() -> np.ndarray:
     return lut
 
 
+@file_dataset
 class Cityscapes(Source):
+    """Cityscapes fine annotations, 19 classes (train ids), everything else ignored (255).
+
+    Splits train (2,975), val (500), test (1,525; its labels are all ignore). Images are
+    2048x1024. Set data_dir (prepared) or source_dir (raw; slower).
+    Source: Cordts et al., The Cityscapes Dataset for Semantic Urban Scene Understanding, CVPR 2016.
+    """
+
     name = "cityscapes"
     splits = ("train", "val", "test")
     class_names = tuple(c[2] for c in TRAIN_CLASSES)
@@ -84,17 +91,3 @@ class Cityscapes(Source):
 
 def _key(path: str, split_dir: str, suffix: str) -> str:
     return os.path.relpath(path, split_dir)[: -len(suffix)]
-
-
-@DATASETS.register("cityscapes")
-def cityscapes(split: str = "train", data_dir: str | None = None, source_dir: str | None = None):
-    """Cityscapes fine annotations, 19 classes (train ids), everything else ignored (255).
-
-    Splits train (2,975), val (500), test (1,525; its labels are all ignore). Images are
-    2048x1024. Set data_dir (prepared) or source_dir (raw; slower).
-    Source: Cordts et al., The Cityscapes Dataset for Semantic Urban Scene Understanding, CVPR 2016.
-    """
-    return load(Cityscapes(), split, data_dir, source_dir)
-
-
-register_source("cityscapes", Cityscapes)

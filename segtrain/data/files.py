@@ -2,66 +2,74 @@
 
     datasets.voc2012.data_dir = '/data/prepared'     # written by `segtrain prepare` (fast)
     datasets.voc2012.source_dir = '/data/VOCdevkit'  # the raw files (no preparation, slower)
+
+A file dataset is one ``Source`` subclass decorated with ``@file_dataset``: that registers the
+dataset plugin, whose settings are the Source's arguments, and makes it preparable.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import os
-from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
+from registry import DATASETS
 from segtrain.data.info import DatasetInfo
 from segtrain.data.prepare import load_prepared
 from segtrain.data.raw import BadExample, Source, check_label_size, problems_message
 from segtrain.errors import DATA_ERROR_MARKER, SegtrainError, warn
 
 _warned_raw: set[str] = set()
-SOURCES: dict[str, Callable[..., Source]] = {}
 
 
-def register_source(name: str, factory: Callable[..., Source]) -> None:
-    """Makes dataset ``name`` preparable: ``factory(**its gin config)`` builds its Source."""
-    SOURCES[name] = factory
+def file_dataset(source_cls: type[Source]) -> type[Source]:
+    """Class decorator: registers a file-based dataset once, for reading and for `segtrain prepare`.
+
+    The registered dataset plugin is ``name(split, data_dir=None, source_dir=None, **settings)``,
+    where the settings are the arguments of ``source_cls`` (gin: ``datasets.<name>.*``). It
+    keeps ``source_cls`` as its ``source`` attribute: `segtrain prepare` builds the Source from
+    the same settings.
+    """
+    settings = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                for p in list(inspect.signature(source_cls.__init__).parameters.values())[1:]
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    Param = inspect.Parameter
+
+    def read(split: str = source_cls.splits[0], data_dir: str | None = None, source_dir: str | None = None,
+             **kwargs) -> tuple[tf.data.Dataset, DatasetInfo]:
+        return load(source_cls(**kwargs), split, data_dir, source_dir)
+
+    read.__signature__ = inspect.Signature([
+        Param("split", Param.POSITIONAL_OR_KEYWORD, default=source_cls.splits[0]),
+        Param("data_dir", Param.KEYWORD_ONLY, default=None),
+        Param("source_dir", Param.KEYWORD_ONLY, default=None),
+        *settings,
+    ])
+    read.__name__ = read.__qualname__ = source_cls.name
+    read.__module__ = source_cls.__module__
+    read.__doc__ = source_cls.__doc__
+    read.source = source_cls
+    DATASETS.register(source_cls.name)(read)
+    return source_cls
 
 
-def source_from_gin(name: str) -> Source:
-    """The Source of dataset ``name``, built from the ``datasets.<name>.*`` gin bindings."""
-    import inspect
-
-    import gin
-
-    import registry
-
-    registry.load_all()
-    if name not in SOURCES:
-        preparable = ", ".join(sorted(SOURCES))
-        raise SegtrainError(f"Dataset '{name}' has no raw files to prepare; preparable datasets: {preparable}.")
-    factory = SOURCES[name]
-    accepted = inspect.signature(factory).parameters
-    bound = gin.get_bindings(f"datasets.{name}")
-    return factory(**{k: v for k, v in bound.items() if k in accepted})
+def preparable(fn) -> type[Source] | None:
+    """The Source class of a registered dataset function, if it reads files (see file_dataset)."""
+    return getattr(fn, "source", None)
 
 
-def load(
-    source: Source,
-    split: str,
-    data_dir: str | None,
-    source_dir: str | None,
-    label_map: Callable[[DatasetInfo], tuple[DatasetInfo, Callable | None]] | None = None,
-) -> tuple[tf.data.Dataset, DatasetInfo]:
+def load(source: Source, split: str, data_dir: str | None, source_dir: str | None) -> tuple[tf.data.Dataset, DatasetInfo]:
     """The dataset-plugin contract for a file-based ``source``.
 
     Args:
-      source: the layout.
+      source: the layout, with its settings.
       split: the split to read.
       data_dir: the directory ``segtrain prepare`` wrote (preferred).
       source_dir: the raw files, read directly when ``data_dir`` is not set.
-      label_map: optional read-time change of the classes: gets the stored DatasetInfo,
-        returns the new one and a TF function mapping uint8 labels (e.g. a class -> ignore).
 
     Returns:
       (encoded examples, DatasetInfo with ``decode``), as the pipeline expects.
@@ -77,16 +85,15 @@ def load(
             f"`segtrain prepare --dataset={source.name}` wrote (fast), or datasets.{source.name}.source_dir "
             f"to the raw files (slower). {source.layout}"
         )
-    if label_map is not None:
-        info, fn = label_map(info)
-        if fn is not None:
-            decode = info.decode
+    info, fn = source.read_time_labels(info)
+    if fn is not None:
+        decode = info.decode
 
-            def mapped(example, decode=decode):
-                example = decode(example)
-                return {**example, "label": fn(example["label"])}
+        def mapped(example, decode=decode):
+            example = decode(example)
+            return {**example, "label": fn(example["label"])}
 
-            info = dataclasses.replace(info, decode=mapped)
+        info = dataclasses.replace(info, decode=mapped)
     return ds, info
 
 

@@ -18,8 +18,7 @@ import hashlib
 import os
 from typing import Sequence
 
-from registry import DATASETS
-from segtrain.data.files import load, register_source
+from segtrain.data.files import file_dataset
 from segtrain.data.info import default_palette
 from segtrain.data.raw import Example, Problem, Source, pair_by_stem, pair_listed
 from segtrain.errors import SegtrainError
@@ -28,8 +27,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 MASK_EXTENSIONS = (".png", ".bmp")
 
 
+@file_dataset
 class Folder(Source):
+    """Your own images/ + masks/ folders (class-index or RGB colour masks).
+
+    Reading a prepared copy (data_dir) takes the classes from it; preparing or reading the raw
+    files (source_dir) needs num_classes (or class_names/palette), and palette for RGB masks.
+    """
+
     name = "folder"
+    splits = ("train", "val", "test")
     layout = ("Expected images/<stem>.jpg|png and masks/<stem>.png (same stems), and optionally "
               "splits/<split>.txt.")
 
@@ -46,12 +53,7 @@ class Folder(Source):
         image_dir: str = "images",
         mask_dir: str = "masks",
     ):
-        num_classes = num_classes or len(class_names) or len(palette)
-        if not num_classes:
-            raise SegtrainError(
-                "datasets.folder needs its classes: set datasets.folder.num_classes (or class_names, or "
-                "palette for RGB masks), e.g. --gin_param='datasets.folder.num_classes = 3'."
-            )
+        num_classes = num_classes or len(class_names) or len(palette) or 0
         if len(split_ratios) != len(splits) or any(r < 0 for r in split_ratios) or not sum(split_ratios):
             raise SegtrainError(
                 f"datasets.folder.split_ratios={tuple(split_ratios)} must give one non-negative ratio "
@@ -60,6 +62,7 @@ class Folder(Source):
         for what, given in (("class_names", class_names), ("palette", palette)):
             if given and len(given) != num_classes:
                 raise SegtrainError(f"datasets.folder.{what} has {len(given)} entries for {num_classes} classes.")
+        # Without classes (num_classes 0), only a prepared copy can be read: it holds them.
         self.class_names = tuple(class_names) or tuple(f"class_{i}" for i in range(num_classes))
         self.palette = tuple(tuple(int(v) for v in c) for c in palette) or default_palette(num_classes)
         self.ignore_label = ignore_label
@@ -69,7 +72,21 @@ class Folder(Source):
         self.split_seed = split_seed
         self.image_dir, self.mask_dir = image_dir, mask_dir
 
+    @property
+    def num_classes(self) -> int:
+        self.require_classes()
+        return len(self.class_names)
+
+    def require_classes(self) -> None:
+        """The raw files need the classes (a prepared copy holds them)."""
+        if not self.class_names:
+            raise SegtrainError(
+                "datasets.folder needs its classes: set datasets.folder.num_classes (or class_names, or "
+                "palette for RGB masks), e.g. --gin_param='datasets.folder.num_classes = 3'."
+            )
+
     def list_split(self, source_dir: str, split: str) -> tuple[list[Example], list[Problem]]:
+        self.require_classes()  # before listing the files
         root = self.root(source_dir, (self.image_dir, self.mask_dir))
         images, problems = _by_stem(os.path.join(root, self.image_dir), IMAGE_EXTENSIONS)
         masks, mask_problems = _by_stem(os.path.join(root, self.mask_dir), MASK_EXTENSIONS)
@@ -107,34 +124,3 @@ def _by_stem(directory: str, extensions: Sequence[str]) -> tuple[dict[str, str],
             continue
         found[stem] = path
     return found, problems
-
-
-@DATASETS.register("folder")
-def folder(
-    split: str = "train",
-    data_dir: str | None = None,
-    source_dir: str | None = None,
-    num_classes: int | None = None,
-    class_names: Sequence[str] = (),
-    palette: Sequence[Sequence[int]] = (),
-    ignore_label: int = 255,
-    ignore_colour: Sequence[int] | None = None,
-    splits: Sequence[str] = ("train", "val", "test"),
-    split_ratios: Sequence[float] = (0.8, 0.1, 0.1),
-    split_seed: int = 0,
-    image_dir: str = "images",
-    mask_dir: str = "masks",
-):
-    """Your own images/ + masks/ folders (class-index or RGB colour masks).
-
-    Reading a prepared copy (data_dir) takes the classes from it; preparing or reading the raw
-    files (source_dir) needs num_classes (or class_names/palette), and palette for RGB masks.
-    """
-    if data_dir and not source_dir and num_classes is None and not class_names and not palette:
-        num_classes = 1  # the prepared copy's metadata holds the real classes
-    source = Folder(num_classes, class_names, palette, ignore_label, ignore_colour, splits, split_ratios,
-                    split_seed, image_dir, mask_dir)
-    return load(source, split, data_dir, source_dir)
-
-
-register_source("folder", Folder)

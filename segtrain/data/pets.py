@@ -19,8 +19,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from registry import DATASETS
-from segtrain.data.files import load, register_source
+from segtrain.data.files import file_dataset
 from segtrain.data.info import DatasetInfo
 from segtrain.data.raw import INVALID, Example, Problem, Source, pair_listed
 
@@ -28,12 +27,23 @@ CLASS_NAMES = ("pet", "background", "boundary")
 PALETTE = ((220, 20, 60), (0, 0, 0), (250, 170, 30))
 
 
+@file_dataset
 class OxfordIiitPet(Source):
+    """Oxford-IIIT Pet trimaps: pet, background, boundary (or 2 classes + ignore).
+
+    Splits trainval (3,680) and test (3,669). Set data_dir (prepared) or source_dir (raw; slower).
+    boundary_as_ignore: the boundary becomes the ignore label (2 classes); chosen when reading.
+    Source: Parkhi et al., Cats and Dogs, CVPR 2012.
+    """
+
     name = "oxford_iiit_pet"
     splits = ("trainval", "test")
     class_names = CLASS_NAMES
     palette = PALETTE
     layout = "Expected images/*.jpg, annotations/trimaps/*.png and annotations/{trainval,test}.txt."
+
+    def __init__(self, boundary_as_ignore: bool = False):
+        self.boundary_as_ignore = boundary_as_ignore
 
     def list_split(self, source_dir: str, split: str) -> tuple[list[Example], list[Problem]]:
         root = self.root(source_dir, ("images", os.path.join("annotations", "trimaps")), ("", "oxford-iiit-pet"))
@@ -52,21 +62,8 @@ class OxfordIiitPet(Source):
     def valid_raw_values(self) -> str:
         return "trimap values 1 (pet), 2 (background) or 3 (boundary)"
 
-
-def _boundary_as_ignore(info: DatasetInfo):
-    new = dataclasses.replace(info, num_classes=2, class_names=info.class_names[:2], palette=info.palette[:2])
-    return new, lambda label: tf.where(label == 2, tf.constant(info.ignore_label, tf.uint8), label)
-
-
-@DATASETS.register("oxford_iiit_pet")
-def oxford_iiit_pet(split: str = "trainval", data_dir: str | None = None, source_dir: str | None = None,
-                    boundary_as_ignore: bool = False):
-    """Oxford-IIIT Pet trimaps: pet, background, boundary (or 2 classes + ignore).
-
-    Splits trainval (3,680) and test (3,669). Set data_dir (prepared) or source_dir (raw; slower).
-    Source: Parkhi et al., Cats and Dogs, CVPR 2012.
-    """
-    return load(OxfordIiitPet(), split, data_dir, source_dir, _boundary_as_ignore if boundary_as_ignore else None)
-
-
-register_source("oxford_iiit_pet", OxfordIiitPet)
+    def read_time_labels(self, info: DatasetInfo):
+        if not self.boundary_as_ignore:
+            return info, None
+        new = dataclasses.replace(info, num_classes=2, class_names=info.class_names[:2], palette=info.palette[:2])
+        return new, lambda label: tf.where(label == 2, tf.constant(info.ignore_label, tf.uint8), label)

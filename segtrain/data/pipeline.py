@@ -1,27 +1,25 @@
 """The input pipeline every dataset shares: augment, normalise, batch, prefetch.
 
 Dataset plugins yield {'image': uint8 [H,W,3], 'label': uint8 [H,W]}; everything after that
-happens here, configured in gin under ``pipeline.*``.
+happens here. The experiment configures it in gin under ``pipeline.*`` and tells it what the
+model needs (its size divisor and input normalisation).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import gin
-import numpy as np
 import tensorflow as tf
 
 from segtrain.data import transforms as T
 from segtrain.data.info import DatasetInfo
 from segtrain.errors import SegtrainError
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
+# The arguments the experiment passes; the rest are the user's settings (gin: pipeline.*).
+PASSED_ARGS = ("dataset", "info", "split", "training", "batch_size", "size_divisor", "seed", "input_context",
+               "normalization")
 
 
-@gin.configurable("pipeline", denylist=["dataset", "info", "split", "training", "batch_size", "size_divisor", "seed",
-                                        "input_context"])
 def build_pipeline(
     dataset: tf.data.Dataset,
     info: DatasetInfo,
@@ -31,6 +29,7 @@ def build_pipeline(
     size_divisor: int = 1,
     seed: int = 0,
     input_context: tf.distribute.InputContext | None = None,
+    normalization: T.Normalization | None = None,
     *,
     resize: Sequence[int] | None = None,
     min_scale: float = 1.0,
@@ -41,8 +40,8 @@ def build_pipeline(
     contrast: Sequence[float] | None = None,
     saturation: Sequence[float] | None = None,
     hue: float = 0.0,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     eval_size: Sequence[int] | None = None,
     shuffle_buffer: int = 1024,
     cache: bool = False,
@@ -67,6 +66,8 @@ def build_pipeline(
       seed: seed of shuffling and augmentation.
       input_context: training under ``distribute_datasets_from_function``: this worker's
         pipeline reads only its shard of the examples, and batches per replica.
+      normalization: what the model expects (its backbone weights' preprocessing); default:
+        ImageNet mean and std in RGB order.
       resize: (height, width) every image is resized to first, or None.
       min_scale, max_scale: random rescaling range (training).
       crop_size: (height, width) of training crops; needed unless ``resize`` fixes the size.
@@ -74,7 +75,8 @@ def build_pipeline(
       brightness: max additive brightness change on [0, 1] images (chapter 8 uses 0.1).
       contrast, saturation: (lower, upper) random factor ranges, e.g. (0.8, 1.2).
       hue: max hue shift (chapter 8 uses 0.1).
-      mean, std: per-channel normalisation on the [0, 255] scale.
+      mean, std: per-channel normalisation on the [0, 255] scale, RGB order; set, they replace
+        ``normalization``.
       eval_size: (height, width) evaluation images are resized to, or None for full size.
       shuffle_buffer: examples in the shuffle buffer (training).
       cache: cache the decoded examples in memory (small datasets).
@@ -89,7 +91,8 @@ def build_pipeline(
     ignore = info.ignore_label
     where = f"dataset '{info.name}' split '{split}'"
     num_examples = info.num_examples.get(split)
-    fill = float(sum(mean) / len(mean))  # padding that normalises to ~0
+    normalize = resolve_normalization(normalization, mean, std)
+    fill = normalize.fill
 
     global_batch, pipelines, pipeline_id = batch_size, 1, 0
     if training and input_context is not None:
@@ -136,13 +139,13 @@ def build_pipeline(
             image, label = T.random_flip(image, label, seeds[2])
         if brightness or contrast or saturation or hue:
             image = T.colour_jitter(image, seeds[3], brightness, contrast, hue, saturation)
-        return {"image": T.normalize(image, mean, std), "label": tf.cast(label, tf.int32)}
+        return {"image": normalize(image), "label": tf.cast(label, tf.int32)}
 
     def evaluate(ex):
         image, label = prepare(ex)
         if eval_size:
             image, label = T.resize(image, label, eval_size)
-        image = T.normalize(image, mean, std)
+        image = normalize(image)
         if size_divisor > 1:
             image, label = T.pad_to_multiple(image, label, size_divisor, ignore)
         return {"image": image, "label": tf.cast(label, tf.int32)}
@@ -173,13 +176,10 @@ def build_pipeline(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def normalization() -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The (mean, std) the pipeline normalises with under the current gin bindings."""
-    bound = gin.get_bindings("pipeline")
-    return tuple(bound.get("mean", IMAGENET_MEAN)), tuple(bound.get("std", IMAGENET_STD))
-
-
-def denormalize(image, mean: Sequence[float], std: Sequence[float]):
-    """Inverse of the normalisation, as uint8 [..., 3] NumPy, for display."""
-    pixels = np.asarray(image, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-    return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+def resolve_normalization(normalization: T.Normalization | None, mean: Sequence[float] | None = None,
+                          std: Sequence[float] | None = None) -> T.Normalization:
+    """``pipeline.mean``/``std`` when set (RGB order), else the model's, else the default."""
+    if mean is None and std is None:
+        return normalization or T.Normalization()
+    default = T.Normalization()
+    return T.Normalization(tuple(mean or default.mean), tuple(std or default.std))

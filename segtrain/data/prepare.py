@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Callable, TextIO
+from typing import Callable, Sequence, TextIO
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -32,7 +32,7 @@ from segtrain.data.info import DatasetInfo
 from segtrain.data.raw import Example, Problem, Source, check_example, problems_message
 from segtrain.errors import SegtrainError
 from segtrain.io import atomic_write_text
-from segtrain.train.progress import Progress
+from segtrain.progress import Progress
 
 SKIPPED_FILE = "skipped_examples.txt"
 
@@ -161,6 +161,7 @@ def prepare(
     num_workers: int | None = None,
     skip_bad_examples: bool = False,
     overwrite: bool = False,
+    splits: Sequence[str] | None = None,
     stream: TextIO | None = None,
     _hook: Callable[[str, int], None] | None = None,
 ) -> dict:
@@ -173,16 +174,26 @@ def prepare(
       num_workers: processes that decode and check examples (default: every CPU core).
       skip_bad_examples: leave bad examples out (listed in skipped_examples.txt) instead of failing.
       overwrite: rebuild a dataset that is already prepared.
+      splits: the splits to prepare (default: every split of the dataset), e.g. Cityscapes'
+        train and val without its test images.
       stream: where progress goes (stdout).
 
     Returns:
       {'path': ..., 'splits': {split: examples written}, 'skipped': [Problem, ...]}.
 
     Raises:
-      SegtrainError: missing directories or split lists, empty splits, or bad examples (all of
-        them listed) without ``skip_bad_examples``. Nothing is written then.
+      SegtrainError: an unknown split, missing directories or split lists, empty splits, or bad
+        examples (all of them listed) without ``skip_bad_examples``. Nothing is written then.
     """
     stream = stream or sys.stdout
+    if splits:
+        unknown = [s for s in splits if s not in source.splits]
+        if unknown:
+            raise SegtrainError(f"--splits: dataset '{source.name}' has no split {', '.join(map(repr, unknown))}; "
+                                f"it has {', '.join(source.splits)}.")
+        splits = [s for s in source.splits if s in splits]
+    else:
+        splits = list(source.splits)
     if not data_dir:
         raise SegtrainError("--data_dir is required: where the prepared dataset is written.")
     if not source_dir:
@@ -190,12 +201,13 @@ def prepare(
     source_dir = os.path.abspath(os.path.expanduser(source_dir))
     target = prepared_dir(data_dir, source)
     if is_prepared(data_dir, source) and not overwrite:
-        print(f"{source.name} is already prepared in {target}; --overwrite rebuilds it.", file=stream)
+        have = ", ".join(prepared_splits(data_dir, source))
+        print(f"{source.name} is already prepared in {target} (splits {have}); --overwrite rebuilds it.", file=stream)
         return {"path": target, "splits": {}, "skipped": []}
 
     examples: dict[str, list[Example]] = {}
     pairing: list[Problem] = []
-    for split in source.splits:
+    for split in splits:
         found, problems = source.list_split(source_dir, split)
         pairing += problems
         if not found:
@@ -237,8 +249,16 @@ def prepare(
         print(f"Skipped {len(skipped)} bad example(s); the list is in {os.path.join(target, SKIPPED_FILE)}.",
               file=stream)
     written = ", ".join(f"{s} {n}" for s, n in job.written.items())
-    print(f"Prepared {source.name} in {target}: {written} examples.", file=stream, flush=True)
+    left_out = [s for s in source.splits if s not in job.written]
+    note = f" Not prepared: {', '.join(left_out)} (--splits)." if left_out else ""
+    print(f"Prepared {source.name} in {target}: {written} examples.{note}", file=stream, flush=True)
     return {"path": target, "splits": dict(job.written), "skipped": skipped}
+
+
+def prepared_splits(data_dir: str, source: Source) -> list[str]:
+    """The splits of the prepared copy of ``source`` under ``data_dir``."""
+    builder = builder_class(source.name, source.version)(data_dir=os.path.expanduser(data_dir))
+    return sorted(builder.info.splits)
 
 
 def load_prepared(source: Source, split: str, data_dir: str) -> tuple[tf.data.Dataset, DatasetInfo]:
@@ -257,7 +277,8 @@ def load_prepared(source: Source, split: str, data_dir: str) -> tuple[tf.data.Da
     splits = builder.info.splits
     if split not in splits:
         raise SegtrainError(
-            f"The prepared {source.name} dataset in {path} has no split {split!r}; it has {', '.join(sorted(splits))}."
+            f"The prepared {source.name} dataset in {path} has no split {split!r}; it has {', '.join(sorted(splits))}. "
+            f"To add it, run `segtrain prepare --dataset={source.name}` again with --overwrite (and --splits naming it)."
         )
     meta = dict(builder.info.metadata or {})
     info = DatasetInfo(

@@ -68,10 +68,14 @@ def problems_message(problems: Sequence[Problem], what: str, hint: str) -> str:
 class Source:
     """A dataset layout on disk. Subclasses set the class attributes and ``list_split``.
 
+    A subclass decorated with ``segtrain.data.files.file_dataset`` is a registered dataset: its
+    ``__init__`` arguments are the dataset's settings (gin: ``datasets.<name>.*``), for reading
+    and for preparing alike.
+
     Attributes:
       name: the registry name of the dataset.
       version: version of the prepared dataset; bump it when the stored data would change.
-      splits: the split names the layout has.
+      splits: the split names the layout has (the first is the default split).
       class_names, palette, ignore_label: class information of the stored labels.
     """
 
@@ -124,6 +128,11 @@ class Source:
 
     def valid_raw_values(self) -> str:
         return "valid label values"
+
+    def read_time_labels(self, info):
+        """A change of the classes made when reading, not when preparing (one prepared copy
+        serves every setting): (new DatasetInfo, TF function on uint8 labels) or (info, None)."""
+        return info, None
 
     # -- helpers for subclasses
 

@@ -8,13 +8,18 @@ pipeline gives the same augmentations for the same seed however many threads run
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 
-from segtrain.errors import DATA_ERROR_MARKER
+from segtrain.errors import DATA_ERROR_MARKER, SegtrainError
 
 Size = Sequence[int]
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, on the [0, 255] scale
+IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 def check_labels(label: tf.Tensor, num_classes: int, ignore_label: int, where: str) -> tf.Tensor:
@@ -138,3 +143,54 @@ def colour_jitter(
 def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
     """(image - mean) / std per channel, with mean and std on the [0, 255] scale."""
     return (tf.cast(image, tf.float32) - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+    """What turns an RGB image on the [0, 255] scale into a model's input.
+
+    Attributes:
+      mean, std: per channel, on the [0, 255] scale, in the channel order the model sees.
+      bgr: reverse the channels (RGB -> BGR) first, as Caffe-trained weights expect.
+    """
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    bgr: bool = False
+
+    def __call__(self, image: tf.Tensor) -> tf.Tensor:
+        if self.bgr:
+            image = tf.reverse(image, axis=[-1])
+        return normalize(image, self.mean, self.std)
+
+    def invert(self, image) -> np.ndarray:
+        """A normalised image back to uint8 RGB NumPy, for display."""
+        pixels = np.asarray(image, np.float32) * np.asarray(self.std, np.float32) + np.asarray(self.mean, np.float32)
+        pixels = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+        return pixels[..., ::-1] if self.bgr else pixels
+
+    @property
+    def fill(self) -> float:
+        """A padding value that normalises to about 0."""
+        return float(sum(self.mean) / len(self.mean))
+
+
+# keras.applications' preprocessing modes: the input each family of pretrained weights expects.
+PREPROCESSING = {
+    "caffe": Normalization((103.939, 116.779, 123.68), (1.0, 1.0, 1.0), bgr=True),  # ResNet, VGG
+    "tf": Normalization((127.5, 127.5, 127.5), (127.5, 127.5, 127.5)),  # [-1, 1]: Xception, MobileNet
+    "torch": Normalization(IMAGENET_MEAN, IMAGENET_STD),  # DenseNet; also segtrain's default
+}
+
+
+def preprocessing(name: str | None) -> Normalization:
+    """The Normalization of a preprocessing mode ('caffe', 'tf', 'torch'); None: the default.
+
+    Raises:
+      SegtrainError: an unknown mode.
+    """
+    if name is None:
+        return Normalization()
+    if name not in PREPROCESSING:
+        raise SegtrainError(f"Unknown input preprocessing {name!r}: use one of {', '.join(PREPROCESSING)}.")
+    return PREPROCESSING[name]

@@ -20,8 +20,7 @@ import os
 
 import numpy as np
 
-from registry import DATASETS
-from segtrain.data.files import load, register_source
+from segtrain.data.files import file_dataset
 from segtrain.data.info import default_palette
 from segtrain.data.raw import BadExample, Example, Problem, Source, pair_listed
 
@@ -33,7 +32,15 @@ PALETTE = default_palette(21)  # VOC's bit-interleaved colour map
 BOUNDARY_COLOUR = (224, 224, 192)  # index 255 in VOC's palette
 
 
+@file_dataset
 class Voc2012(Source):
+    """Pascal VOC 2012 segmentation: 21 classes, 255 marks object boundaries (ignored).
+
+    Splits train (1,464), val (1,449), trainval (2,913). Set data_dir (prepared by
+    `segtrain prepare`) or source_dir (the raw VOCdevkit; slower).
+    Source: Everingham et al., The PASCAL Visual Object Classes Challenge 2012.
+    """
+
     name = "voc2012"
     splits = ("train", "val", "trainval")
     class_names = CLASS_NAMES
@@ -58,7 +65,14 @@ class Voc2012(Source):
         )
 
 
+@file_dataset
 class Voc2012Aug(Voc2012):
+    """VOC 2012 with SBD's extra annotations: train 10,582 ("trainaug"), val 1,449.
+
+    Preparing (or reading raw) needs sbd_dir, the SBD release's dataset/ directory or a folder of
+    converted class-index PNGs. Source: Hariharan et al., Semantic Contours from Inverse Detectors, ICCV 2011.
+    """
+
     name = "voc2012_aug"
     splits = ("train", "val")
 
@@ -121,29 +135,3 @@ class Voc2012Aug(Voc2012):
             raise BadExample("label file is missing") from None
         except Exception as e:
             raise BadExample(f"not an SBD cls .mat file with GTcls.Segmentation ({type(e).__name__}: {e})") from None
-
-
-@DATASETS.register("voc2012")
-def voc2012(split: str = "train", data_dir: str | None = None, source_dir: str | None = None):
-    """Pascal VOC 2012 segmentation: 21 classes, 255 marks object boundaries (ignored).
-
-    Splits train (1,464), val (1,449), trainval (2,913). Set data_dir (prepared by
-    `segtrain prepare`) or source_dir (the raw VOCdevkit; slower).
-    Source: Everingham et al., The PASCAL Visual Object Classes Challenge 2012.
-    """
-    return load(Voc2012(), split, data_dir, source_dir)
-
-
-@DATASETS.register("voc2012_aug")
-def voc2012_aug(split: str = "train", data_dir: str | None = None, source_dir: str | None = None,
-                sbd_dir: str | None = None):
-    """VOC 2012 with SBD's extra annotations: train 10,582 ("trainaug"), val 1,449.
-
-    Preparing (or reading raw) needs sbd_dir, the SBD release's dataset/ directory or a folder of
-    converted class-index PNGs. Source: Hariharan et al., Semantic Contours from Inverse Detectors, ICCV 2011.
-    """
-    return load(Voc2012Aug(sbd_dir), split, data_dir, source_dir)
-
-
-register_source("voc2012", Voc2012)
-register_source("voc2012_aug", Voc2012Aug)

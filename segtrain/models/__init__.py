@@ -1,3 +1,9 @@
-"""Model plugins: ``fn(num_classes, **config) -> keras.Model`` producing logits at input size."""
+"""Model plugins: ``fn(num_classes, **config) -> keras.Model`` producing logits at input size.
 
-from segtrain.models import deeplab, encoder_decoder, fcn, unet, xception  # noqa: F401  (registers the models)
+Importing this package registers the built-in models and backbones.
+"""
+
+from segtrain.models import backbones, deeplab, encoder_decoder, fcn, unet, xception  # noqa: F401  (registers)
+from segtrain.models.model import ModelFacts, SegmentationModel, facts
+
+__all__ = ["ModelFacts", "SegmentationModel", "facts"]

@@ -6,6 +6,10 @@ Pyramid Pooling looks at them with a 1x1 convolution, three 3x3 convolutions of 
 an image-level pooling branch whose 1x1-conv output is stretched back to the feature-map size;
 a 1x1 projection fuses the five; the classifier's logits are resized bilinearly to the input.
 Every resize follows the tensors' run-time sizes, so any input size works (513x513, 320x480).
+
+Both are thin variants of one builder: v3+ adds the decoder. The backbone is a registered one
+(``models.deeplabv3.backbone = 'resnet50'``, its weights and freezing under
+``backbones.resnet50.*``); DeepLab asks it for its features at ``output_stride``.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from typing import Sequence
 
 import keras
 
-from registry import MODELS
+from registry import MODELS, variant
 from segtrain.errors import SegtrainError
-from segtrain.models.backbones import features as backbone_features
+from segtrain.models import backbones
 from segtrain.models.layers import classifier, conv_bn_relu, image_input, upsample_like
+from segtrain.models.model import SegmentationModel
 
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
@@ -37,104 +42,75 @@ def aspp(x, filters: int, rates: Sequence[int], dropout: float, synchronized: bo
     return x
 
 
-def _check(output_stride: int, name: str) -> None:
-    if output_stride not in ASPP_RATES:
-        raise SegtrainError(f"models.{name}.output_stride={output_stride}: use 16 or 8.")
-
-
-def _encoder(name, inputs, backbone, backbone_weights, output_stride, multi_grid, freeze_backbone,
-             freeze_batch_norm, strides):
-    _check(output_stride, name)
-    return backbone_features(
-        inputs, backbone, strides, weights=backbone_weights, output_stride=output_stride,
-        multi_grid=multi_grid, freeze=freeze_backbone, freeze_batch_norm=freeze_batch_norm, owner=name,
-    )
-
-
-@MODELS.register("deeplabv3")
-def deeplabv3(
+def deeplab(
     num_classes: int,
     backbone: str = "resnet50",
     output_stride: int = 16,
     multi_grid: Sequence[int] | None = None,
     aspp_filters: int = 256,
     dropout: float = 0.1,
-    backbone_weights: str | None = None,
-    freeze_backbone: bool = False,
-    freeze_batch_norm: bool = False,
     synchronized_batch_norm: bool = False,
     input_shape=None,
+    *,
+    decoder: bool,
+    low_level_filters: int = 48,
+    decoder_filters: int = 256,
 ) -> keras.Model:
-    """DeepLab v3: dilated ResNet-50/101 at output stride 16 or 8, ASPP, bilinear upsampling.
+    """DeepLab v3 (``decoder=False``) or v3+ (``decoder=True``); see the variants below."""
+    name = "deeplabv3_plus" if decoder else "deeplabv3"
+    if output_stride not in ASPP_RATES:
+        raise SegtrainError(f"models.{name}.output_stride={output_stride}: use 16 or 8.")
+    encoder = backbones.get(backbone, owner=name)
+    inputs = image_input(input_shape)
+    strides = (4, 32) if decoder else (32,)
+    *low, x = encoder.pyramid(inputs, strides, output_stride=output_stride, multi_grid=multi_grid)
+    x = aspp(x, aspp_filters, ASPP_RATES[output_stride], dropout, synchronized_batch_norm)
+    if decoder:
+        x = decoder_block(x, low[0], low_level_filters, decoder_filters, synchronized_batch_norm)
+    logits = classifier(x, num_classes)
+    return SegmentationModel(inputs, upsample_like(logits, inputs, "upsample"), name=name,
+                             output_stride=output_stride, preprocessing=encoder.input_preprocessing)
 
-    Source: Chen et al. 2017, arXiv:1706.05587.
 
+def decoder_block(x, low, low_level_filters: int, filters: int, synchronized: bool, name: str = "decoder"):
+    """v3+'s decoder: the encoder output resized to the stride-4 features (reduced by a 1x1
+    convolution), concatenated, and refined by two 3x3 convolutions."""
+    low = conv_bn_relu(low, low_level_filters, f"{name}.low_level", kernel_size=1, synchronized=synchronized)
+    x = upsample_like(x, low, f"{name}.upsample")
+    x = keras.layers.Concatenate(name=f"{name}.concat")([x, low])
+    x = conv_bn_relu(x, filters, f"{name}.conv1", synchronized=synchronized)
+    return conv_bn_relu(x, filters, f"{name}.conv2", synchronized=synchronized)
+
+
+_ARGS = """
     Args:
       num_classes: output channels (logits).
-      backbone: 'resnet50' or 'resnet101' (keras.applications structure).
-      output_stride: 16 (conv5 dilated by 2; ASPP rates 6/12/18) or 8 (conv4 by 2, conv5 by
-        4; rates 12/24/36).
+      backbone: a registered backbone ('resnet50', 'resnet101', ...); its weights file and
+        freezing are set under backbones.<name>.*.
+      output_stride: 16 (the last stage dilated by 2; ASPP rates 6/12/18) or 8 (the last two
+        by 2 and 4; rates 12/24/36).
       multi_grid: per-block rates of the last stage, times its rate, e.g. (1, 2, 4).
       aspp_filters: channels of every ASPP branch and of the projection (256 in the paper).
       dropout: after the projection.
-      backbone_weights: None, or a local keras.applications weights file (include_top=False).
-      freeze_backbone: train only the head.
-      freeze_batch_norm: keep the backbone's batch norm statistics and scales fixed.
       synchronized_batch_norm: batch statistics of the head across replicas.
       input_shape: (H, W, 3) to fix the input size, or None for any size.
-    """
-    inputs = image_input(input_shape)
-    (x,) = _encoder("deeplabv3", inputs, backbone, backbone_weights, output_stride, multi_grid,
-                    freeze_backbone, freeze_batch_norm, strides=(32,))
-    x = aspp(x, aspp_filters, ASPP_RATES[output_stride], dropout, synchronized_batch_norm)
-    logits = classifier(x, num_classes)
-    model = keras.Model(inputs, upsample_like(logits, inputs, "upsample"), name="deeplabv3")
-    model.output_stride = output_stride
-    return model
+"""
 
+deeplabv3 = MODELS.register("deeplabv3")(variant(
+    deeplab, "deeplabv3",
+    "DeepLab v3: dilated ResNet-50/101 at output stride 16 or 8, ASPP, bilinear upsampling.\n\n"
+    "    Source: Chen et al. 2017, arXiv:1706.05587.\n" + _ARGS,
+    decoder=False, low_level_filters=48, decoder_filters=256,
+))
 
-@MODELS.register("deeplabv3_plus")
-def deeplabv3_plus(
-    num_classes: int,
-    backbone: str = "resnet50",
-    output_stride: int = 16,
-    multi_grid: Sequence[int] | None = None,
-    aspp_filters: int = 256,
-    low_level_filters: int = 48,
-    decoder_filters: int = 256,
-    dropout: float = 0.1,
-    backbone_weights: str | None = None,
-    freeze_backbone: bool = False,
-    freeze_batch_norm: bool = False,
-    synchronized_batch_norm: bool = False,
-    input_shape=None,
-) -> keras.Model:
-    """DeepLab v3+: the v3 encoder and a decoder that fuses the stride-4 low-level features.
-
-    The ASPP output is resized to the stride-4 features (``conv2`` of the ResNet), which a 1x1
-    convolution has reduced to ``low_level_filters`` channels; two 3x3 convolutions refine the
-    concatenation before the classifier and the final 4x bilinear upsampling.
-
-    Source: Chen et al. 2018, arXiv:1802.02611.
-
-    Args:
-      num_classes: output channels (logits).
-      backbone, output_stride, multi_grid, aspp_filters, dropout, backbone_weights,
-        freeze_backbone, freeze_batch_norm, synchronized_batch_norm, input_shape: as deeplabv3.
-      low_level_filters: channels of the reduced low-level features (48 in the paper).
-      decoder_filters: channels of the decoder's 3x3 convolutions (256).
-    """
-    sync = synchronized_batch_norm
-    inputs = image_input(input_shape)
-    low, x = _encoder("deeplabv3_plus", inputs, backbone, backbone_weights, output_stride, multi_grid,
-                      freeze_backbone, freeze_batch_norm, strides=(4, 32))
-    x = aspp(x, aspp_filters, ASPP_RATES[output_stride], dropout, sync)
-    low = conv_bn_relu(low, low_level_filters, "decoder.low_level", kernel_size=1, synchronized=sync)
-    x = upsample_like(x, low, "decoder.upsample")
-    x = keras.layers.Concatenate(name="decoder.concat")([x, low])
-    x = conv_bn_relu(x, decoder_filters, "decoder.conv1", synchronized=sync)
-    x = conv_bn_relu(x, decoder_filters, "decoder.conv2", synchronized=sync)
-    logits = classifier(x, num_classes)
-    model = keras.Model(inputs, upsample_like(logits, inputs, "upsample"), name="deeplabv3_plus")
-    model.output_stride = output_stride
-    return model
+deeplabv3_plus = MODELS.register("deeplabv3_plus")(variant(
+    deeplab, "deeplabv3_plus",
+    "DeepLab v3+: the v3 encoder and a decoder that fuses the stride-4 low-level features.\n\n"
+    "    The ASPP output is resized to the stride-4 features (``conv2`` of a ResNet), which a 1x1\n"
+    "    convolution has reduced to ``low_level_filters`` channels; two 3x3 convolutions refine the\n"
+    "    concatenation before the classifier and the final 4x bilinear upsampling.\n\n"
+    "    Source: Chen et al. 2018, arXiv:1802.02611.\n" + _ARGS +
+    "      low_level_filters: channels of the reduced low-level features (48 in the paper).\n"
+    "      decoder_filters: channels of the decoder's 3x3 convolutions (256).\n",
+    decoder=True,
+))

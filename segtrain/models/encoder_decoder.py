@@ -6,6 +6,7 @@ import keras
 
 from registry import MODELS
 from segtrain.models.layers import check_divisible, classifier, image_input
+from segtrain.models.model import SegmentationModel
 
 
 @MODELS.register("encoder_decoder")
@@ -31,6 +32,5 @@ def encoder_decoder(num_classes: int, input_shape=None) -> keras.Model:
     for i, filters in enumerate((256, 128, 64)):
         x = keras.layers.Conv2DTranspose(filters, 3, padding="same", activation="relu", name=f"decoder.stage{i}.conv")(x)
         x = keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation="relu", name=f"decoder.stage{i}.up")(x)
-    model = keras.Model(inputs, classifier(x, num_classes, kernel_size=3), name="encoder_decoder")
-    model.size_divisor = 8
-    return model
+    return SegmentationModel(inputs, classifier(x, num_classes, kernel_size=3), name="encoder_decoder",
+                             size_divisor=8, output_stride=8)

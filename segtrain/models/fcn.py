@@ -8,6 +8,8 @@ begins from the coarser net's prediction.
 
 Same padding replaces the paper's 100-pixel input padding and final crop: inputs need height
 and width divisible by 32 (the pipeline pads evaluation images to that).
+
+The three are thin variants of one builder that differ in the finest stride they fuse.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from registry import MODELS
-from segtrain.models.backbones import features as backbone_features
+from registry import MODELS, variant
+from segtrain.models import backbones
 from segtrain.models.layers import check_divisible, image_input
+from segtrain.models.model import SegmentationModel
 
 
+@keras.saving.register_keras_serializable(package="segtrain")
 class BilinearUpsampling(keras.initializers.Initializer):
     """A Conv2DTranspose kernel that performs bilinear upsampling, channel by channel."""
 
@@ -49,28 +53,36 @@ def score(x, num_classes: int, name: str, zeros: bool = False):
     return keras.layers.Conv2D(num_classes, 1, kernel_initializer=init, name=name)(x)
 
 
-def _fcn(variant: int, num_classes, backbone, fc_filters, dropout, backbone_weights, freeze_backbone, input_shape):
-    name = f"fcn{variant}s"
+def fcn(
+    num_classes: int,
+    backbone: str = "vgg16",
+    fc_filters: int = 4096,
+    dropout: float = 0.5,
+    input_shape=None,
+    *,
+    finest_stride: int,
+) -> keras.Model:
+    """FCN-``finest_stride``s; see the variants below."""
+    name = f"fcn{finest_stride}s"
     check_divisible(input_shape, 32, name)
+    encoder = backbones.get(backbone, owner=name)
     inputs = image_input(input_shape)
-    strides = {32: (32,), 16: (16, 32), 8: (8, 16, 32)}[variant]
-    features = dict(zip(strides, backbone_features(inputs, backbone, strides, weights=backbone_weights,
-                                                   freeze=freeze_backbone, owner=name)))
+    strides = {32: (32,), 16: (16, 32), 8: (8, 16, 32)}[finest_stride]
+    features = dict(zip(strides, encoder.pyramid(inputs, strides)))
     x = keras.layers.Conv2D(fc_filters, 7, padding="same", activation="relu", name="fc6")(features[32])
     x = keras.layers.Dropout(dropout, name="fc6.dropout")(x)
     x = keras.layers.Conv2D(fc_filters, 1, activation="relu", name="fc7")(x)
     x = keras.layers.Dropout(dropout, name="fc7.dropout")(x)
     x = score(x, num_classes, "score_fr")
     stride = 32
-    while stride > variant:  # fuse the next finer pool's scores
+    while stride > finest_stride:  # fuse the next finer pool's scores
         stride //= 2
         x = upsample(x, num_classes, 2, f"score{stride * 2}.up2")
         pool = score(features[stride], num_classes, f"score_pool{stride.bit_length() - 1}", zeros=True)
         x = keras.layers.Add(name=f"fuse_pool{stride.bit_length() - 1}")([x, pool])
-    logits = upsample(x, num_classes, variant, "upsample", dtype="float32")
-    model = keras.Model(inputs, logits, name=name)
-    model.size_divisor = 32
-    return model
+    logits = upsample(x, num_classes, finest_stride, "upsample", dtype="float32")
+    return SegmentationModel(inputs, logits, name=name, size_divisor=32, output_stride=32,
+                             preprocessing=encoder.input_preprocessing)
 
 
 _ARGS = """
@@ -78,33 +90,19 @@ _ARGS = """
 
     Args:
       num_classes: output channels (logits).
-      backbone: 'vgg16' (keras.applications structure) or a registered VGG-like backbone.
+      backbone: 'vgg16' or another registered VGG-like backbone; its weights file and freezing
+        are set under backbones.<name>.*.
       fc_filters: channels of fc6 and fc7 (4096 in VGG-16).
       dropout: after fc6 and fc7 (0.5).
-      backbone_weights: None, or a local keras.applications VGG16 weights file (include_top=False).
-      freeze_backbone: train only fc6 onwards.
       input_shape: (H, W, 3) to fix the input size (divisible by 32), or None.
 """
 
-
-@MODELS.register("fcn32s")
-def fcn32s(num_classes: int, backbone: str = "vgg16", fc_filters: int = 4096, dropout: float = 0.5, backbone_weights: str | None = None,
-           freeze_backbone: bool = False, input_shape=None) -> keras.Model:
-    return _fcn(32, num_classes, backbone, fc_filters, dropout, backbone_weights, freeze_backbone, input_shape)
-
-
-@MODELS.register("fcn16s")
-def fcn16s(num_classes: int, backbone: str = "vgg16", fc_filters: int = 4096, dropout: float = 0.5, backbone_weights: str | None = None,
-           freeze_backbone: bool = False, input_shape=None) -> keras.Model:
-    return _fcn(16, num_classes, backbone, fc_filters, dropout, backbone_weights, freeze_backbone, input_shape)
-
-
-@MODELS.register("fcn8s")
-def fcn8s(num_classes: int, backbone: str = "vgg16", fc_filters: int = 4096, dropout: float = 0.5, backbone_weights: str | None = None,
-          freeze_backbone: bool = False, input_shape=None) -> keras.Model:
-    return _fcn(8, num_classes, backbone, fc_filters, dropout, backbone_weights, freeze_backbone, input_shape)
-
-
-fcn32s.__doc__ = "FCN-32s: VGG-16, fc6/fc7 as convolutions, one 32x transposed-conv upsampling.\n" + _ARGS
-fcn16s.__doc__ = "FCN-16s: FCN-32s's scores upsampled 2x and added to pool4's, then 16x upsampling.\n" + _ARGS
-fcn8s.__doc__ = "FCN-8s: FCN-16s's fused scores upsampled 2x and added to pool3's, then 8x upsampling.\n" + _ARGS
+fcn32s = MODELS.register("fcn32s")(variant(
+    fcn, "fcn32s", "FCN-32s: VGG-16, fc6/fc7 as convolutions, one 32x transposed-conv upsampling.\n" + _ARGS,
+    finest_stride=32))
+fcn16s = MODELS.register("fcn16s")(variant(
+    fcn, "fcn16s", "FCN-16s: FCN-32s's scores upsampled 2x and added to pool4's, then 16x upsampling.\n" + _ARGS,
+    finest_stride=16))
+fcn8s = MODELS.register("fcn8s")(variant(
+    fcn, "fcn8s", "FCN-8s: FCN-16s's fused scores upsampled 2x and added to pool3's, then 8x upsampling.\n" + _ARGS,
+    finest_stride=8))

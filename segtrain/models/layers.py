@@ -1,7 +1,8 @@
 """Small named building blocks shared by the models.
 
 Keras 3 forbids '/' in layer names, so names show the structure with dots:
-``encoder.level2.conv1``.
+``encoder.level2.conv1``. Every custom layer is registered with Keras (package ``segtrain``) so
+that saved models load back.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def check_divisible(input_shape, divisor: int, model: str) -> None:
             )
 
 
+@keras.saving.register_keras_serializable(package="segtrain")
 class ResizeLike(keras.layers.Layer):
     """Bilinear resize of ``x`` to the height and width of ``like`` (any size, known at run time).
 
@@ -80,6 +82,7 @@ class ResizeLike(keras.layers.Layer):
         return {**super().get_config(), "interpolation": self.interpolation}
 
 
+@keras.saving.register_keras_serializable(package="segtrain")
 class CropLike(keras.layers.Layer):
     """Keeps the top-left part of ``x`` the size of ``like``: undoes the extra row or column of
     a 2x upsampling of an odd-sized map, or the padding a model added around its input."""

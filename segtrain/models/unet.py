@@ -6,8 +6,9 @@ import keras
 
 from registry import MODELS
 from segtrain.errors import SegtrainError
-from segtrain.models.backbones import features as backbone_features
+from segtrain.models import backbones
 from segtrain.models.layers import CropLike, check_divisible, classifier, conv_bn_relu, image_input
+from segtrain.models.model import SegmentationModel
 
 
 def double_conv(x, filters: int, name: str, batch_norm: bool, synchronized: bool):
@@ -65,9 +66,8 @@ def unet(
         x = keras.layers.Dropout(dropout, name="bottleneck.dropout")(x)
     for level in reversed(range(depth)):
         x = up_block(x, skips[level], base_filters * 2**level, f"decoder.level{level}", batch_norm, synchronized_batch_norm)
-    model = keras.Model(inputs, classifier(x, num_classes), name="unet")
-    model.size_divisor = 2**depth
-    return model
+    return SegmentationModel(inputs, classifier(x, num_classes), name="unet", size_divisor=2**depth,
+                             output_stride=2**depth)
 
 
 def valid_unet_sizes(size: int, depth: int) -> tuple[int, int, int]:
@@ -81,6 +81,7 @@ def valid_unet_sizes(size: int, depth: int) -> tuple[int, int, int]:
     return scale * bottom + 4 * (scale - 1), scale * bottom - 8 * scale + 4, 6 * scale - 4
 
 
+@keras.saving.register_keras_serializable(package="segtrain")
 class OverlapTilePad(keras.layers.Layer):
     """Mirror-pads images so a valid-convolution U-Net's output covers the whole image.
 
@@ -161,9 +162,8 @@ def unet_original(
         skip = CenterCropLike(name=f"{name}.crop")(skips[level], x)
         x = keras.layers.Concatenate(name=f"{name}.concat")([x, skip])
         x = _valid_double_conv(x, base_filters * 2**level, name, batch_norm)
-    logits = classifier(x, num_classes)
-    model = keras.Model(inputs, CropLike(dtype="float32", name="crop")(logits, inputs), name="unet_original")
-    return model
+    logits = CropLike(dtype="float32", name="crop")(classifier(x, num_classes), inputs)
+    return SegmentationModel(inputs, logits, name="unet_original", output_stride=2**depth)
 
 
 def _valid_double_conv(x, filters: int, name: str, batch_norm: bool):
@@ -171,6 +171,7 @@ def _valid_double_conv(x, filters: int, name: str, batch_norm: bool):
     return conv_bn_relu(x, filters, f"{name}.conv2", batch_norm=batch_norm, padding="valid")
 
 
+@keras.saving.register_keras_serializable(package="segtrain")
 class CenterCropLike(keras.layers.Layer):
     """The centre of ``x`` the size of ``like``: the U-Net paper's crop of the skip connection."""
 
@@ -190,9 +191,6 @@ def unet_resnet50(
     num_classes: int,
     backbone: str = "resnet50",
     decoder_filters: tuple = (512, 256, 64, 32),
-    backbone_weights: str | None = None,
-    freeze_backbone: bool = False,
-    freeze_batch_norm: bool = False,
     input_shape=None,
 ) -> keras.Model:
     """U-Net with a ResNet-50 encoder (up to conv4, stride 16) and a transposed-conv decoder.
@@ -206,20 +204,16 @@ def unet_resnet50(
 
     Args:
       num_classes: output channels (logits).
-      backbone: the ResNet of keras.applications ('resnet50' or 'resnet101').
+      backbone: a registered ResNet ('resnet50' or 'resnet101'); its weights file and
+        freezing are set under backbones.<name>.*.
       decoder_filters: filters of the steps to strides 8, 4, 2 and 1.
-      backbone_weights: None, or a local keras.applications weights file (include_top=False).
-      freeze_backbone: train only the decoder.
-      freeze_batch_norm: keep the encoder's batch norm statistics and scales fixed.
       input_shape: (H, W, 3) to fix the input size, or None for any size.
     """
     if len(decoder_filters) != 4:
         raise SegtrainError(f"models.unet_resnet50.decoder_filters={decoder_filters!r}: give 4 widths (strides 8, 4, 2, 1).")
+    encoder = backbones.get(backbone, owner="unet_resnet50")
     inputs = image_input(input_shape)
-    *skips, x = backbone_features(
-        inputs, backbone, (2, 4, 8, 16), weights=backbone_weights, freeze=freeze_backbone,
-        freeze_batch_norm=freeze_batch_norm, owner="unet_resnet50",
-    )
+    *skips, x = encoder.pyramid(inputs, (2, 4, 8, 16))
     for skip, filters, stride in zip(reversed(skips), decoder_filters, (8, 4, 2)):
         name = f"decoder.stride{stride}"
         x = keras.layers.Conv2DTranspose(filters, 2, strides=2, activation="relu", name=f"{name}.upconv")(x)
@@ -229,8 +223,8 @@ def unet_resnet50(
     x = keras.layers.Conv2DTranspose(decoder_filters[3], 2, strides=2, activation="relu", name="decoder.stride1.upconv")(x)
     x = CropLike(name="decoder.stride1.crop")(x, inputs)
     x = double_conv(x, decoder_filters[3], "decoder.stride1", batch_norm=True, synchronized=False)
-    model = keras.Model(inputs, classifier(x, num_classes), name="unet_resnet50")
-    return model
+    return SegmentationModel(inputs, classifier(x, num_classes), name="unet_resnet50", output_stride=16,
+                             preprocessing=encoder.input_preprocessing)
 
 
 @MODELS.register("unet_compact")
@@ -276,6 +270,4 @@ def unet_compact(
         x = keras.layers.Concatenate(name=f"{name}.concat")([x, skips[level]])
     logits = keras.layers.Conv2DTranspose(num_classes, 3, strides=2, padding="same", kernel_initializer="he_normal",
                                           dtype="float32", name="logits")(x)
-    model = keras.Model(inputs, logits, name="unet_compact")
-    model.size_divisor = 2**levels
-    return model
+    return SegmentationModel(inputs, logits, name="unet_compact", size_divisor=2**levels, output_stride=2**levels)

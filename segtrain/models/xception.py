@@ -16,6 +16,7 @@ import keras
 from registry import MODELS
 from segtrain.errors import SegtrainError
 from segtrain.models.layers import check_divisible, classifier, image_input
+from segtrain.models.model import SegmentationModel
 
 
 def separable_block(x, filters: int, name: str, downsample: bool, synchronized: bool = False):
@@ -71,6 +72,5 @@ def xception_unet(
         x = separable_block(x, width, name, downsample=False, synchronized=sync)
     x = keras.layers.BatchNormalization(synchronized=sync, name="head.bn")(x)
     x = keras.layers.ReLU(name="head.relu")(x)
-    model = keras.Model(inputs, classifier(x, num_classes), name="xception_unet")
-    model.size_divisor = 2**depth
-    return model
+    return SegmentationModel(inputs, classifier(x, num_classes), name="xception_unet", size_divisor=2**depth,
+                             output_stride=2**depth)

@@ -6,37 +6,44 @@
 
 TensorFlow writes checkpoint data under temporary names and renames it, and best.json is
 written the same way, so an interrupted save never leaves a checkpoint that looks complete.
+Weights that are not finite are never saved: the last good checkpoint stays the latest.
 """
 
 from __future__ import annotations
 
 import os
 
+import keras
 import tensorflow as tf
 
 from segtrain.errors import SegtrainError
+from segtrain.experiment import BEST_DIR, restore_checkpoint
 from segtrain.io import read_json, write_json
 
 
 class Checkpoints:
-    """Saves and restores the trackables of a run (model, optimizer, step).
+    """Saves and restores the trackables of a training run (model, optimizer, step).
 
     Args:
       model_dir: the run's directory.
+      model: the model; its weights are checked before every save.
       max_to_keep: how many of the latest checkpoints to keep.
       write_dir: where this process saves (default model_dir). Multi-worker runs restore from
         the chief's model_dir on every worker, while the other workers save to scratch
         directories: each must take part in a save, but only the chief's is kept.
-      **trackables: objects to checkpoint, e.g. model=..., optimizer=..., step=....
+      **trackables: the other objects to checkpoint, e.g. optimizer=..., step=....
     """
 
-    def __init__(self, model_dir: str, max_to_keep: int = 3, write_dir: str | None = None, **trackables):
+    def __init__(self, model_dir: str, model: keras.Model, max_to_keep: int = 3, write_dir: str | None = None,
+                 **trackables):
         self.model_dir = model_dir
+        self.model = model
         write_dir = write_dir or model_dir
-        self.checkpoint = tf.train.Checkpoint(**trackables)
+        self.checkpoint = tf.train.Checkpoint(model=model, **trackables)
         self.latest = tf.train.CheckpointManager(self.checkpoint, write_dir, max_to_keep=max_to_keep)
-        self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(write_dir, "best"), max_to_keep=1)
-        self.best_dir = os.path.join(model_dir, "best")
+        self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(write_dir, BEST_DIR), max_to_keep=1)
+        self.best_dir = os.path.join(model_dir, BEST_DIR)
+        self._checked_at: int | None = None
 
     @property
     def best_json(self) -> str:
@@ -55,47 +62,44 @@ class Checkpoints:
         """
         path = self.latest_checkpoint
         if path:
-            self._restore(path, lambda status: status.assert_existing_objects_matched())
+            restore_checkpoint(self.checkpoint, path)
         return path
 
     def save(self, step: int) -> str:
+        """Saves the latest checkpoint at ``step`` (weights checked first)."""
+        self.check_weights(step)
         return self.latest.save(checkpoint_number=step)
+
+    def save_best(self, step: int) -> str:
+        self.check_weights(step)
+        return self.best.save(checkpoint_number=step)
 
     def best_record(self) -> dict | None:
         """The best-checkpoint and early-stopping record, or None before the first evaluation."""
         return read_json(self.best_json) if os.path.exists(self.best_json) else None
 
-    def save_best(self, step: int) -> str:
-        return self.best.save(checkpoint_number=step)
-
     def write_record(self, record: dict) -> None:
         write_json(os.path.join(self.best.directory, "best.json"), record)
 
-    def restore_for_eval(self, which: str = "best") -> str:
-        """Restores model weights from the 'best' (falling back to 'latest') or 'latest' checkpoint.
+    def check_weights(self, step: int) -> None:
+        """Refuses to save weights that are not finite (a step can overflow with a finite loss).
+
+        The latest and the best checkpoint of one step share one check.
 
         Raises:
-          SegtrainError: no checkpoint in model_dir, or one of a different model.
+          SegtrainError: a weight is NaN or infinite; names the step and the checkpoint kept.
         """
-        if which not in ("best", "latest"):
-            raise SegtrainError(f"--checkpoint={which!r}: use 'best' or 'latest'.")
-        path = (which == "best" and tf.train.latest_checkpoint(self.best_dir)) or self.latest_checkpoint
-        if not path:
-            raise SegtrainError(
-                f"No checkpoint in {self.model_dir}: train first with "
-                f"`segtrain train --model_dir={self.model_dir} ...`."
-            )
-        self._restore(path, lambda status: status.expect_partial())
-        return path
+        if self._checked_at == step:
+            return
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in self.model.weights
+                                if "float" in str(v.dtype)])
+        if not bool(finite):
+            raise SegtrainError(f"The model weights became NaN or infinite by step {step}. {self.kept()}")
+        self._checked_at = step
 
-    def _restore(self, path: str, check) -> None:
-        try:
-            check(self.checkpoint.restore(path))
-        except (ValueError, AssertionError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SegtrainError(
-                f"Checkpoint {path} does not fit the model and optimizer configured now: it was "
-                f"written by a different model or configuration ({first[:300]}). Use a new "
-                f"--model_dir, or the gin configuration the run was trained with "
-                f"({self.model_dir}/operative_config.gin)."
-            ) from None
+    def kept(self) -> str:
+        """What a failed run leaves: the last good checkpoint, and what to try."""
+        latest = self.latest_checkpoint
+        kept = (f"The last good checkpoint, {os.path.basename(latest)}, is intact; "
+                if latest else "No checkpoint was written; ")
+        return kept + "lower learning_rate.base, set train.clip_norm, or check the data, then rerun."

@@ -11,12 +11,19 @@ import tensorflow as tf
 from PIL import Image
 
 import segtrain.data  # noqa: F401  (registers the datasets)
+from registry import DATASETS
 from segtrain.data import cityscapes, folder, pets, voc
 from segtrain.data.prepare import SKIPPED_FILE, is_prepared, prepare, prepared_dir, read_all
-from segtrain.errors import SegtrainError
+from segtrain.data.raw import Source
+from segtrain.errors import SegtrainError, SegtrainWarning
 from tests.data import fabricate as F
 
 STEMS = [f"img_{i:02d}" for i in range(20)]
+
+
+def _plugin(name):
+    """The registered dataset function (without gin)."""
+    return DATASETS.original(name)
 
 
 def _decoded(path):
@@ -76,11 +83,11 @@ def _folder(raw, rgb=False):
 
 
 LAYOUTS = {
-    "voc2012": (_voc, voc.voc2012, voc.Voc2012, {}),
-    "oxford_iiit_pet": (_pets, pets.oxford_iiit_pet, pets.OxfordIiitPet, {}),
-    "cityscapes": (_cityscapes, cityscapes.cityscapes, cityscapes.Cityscapes, {}),
-    "folder_index": (_folder, folder.folder, lambda: folder.Folder(num_classes=3), {"num_classes": 3}),
-    "folder_rgb": (lambda raw: _folder(raw, rgb=True), folder.folder,
+    "voc2012": (_voc, _plugin("voc2012"), voc.Voc2012, {}),
+    "oxford_iiit_pet": (_pets, _plugin("oxford_iiit_pet"), pets.OxfordIiitPet, {}),
+    "cityscapes": (_cityscapes, _plugin("cityscapes"), cityscapes.Cityscapes, {}),
+    "folder_index": (_folder, _plugin("folder"), lambda: folder.Folder(num_classes=3), {"num_classes": 3}),
+    "folder_rgb": (lambda raw: _folder(raw, rgb=True), _plugin("folder"),
                    lambda: folder.Folder(num_classes=3, ignore_colour=(255, 255, 255)),
                    {"num_classes": 3, "ignore_colour": (255, 255, 255)}),
 }
@@ -114,7 +121,7 @@ def test_class_tables():
 def test_pets_boundary_as_ignore(tmp_path):
     expected, _ = _pets(str(tmp_path / "raw"))
     _prepare(pets.OxfordIiitPet(), tmp_path / "raw", tmp_path / "out")
-    ds, info = pets.oxford_iiit_pet("test", data_dir=str(tmp_path / "out"), boundary_as_ignore=True)
+    ds, info = _plugin("oxford_iiit_pet")("test", data_dir=str(tmp_path / "out"), boundary_as_ignore=True)
     assert info.num_classes == 2 and info.class_names == ("pet", "background")
     for got in read_all(ds, info):
         want = expected["test"][got["key"]].copy()
@@ -137,12 +144,12 @@ def test_voc2012_aug_train_is_sbd_plus_voc_train_minus_val(tmp_path, lists):
             Image.fromarray(label, mode="L").save(os.path.join(sbd_dir, f"{key}.png"))
     source = voc.Voc2012Aug(sbd_dir)
     _prepare(source, raw, tmp_path / "out")
-    ds, info = voc.voc2012_aug("train", data_dir=str(tmp_path / "out"))
+    ds, info = _plugin("voc2012_aug")("train", data_dir=str(tmp_path / "out"))
     got = {g["key"]: g["label"] for g in read_all(ds, info)}
     assert sorted(got) == ["2007_000032", "2007_000039", "2008_000100", "2008_000200"]
     np.testing.assert_array_equal(got["2007_000032"], voc_labels["2007_000032"])  # VOC's own annotation wins
     np.testing.assert_array_equal(got["2008_000100"], sbd_labels["2008_000100"])
-    ds, info = voc.voc2012_aug("val", data_dir=str(tmp_path / "out"))
+    ds, info = _plugin("voc2012_aug")("val", data_dir=str(tmp_path / "out"))
     assert sorted(g["key"] for g in read_all(ds, info)) == ["2007_000063", "2009_000010"]
 
 
@@ -206,7 +213,7 @@ def test_bad_example_stops_prepare_with_its_file_and_skip_leaves_it_out(tmp_path
     assert len(result["skipped"]) == 1 and sum(result["splits"].values()) == 4
     listed = (tmp_path / "out" / "oxford_iiit_pet" / "1.0.0" / SKIPPED_FILE).read_text()
     assert message in listed
-    ds, info = pets.oxford_iiit_pet("trainval", data_dir=str(out))
+    ds, info = _plugin("oxford_iiit_pet")("trainval", data_dir=str(out))
     assert len(read_all(ds, info)) == info.num_examples["trainval"]
 
 
@@ -257,17 +264,17 @@ def test_missing_directory_split_list_and_empty_split(tmp_path):
 
 def test_reading_needs_a_directory_and_a_prepared_copy(tmp_path):
     with pytest.raises(SegtrainError, match=r"set datasets.voc2012.data_dir .* or datasets.voc2012.source_dir"):
-        voc.voc2012("train")
+        _plugin("voc2012")("train")
     with pytest.raises(SegtrainError, match=r"No prepared voc2012 dataset .* run `segtrain prepare --dataset=voc2012"):
-        voc.voc2012("train", data_dir=str(tmp_path))
+        _plugin("voc2012")("train", data_dir=str(tmp_path))
     with pytest.raises(SegtrainError, match=r"Dataset 'voc2012' has no split 'test'; use one of train, val, trainval"):
-        voc.voc2012("test", data_dir=str(tmp_path))
+        _plugin("voc2012")("test", data_dir=str(tmp_path))
 
 
 def test_raw_reading_names_a_bad_label_file(tmp_path):
     raw = _pets_tree(tmp_path)
     Image.new("L", (5, 7), 1).save(_trimap(raw, "pug_7"))
-    ds, info = pets.oxford_iiit_pet("test", source_dir=str(raw))
+    ds, info = _plugin("oxford_iiit_pet")("test", source_dir=str(raw))
     from segtrain.errors import data_errors
 
     with pytest.raises(SegtrainError, match=r"pug_7.png: label is 5x7 \(width x height\) but its image .*pug_7.jpg"):
@@ -288,8 +295,60 @@ def test_interrupted_prepare_leaves_nothing_and_runs_again(tmp_path):
     assert not is_prepared(str(out), source)
     assert not [p for p in out.rglob("*") if p.is_file()], "no file of the half-written dataset may remain"
     with pytest.raises(SegtrainError, match="No prepared oxford_iiit_pet dataset"):
-        pets.oxford_iiit_pet("trainval", data_dir=str(out))
+        _plugin("oxford_iiit_pet")("trainval", data_dir=str(out))
     assert _prepare(source, raw, out)["splits"] == {"trainval": 3, "test": 2}
     assert _prepare(source, raw, out)["splits"] == {}, "a prepared dataset is kept, not rebuilt"
     assert _prepare(source, raw, out, overwrite=True)["splits"] == {"trainval": 3, "test": 2}
     assert is_prepared(str(out), source) and os.path.isdir(prepared_dir(str(out), source))
+
+
+def test_one_registration_gives_reading_and_preparing(tmp_path):
+    """A Source subclass decorated once is a dataset plugin whose settings (its arguments) serve
+    `segtrain prepare` and reading alike."""
+    import inspect
+
+    from segtrain.data.files import file_dataset
+    from segtrain.data.info import default_palette
+    from segtrain.data.raw import pair_by_stem
+    from tests.conftest import segtrain_main
+
+    @file_dataset
+    class TwoFolders(Source):
+        """Images and masks side by side: <stem>.jpg and <stem><mask_suffix>.png (a test layout)."""
+
+        name = "test_two_folders"
+        splits = ("train",)
+        layout = "Expected <stem>.jpg and <stem><mask_suffix>.png."
+
+        def __init__(self, num_classes: int = 3, mask_suffix: str = "_mask"):
+            self.class_names = tuple(f"c{i}" for i in range(num_classes))
+            self.palette = default_palette(num_classes)
+            self.mask_suffix = mask_suffix
+
+        def list_split(self, source_dir, split):
+            files = os.listdir(source_dir)
+            images = {f[:-4]: os.path.join(source_dir, f) for f in files if f.endswith(".jpg")}
+            masks = {f[: -len(self.mask_suffix) - 4]: os.path.join(source_dir, f) for f in files
+                     if f.endswith(self.mask_suffix + ".png")}
+            return pair_by_stem(images, masks)
+
+    fn = DATASETS.original("test_two_folders")
+    assert list(inspect.signature(fn).parameters) == ["split", "data_dir", "source_dir", "num_classes", "mask_suffix"]
+    raw = tmp_path / "raw"
+    labels = F.folder(str(tmp_path / "made"), ["a", "b", "c"], num_classes=2)
+    raw.mkdir()
+    for stem in labels:
+        shutil.copy(tmp_path / "made" / "images" / f"{stem}.jpg", raw / f"{stem}.jpg")
+        shutil.copy(tmp_path / "made" / "masks" / f"{stem}.png", raw / f"{stem}_m.png")
+    done = segtrain_main("prepare", "--dataset=test_two_folders", f"--source_dir={raw}", f"--data_dir={tmp_path / 'out'}",
+                         "--num_workers=1", "--gin_param=datasets.test_two_folders.mask_suffix = '_m'",
+                         "--gin_param=datasets.test_two_folders.num_classes = 2")
+    assert done.returncode == 0, done.stderr
+    ds, info = fn("train", data_dir=str(tmp_path / "out"))
+    assert info.class_names == ("c0", "c1")
+    got = {g["key"]: g["label"] for g in read_all(ds, info)}
+    for stem, label in labels.items():
+        np.testing.assert_array_equal(got[stem], label)
+    with pytest.warns(SegtrainWarning, match="Reading test_two_folders from its raw files"):
+        raw_ds, raw_info = fn("train", source_dir=str(raw), num_classes=2, mask_suffix="_m")
+    assert sorted(g["key"] for g in read_all(raw_ds, raw_info)) == ["a", "b", "c"]

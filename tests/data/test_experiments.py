@@ -8,7 +8,6 @@ import os
 import gin
 import pytest
 
-from segtrain import config
 from tests.conftest import REPO
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "gin", "experiments", "*.gin")))
@@ -24,10 +23,11 @@ def test_the_natural_pairs_have_experiment_files():
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: os.path.basename(p))
 def test_experiment_parses_and_names_its_plugins(path, tmp_path):
     import registry
-    from segtrain.train.trainer import TrainConfig
+    from segtrain.commands.configure import parse_config
+    from segtrain.experiment import ExperimentConfig
 
-    config.parse([path], [f"DATA_DIR = '{tmp_path}'"])
-    cfg = TrainConfig()
+    parse_config([path], [f"DATA_DIR = '{tmp_path}'"])
+    cfg = ExperimentConfig()
     assert cfg.model in registry.MODELS.names() and cfg.dataset in registry.DATASETS.names()
     assert cfg.loss in registry.LOSSES.names()
     assert gin.query_parameter("%DATA_DIR") == str(tmp_path)

@@ -2,14 +2,19 @@
 
 The backbones keep keras.applications' structure and layer names (so dilation, feature taps,
 freezing and weight loading take the same code paths) with one block per stage and a few
-channels. They are registered through the public ``register_backbone``.
+channels. They are registered like any plugin backbone, in ``registry.BACKBONES``.
+
+xception_unet's widths are multiples of 16: on CPUs with AVX-512, TensorFlow 2.21's oneDNN
+depthwise-convolution filter gradient corrupts the heap (and the process dies) when the
+channel count is not a multiple of the 16-float vector width.
 """
 
 from __future__ import annotations
 
 import keras
 
-from segtrain.models.backbones import BACKBONES, BackboneSpec, _resnet_stages, register_backbone
+from registry import BACKBONES
+from segtrain.models.backbones import VGG_STAGES, Backbone, resnet_stages
 
 
 def resnet_tiny(input_shape) -> keras.Model:
@@ -35,9 +40,17 @@ def vgg_tiny(input_shape) -> keras.Model:
     return keras.Model(inputs, x, name="vgg_tiny")
 
 
-if "resnet_tiny" not in BACKBONES:
-    register_backbone("resnet_tiny", BackboneSpec(resnet_tiny, _resnet_stages(), "tests"))
-    register_backbone("vgg_tiny", BackboneSpec(vgg_tiny, {2 ** k: rf"block{k}_.*" for k in range(1, 6)}, "tests"))
+@BACKBONES.register("resnet_tiny", override=True)
+def resnet_tiny_backbone(weights=None, freeze=False, freeze_batch_norm=False) -> Backbone:
+    """ResNet-50's structure with one small block per stage ('caffe' preprocessing with weights)."""
+    return Backbone("resnet_tiny", resnet_tiny, resnet_stages(), "caffe", weights, freeze, freeze_batch_norm, "tests")
+
+
+@BACKBONES.register("vgg_tiny", override=True)
+def vgg_tiny_backbone(weights=None, freeze=False, freeze_batch_norm=False) -> Backbone:
+    """VGG-16's structure with one small convolution per block."""
+    return Backbone("vgg_tiny", vgg_tiny, VGG_STAGES, "caffe", weights, freeze, freeze_batch_norm, "tests")
+
 
 # The arguments that shrink each built-in model.
 TINY_MODELS: dict[str, dict] = {
@@ -49,7 +62,7 @@ TINY_MODELS: dict[str, dict] = {
     "unet_original": {"depth": 2, "base_filters": 4},
     "unet_resnet50": {"backbone": "resnet_tiny", "decoder_filters": (16, 8, 8, 4)},
     "unet_compact": {"levels": 3, "base_filters": 4, "max_filters": 16},
-    "xception_unet": {"stem_filters": 4, "filters": (8, 16)},
+    "xception_unet": {"stem_filters": 16, "filters": (16, 32)},  # multiples of 16: see tiny.py doc
 }
 
 

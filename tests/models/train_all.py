@@ -21,9 +21,10 @@ def main(spec: dict) -> dict:
     split_cpu(2)
     import gin
 
-    from segtrain import config
+    from segtrain.commands.configure import parse_config
     from segtrain.errors import SegtrainWarning
-    from segtrain.train.trainer import Run, TrainConfig, Trainer
+    from segtrain.experiment import Experiment, ExperimentConfig
+    from segtrain.train.trainer import Trainer
     from tests.conftest import TINY
     from tests.models import tiny
 
@@ -36,7 +37,7 @@ def main(spec: dict) -> dict:
     results = {}
     for model, model_dir in spec["runs"].items():
         gin.clear_config()
-        config.parse([], TINY + tiny.bindings(model) + [
+        parse_config([], TINY + tiny.bindings(model) + [
             f"train.precision = '{spec['precision']}'", f"train.xla = {spec['xla']}",
             "train.batch_size = 4", "pipeline.crop_size = (64, 64)", "datasets.shapes.num_train = 4",
             "datasets.shapes.min_size = 64", "datasets.shapes.max_size = 72",
@@ -45,23 +46,21 @@ def main(spec: dict) -> dict:
             warnings.simplefilter("ignore", SegtrainWarning)
             start = time.perf_counter()
             try:
-                results[model] = _train(Run(model_dir, TrainConfig(), strategy), Trainer)
+                config = ExperimentConfig()
+                results[model] = _train(Trainer(Experiment(config, strategy, split=config.train_split), model_dir))
             except Exception as e:  # report every model, not just the first failure
                 results[model] = f"{type(e).__name__}: {e}"[:2000]
             print(f"{model}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return results
 
 
-def _train(run, trainer_class, windows: int = 3, steps: int = 3) -> list[float]:
-    """The trainer's own compiled windows, without the evaluations and checkpoints of fit()."""
-    trainer = trainer_class(run)
-    dataset = run.train_dataset(seed=0)
-    trainer._check_output(dataset.element_spec["image"].shape[1:3])
-    iterator = iter(run.strategy.experimental_distribute_dataset(dataset))
+def _train(trainer, windows: int = 3, steps: int = 3) -> list[float]:
+    """The trainer's own compiled windows, without the actions of fit()."""
+    iterator, crop = trainer.iterator(seed=0)
+    trainer._check_output(crop)
     losses = []
     for window in range(windows):
-        scalars, _ = trainer.train_window(iterator, steps, window * steps, first=window == 0)
-        losses.append(scalars["loss"])
+        losses.append(trainer.train_window(iterator, window * steps, steps, first=window == 0).scalars["loss"])
     return losses
 
 

@@ -36,9 +36,9 @@ SCRIPT = textwrap.dedent("""
         def call(self, x):
             return self.head(x)
 
-    from segtrain import config
+    from segtrain.commands.configure import parse_config
     from segtrain.train.trainer import train
-    config.parse([], json.loads(sys.argv[2]))
+    parse_config([], json.loads(sys.argv[2]))
     results = train(sys.argv[1])  # the strategy comes from distribute.* in gin
     print("RESULT " + json.dumps({"loss": results["loss"]}))
 """)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import os
 
 import numpy as np
@@ -14,14 +15,21 @@ import keras
 from registry import DATASETS, LOSSES, MODELS
 from segtrain.data.info import DatasetInfo
 from segtrain.errors import SegtrainError
-from segtrain.train.trainer import Run, TrainConfig, Trainer, train
-from tests.conftest import read_scalars, read_tags
+from segtrain.experiment import Experiment, ExperimentConfig
+from segtrain.train.trainer import Trainer, train
+from tests.conftest import copy_run, read_scalars, read_tags
 
 
-def test_run_writes_checkpoints_summaries_and_config(tmp_path, configure):
-    configure()
-    results = train(str(tmp_path))
-    assert {"loss", "pixel_accuracy", "mean_accuracy", "mean_iou", "per_class_iou", "dice"} <= set(results)
+def _trainer(model_dir) -> Trainer:
+    """A Trainer of the gin-configured experiment (what train() builds, without fitting)."""
+    config = ExperimentConfig()
+    return Trainer(Experiment(config, split=config.train_split), str(model_dir))
+
+
+def test_run_writes_checkpoints_summaries_and_config(trained_run):
+    tmp_path = trained_run
+    results = json.loads((tmp_path / "eval_results_validation.json").read_text())
+    assert results["step"] == 6 and {"loss", "pixel_accuracy", "mean_accuracy", "mean_iou", "per_class_iou", "dice"} <= set(results)
     names = set(os.listdir(tmp_path))
     assert {"checkpoint", "ckpt-3.index", "ckpt-6.index", "operative_config.gin", "train", "eval", "best"} <= names
     best = json.loads((tmp_path / "best" / "best.json").read_text())
@@ -49,16 +57,15 @@ def test_loss_falls(tmp_path, configure):
     assert np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2])
 
 
-def test_rerun_resumes_at_the_saved_step(tmp_path, capsys, configure):
-    configure()
-    train(str(tmp_path))
+def test_rerun_resumes_at_the_saved_step(trained_run, tmp_path, capsys, configure):
+    tmp_path = copy_run(trained_run, tmp_path / "run")
     configure("train.num_steps = 9")
-    run = Run(str(tmp_path), TrainConfig())
-    Trainer(run).fit()
+    trainer = _trainer(tmp_path)
+    trainer.fit()
     assert "from ckpt-6 at step 6" in capsys.readouterr().out
-    assert int(run.step.numpy()) == 9
-    assert int(run.optimizer.iterations.numpy()) == 9  # optimizer state came back too
-    steps = [s for s, _ in read_scalars(str(tmp_path / "train"))["loss"]]
+    assert int(trainer.step.numpy()) == 9
+    assert int(trainer.optimizer.iterations.numpy()) == 9  # optimizer state came back too
+    steps = [s for s, _ in read_scalars(os.path.join(tmp_path, "train"))["loss"]]
     assert steps == [3, 6, 9]
     # A run that is already done does not train again.
     capsys.readouterr()
@@ -96,29 +103,26 @@ def test_a_different_best_metric_starts_a_new_record(tmp_path, capsys, configure
     assert best["metric"] == "mean_iou" and best["step"] == 9
 
 
-def test_restoring_a_checkpoint_of_another_model_is_a_clear_error(tmp_path, configure):
-    configure()
-    train(str(tmp_path))
+def test_restoring_a_checkpoint_of_another_model_is_a_clear_error(trained_run, tmp_path, configure):
+    tmp_path = copy_run(trained_run, tmp_path / "run")
     configure("models.unet.base_filters = 8", "train.num_steps = 9")
     with pytest.raises(SegtrainError, match="does not fit the model and optimizer configured now"):
         train(str(tmp_path))
 
 
-def test_non_finite_weights_are_never_saved(tmp_path, configure):
-    configure()
-    train(str(tmp_path))
+def test_non_finite_weights_are_never_saved(trained_run, tmp_path, configure):
+    tmp_path = copy_run(trained_run, tmp_path / "run")
     configure("train.num_steps = 9")
-    run = Run(str(tmp_path), TrainConfig())
-    trainer = Trainer(run)
-    run.checkpoints.restore_latest()
-    run.model.trainable_variables[0].assign(run.model.trainable_variables[0] * np.inf)
+    trainer = _trainer(tmp_path)
+    trainer.checkpoints.restore_latest()
+    trainer.model.trainable_variables[0].assign(trainer.model.trainable_variables[0] * np.inf)
     with pytest.raises(SegtrainError, match="weights became NaN or infinite by step 9. The last good checkpoint, ckpt-6, is intact"):
-        trainer._check_weights(9)
+        trainer.checkpoints.save(9)
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-6")
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, configure):
-    configure()
-    train(str(tmp_path))
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(trained_run, tmp_path, configure):
+    tmp_path = pathlib.Path(copy_run(trained_run, tmp_path / "run"))
     before = {f: os.path.getmtime(tmp_path / f) for f in os.listdir(tmp_path) if f.startswith("ckpt-6")}
 
     @LOSSES.register("test_nan", override=True)
@@ -136,12 +140,12 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, confi
 
 def test_gradient_clipping_bounds_the_update(tmp_path, configure):
     configure("train.num_steps = 1", "train.steps_per_loop = 1", "train.eval_every = 1",
-              "train.clip_norm = 1e-3", "optimizer.name = 'sgd'", "optimizer.momentum = 0.0",
+              "train.clip_norm = 1e-3", "optimizer.name = 'sgd'", "optimizers.sgd.momentum = 0.0",
               "learning_rate.base = 1.0", "train.num_image_panels = 0")
-    run = Run(str(tmp_path), TrainConfig())
-    before = [v.numpy().copy() for v in run.model.trainable_variables]
-    Trainer(run).fit()
-    delta = np.sqrt(sum(np.sum((v.numpy() - b) ** 2) for v, b in zip(run.model.trainable_variables, before)))
+    trainer = _trainer(tmp_path)
+    before = [v.numpy().copy() for v in trainer.model.trainable_variables]
+    trainer.fit()
+    delta = np.sqrt(sum(np.sum((v.numpy() - b) ** 2) for v, b in zip(trainer.model.trainable_variables, before)))
     assert 0 < delta <= 1e-3 * 1.001
 
 
@@ -194,10 +198,10 @@ def test_unknown_plugin_name_in_config(tmp_path, configure):
 def test_best_metric_must_be_computed_and_scalar(configure):
     configure("train.best_metric = 'miou'")
     with pytest.raises(SegtrainError, match="train.best_metric='miou' is not among train.metrics"):
-        TrainConfig()
+        ExperimentConfig()
     configure("train.metrics = ('mean_iou', 'per_class_accuracy')", "train.best_metric = 'per_class_accuracy'")
     with pytest.raises(SegtrainError, match="is a per-class metric"):
-        TrainConfig()
+        ExperimentConfig()
 
 
 @pytest.mark.parametrize("binding,message", [
@@ -210,4 +214,4 @@ def test_best_metric_must_be_computed_and_scalar(configure):
 def test_bad_train_settings(configure, binding, message):
     configure(binding)
     with pytest.raises(SegtrainError, match=message):
-        TrainConfig()
+        ExperimentConfig()

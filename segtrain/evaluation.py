@@ -1,26 +1,24 @@
 """Evaluation: one pass over a split into one summed confusion matrix, then every metric.
 
-``Evaluator`` is the loop the trainer runs every ``train.eval_every`` steps;
-``evaluate_run`` is ``segtrain evaluate``: it rebuilds a finished run from its
-operative_config.gin, restores the best (or latest) checkpoint and writes eval_results.json.
+``Evaluator`` is the loop that training runs every ``train.eval_every`` steps and that
+`segtrain evaluate` runs on a restored model. It needs a model, a loss and the dataset's facts;
+never an optimizer.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Sequence
 
-import gin
 import numpy as np
 import tensorflow as tf
 
 from segtrain import metrics as M
 from segtrain.data.info import DatasetInfo
-from segtrain.errors import SegtrainError, data_errors
+from segtrain.errors import SegtrainError
 from segtrain.io import write_json
-from segtrain.train.progress import Progress
+from segtrain.progress import Progress
 
 
 class Evaluator:
@@ -131,39 +129,3 @@ def json_ready(results: dict) -> dict:
 
 def write_results(path: str, results: dict) -> None:
     write_json(path, json_ready(results))
-
-
-@gin.configurable("evaluate", denylist=["model_dir"])
-def evaluate_run(model_dir: str, split: str = "test", checkpoint: str = "best", batch_size: int | None = None) -> dict:
-    """Evaluates a trained run on a split; prints the table and writes model_dir/eval_results.json.
-
-    The run is rebuilt from model_dir/operative_config.gin, so the model, dataset and pipeline
-    are exactly those it was trained with (gin files and bindings given on the command line
-    override them).
-
-    Args:
-      model_dir: the run's directory.
-      split: dataset split to evaluate.
-      checkpoint: 'best' (falls back to the latest when no best was kept) or 'latest'.
-      batch_size: evaluation batch size (default: the run's eval batch size).
-
-    Returns:
-      The results: loss and every metric, plus 'split', 'step' and 'checkpoint'.
-    """
-    from segtrain.train.trainer import Run
-
-    run = Run.for_evaluation(model_dir)
-    path = run.checkpoints.restore_for_eval(checkpoint)
-    step = int(run.step.numpy())
-    print(f"Evaluating {os.path.basename(path)} (step {step}) of {model_dir} on split '{split}'")
-    evaluator = Evaluator(run.model, run.loss_fn, run.info, run.strategy, run.metric_names)
-    with data_errors():
-        results, cm = evaluator.run(run.eval_dataset(split, batch_size))
-    results.update({"split": split, "step": step, "checkpoint": os.path.basename(path),
-                    "class_names": list(run.info.class_names), "confusion_matrix": cm.tolist()})
-    shown = {k: v for k, v in results.items() if k not in ("split", "step", "checkpoint", "class_names", "confusion_matrix")}
-    print(format_table(shown, run.info.class_names))
-    out = os.path.join(model_dir, "eval_results.json")
-    write_results(out, results)
-    print(f"Wrote {out}")
-    return results

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from segtrain.train.progress import Progress, format_duration
+from segtrain.progress import Progress, format_duration
 
 
 def test_line_has_step_values_rate_and_eta():

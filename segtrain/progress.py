@@ -1,4 +1,4 @@
-"""A console progress line: step, loss, images/s and ETA."""
+"""A console progress line: step, loss, images/s and ETA, for every long piece of work."""
 
 from __future__ import annotations
 
@@ -12,6 +12,15 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+_open_line: "Progress | None" = None  # the progress line a terminal shows unfinished, if any
+
+
+def end_line() -> None:
+    """Ends an unfinished progress line on the terminal, so the next print starts on its own line."""
+    if _open_line is not None:
+        _open_line.close()
 
 
 class Progress:
@@ -56,10 +65,14 @@ class Progress:
         now = time.perf_counter()
         finished = self.total is not None and done >= self.total
         if self.tty:
+            global _open_line
+            if _open_line is not None and _open_line is not self:
+                _open_line.close()
             pad = " " * max(self._last_len - len(line), 0)
             end = "\n" if finished or force else ""
             self.stream.write("\r" + line + pad + end)
             self._last_len = 0 if end else len(line)
+            _open_line = None if end else self
             self.stream.flush()
         elif force or finished or now - self._last_print >= self.min_interval:
             self.stream.write(line + "\n")
@@ -68,7 +81,10 @@ class Progress:
         return line
 
     def close(self) -> None:
+        global _open_line
         if self.tty and self._last_len:
             self.stream.write("\n")
             self.stream.flush()
             self._last_len = 0
+        if _open_line is self:
+            _open_line = None

@@ -1,8 +1,7 @@
 """Numeric precision: float32, or mixed float16 / bfloat16 with float32 variables and logits.
 
-float16 needs loss scaling so small gradients do not flush to zero: the optimizer is wrapped in
-Keras 3's LossScaleOptimizer (dynamic scale; non-finite steps are skipped and the scale halves).
-bfloat16 has float32's exponent range and needs none.
+The policy is set before a model is built, by every command that builds one. Training adds
+loss scaling for float16 (segtrain.train.optimizers).
 """
 
 from __future__ import annotations
@@ -79,21 +78,3 @@ def set_precision(precision: str) -> None:
     """Checks ``precision`` and makes it Keras's global dtype policy (before building a model)."""
     check_precision(precision)
     keras.mixed_precision.set_global_policy(precision)
-
-
-def needs_loss_scaling(precision: str) -> bool:
-    return precision == "mixed_float16"
-
-
-def wrap_optimizer(optimizer: keras.optimizers.Optimizer, precision: str) -> keras.optimizers.Optimizer:
-    """Adds dynamic loss scaling for float16; other precisions keep the optimizer as is."""
-    if needs_loss_scaling(precision) and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
-
-
-def loss_scale(optimizer: keras.optimizers.Optimizer) -> float | None:
-    """The current dynamic loss scale, or None without loss scaling."""
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return float(tf.convert_to_tensor(optimizer.dynamic_scale))
-    return None

@@ -1,0 +1,52 @@
+"""`segtrain prepare`: check a dataset's raw files once and store them as a tfds dataset."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import gin
+
+from registry import DATASETS
+from segtrain.commands.configure import parse_config
+from segtrain.data.files import preparable
+from segtrain.data.prepare import prepare
+from segtrain.data.raw import Source
+from segtrain.errors import SegtrainError
+
+
+def run(dataset: str | None, source_dir: str | None, data_dir: str | None, gin_files: Sequence[str],
+        gin_params: Sequence[str], num_workers: int | None = None, skip_bad_examples: bool = False,
+        overwrite: bool = False, splits: Sequence[str] | None = None) -> int:
+    """Prepares ``dataset`` with its settings from gin (``datasets.<name>.*``) and the flags.
+
+    ``source_dir`` and ``data_dir`` fall back to ``datasets.<name>.source_dir`` / ``data_dir``.
+    """
+    if not dataset:
+        raise SegtrainError("--dataset is required, e.g. --dataset=voc2012 (`segtrain list` shows the datasets).")
+    parse_config(gin_files, gin_params)
+    bound = gin.get_bindings(f"datasets.{dataset}") if dataset in DATASETS else {}
+    prepare(
+        source(dataset, bound),
+        source_dir=source_dir or bound.get("source_dir"),
+        data_dir=data_dir or bound.get("data_dir"),
+        num_workers=num_workers,
+        skip_bad_examples=skip_bad_examples,
+        overwrite=overwrite,
+        splits=splits,
+    )
+    return 0
+
+
+def source(name: str, settings: dict) -> Source:
+    """The Source of registered dataset ``name``, with the settings that its class takes.
+
+    Raises:
+      RegistryError / SegtrainError: an unknown dataset, or one without raw files to prepare.
+    """
+    source_cls = preparable(DATASETS.original(name))
+    if source_cls is None:
+        names = [n for n in DATASETS.names() if preparable(DATASETS.original(n))]
+        raise SegtrainError(f"Dataset '{name}' has no raw files to prepare; preparable datasets: {', '.join(names)}.")
+    accepted = inspect.signature(source_cls).parameters
+    return source_cls(**{k: v for k, v in settings.items() if k in accepted})

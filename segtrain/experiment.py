@@ -1,0 +1,272 @@
+"""The experiment: what every command builds from the gin configuration, and nothing more.
+
+``Experiment`` turns the ``train.*`` bindings (the experiment's gin scope: ``train.model``,
+``train.dataset``, ...) into the dataset's facts, the model, the loss, the metrics and the input
+pipelines, the way TF Model Garden's Task does. It builds no optimizer and reads only the
+splits it is asked for: `segtrain evaluate` (and every command that uses a trained model)
+restores the model's weights alone into it. Training (segtrain.train) adds the optimizer, the
+step counter and the checkpoints on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Sequence
+
+import gin
+import keras
+import numpy as np
+import tensorflow as tf
+
+from registry import DATASETS, LOSSES, METRICS, MODELS
+from segtrain import metrics as M
+from segtrain import precision as P
+from segtrain.data.info import DatasetInfo
+from segtrain.data.pipeline import PASSED_ARGS, build_pipeline, resolve_normalization
+from segtrain.data.transforms import Normalization, preprocessing
+from segtrain.errors import SegtrainError, warn
+from segtrain.evaluation import Evaluator
+from segtrain.models.model import ModelFacts, facts
+
+BEST_DIR = "best"  # model_dir/best/ holds the best checkpoint and best.json
+
+# The shared input pipeline, configured in gin under pipeline.*; the experiment passes the rest.
+pipeline = gin.external_configurable(build_pipeline, name="pipeline", denylist=list(PASSED_ARGS))
+
+
+@gin.configurable("train")
+@dataclasses.dataclass
+class ExperimentConfig:
+    """The experiment (gin scope ``train``): which plugins, how long, how to evaluate and save.
+
+    Attributes:
+      model, loss, dataset: registry names of the plugins.
+      metrics: registry names of the metrics computed at evaluation.
+      num_steps: optimizer steps of the whole run.
+      batch_size: global batch size (over all replicas).
+      eval_every: evaluate on ``eval_split`` every this many steps (0: only at the end).
+      eval_split: split evaluated during training.
+      eval_batch_size: evaluation batch size (default: batch_size).
+      steps_per_loop: steps per tf.function call; more cuts host overhead, fewer logs more often.
+      checkpoint_every: save a checkpoint every this many steps (default: eval_every).
+      keep_checkpoints: latest checkpoints kept.
+      best_metric: the metric that decides the best checkpoint and early stopping.
+      best_mode: 'max' or 'min' ('auto': 'min' for loss, else 'max').
+      early_stopping_patience: stop after this many evaluations without improvement (0: never).
+      min_delta: smallest change of best_metric that counts as an improvement.
+      clip_norm: clip the global gradient norm (after summing over replicas) to this, or None.
+      num_image_panels: validation examples shown in TensorBoard's image panels.
+      seed: seed of weight initialisation, shuffling and augmentation.
+      train_split: split trained on.
+      precision: 'float32', 'mixed_float16' (dynamic loss scaling) or 'mixed_bfloat16'.
+      xla: compile each replica's forward and backward pass with XLA (jit_compile=True).
+    """
+
+    model: str = "unet"
+    loss: str = "cross_entropy"
+    dataset: str = "shapes"
+    metrics: Sequence[str] = M.DEFAULT_METRICS
+    num_steps: int = 1000
+    batch_size: int = 8
+    eval_every: int = 500
+    eval_split: str = "validation"
+    eval_batch_size: int | None = None
+    steps_per_loop: int = 10
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 3
+    best_metric: str = "mean_iou"
+    best_mode: str = "auto"
+    early_stopping_patience: int = 0
+    min_delta: float = 0.0
+    clip_norm: float | None = None
+    num_image_panels: int = 3
+    seed: int = 0
+    train_split: str = "train"
+    precision: str = "float32"
+    xla: bool = False
+
+    def __post_init__(self):
+        def check(field, ok, what, kinds=(int,)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
+                raise SegtrainError(f"train.{field} must be {what}, got {value!r}.")
+
+        for field in ("num_steps", "batch_size", "steps_per_loop", "keep_checkpoints"):
+            check(field, lambda v: v >= 1, "an integer >= 1")
+        for field in ("eval_every", "early_stopping_patience", "num_image_panels"):
+            check(field, lambda v: v >= 0, "an integer >= 0")
+        if self.checkpoint_every is not None:
+            check("checkpoint_every", lambda v: v >= 1, "None or an integer >= 1")
+        if self.clip_norm is not None:
+            check("clip_norm", lambda v: v > 0, "None or a number > 0", (int, float))
+        check("min_delta", lambda v: v >= 0, "a number >= 0", (int, float))
+        if self.precision not in P.PRECISIONS:
+            raise SegtrainError(f"train.precision={self.precision!r} is not one of {', '.join(P.PRECISIONS)}.")
+        if not isinstance(self.xla, bool):
+            raise SegtrainError(f"train.xla must be True or False, got {self.xla!r}.")
+        if self.best_mode not in ("auto", "max", "min"):
+            raise SegtrainError(f"train.best_mode={self.best_mode!r}: use 'auto', 'max' or 'min'.")
+        for name in self.metrics:
+            METRICS.get(name)
+        if self.best_metric != "loss":
+            if self.best_metric not in self.metrics:
+                raise SegtrainError(
+                    f"train.best_metric={self.best_metric!r} is not among train.metrics "
+                    f"{list(self.metrics)} (or 'loss')."
+                )
+            if np.ndim(METRICS.get(self.best_metric)(np.eye(2, dtype=np.int64))) != 0:
+                raise SegtrainError(
+                    f"train.best_metric={self.best_metric!r} is a per-class metric: pick a scalar "
+                    f"one such as 'mean_iou' (or 'loss')."
+                )
+
+    @property
+    def mode(self) -> str:
+        """'max' or 'min': which way best_metric improves."""
+        if self.best_mode != "auto":
+            return self.best_mode
+        return "min" if self.best_metric == "loss" else "max"
+
+
+class Experiment:
+    """The dataset's facts, model, loss, metrics and pipelines of the configured experiment.
+
+    Everything is built on first use, so a command pays only for what it uses.
+
+    Args:
+      config: the experiment (default: from the ``train.*`` gin bindings).
+      strategy: the tf.distribute strategy the model lives in (default: the current one).
+      split: the split whose DatasetInfo (classes, ignore label) the model is built for; the
+        evaluated split by default, the training split for training.
+    """
+
+    def __init__(self, config: ExperimentConfig | None = None, strategy: tf.distribute.Strategy | None = None,
+                 split: str | None = None):
+        self.config = config or ExperimentConfig()
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.split = split or self.config.eval_split
+        self.metric_names = tuple(self.config.metrics)
+        # Resolve every plugin name now: a typo fails before any work.
+        self._dataset_fn = DATASETS.get(self.config.dataset)
+        self._model_fn = MODELS.get(self.config.model)
+        self._loss_factory = LOSSES.get(self.config.loss)
+
+    def read(self, split: str) -> tuple[tf.data.Dataset, DatasetInfo]:
+        """What the dataset plugin returns for ``split``: examples (maybe encoded) and facts."""
+        return self._dataset_fn(split=split)
+
+    @functools.cached_property
+    def info(self) -> DatasetInfo:
+        return self.read(self.split)[1]
+
+    @functools.cached_property
+    def loss_fn(self):
+        return self._loss_factory(ignore_label=self.info.ignore_label)
+
+    @functools.cached_property
+    def model(self) -> keras.Model:
+        """The model, built under the strategy at the configured precision and seed."""
+        # Every experiment sets the policy, float32 included, so one run's precision never leaks
+        # into the next one built in the same process.
+        P.set_precision(self.config.precision)
+        keras.utils.set_random_seed(self.config.seed)
+        with self.strategy.scope():
+            model = self._model_fn(num_classes=self.info.num_classes)
+            if not model.built:  # a subclassed model makes its variables on the first call
+                divisor = facts(model).size_divisor
+                side = divisor * -(-64 // divisor)
+                model(tf.zeros([1, side, side, 3]), training=False)
+        return model
+
+    @property
+    def facts(self) -> ModelFacts:
+        return facts(self.model)
+
+    @functools.cached_property
+    def normalization(self) -> Normalization:
+        """The input normalisation: the model's weights' preprocessing, unless pipeline.mean/std are set."""
+        model_preprocessing = self.facts.preprocessing
+        bound = gin.get_bindings("pipeline")
+        mean, std = bound.get("mean"), bound.get("std")
+        if model_preprocessing and (mean is not None or std is not None):
+            warn(f"pipeline.mean/std are set, so they replace the '{model_preprocessing}' preprocessing that model "
+                 f"'{self.config.model}'s backbone weights expect (with BGR order for 'caffe'). Leave them unset "
+                 f"to use the weights' own.")
+        return resolve_normalization(preprocessing(model_preprocessing), mean, std)
+
+    def eval_dataset(self, split: str | None = None, batch_size: int | None = None) -> tf.data.Dataset:
+        """One pass over ``split`` (default: the experiment's split) at full resolution."""
+        split = split or self.split
+        ds, info = self.read(split)
+        batch_size = batch_size or self.config.eval_batch_size or self.config.batch_size
+        return pipeline(ds, info, split, False, batch_size, self.facts.size_divisor, self.config.seed,
+                        normalization=self.normalization)
+
+    def train_dataset(self, seed: int, input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+        """The training pipeline: global batches, or with ``input_context`` (from
+        ``distribute_datasets_from_function``) this worker's shard in per-replica batches."""
+        cfg = self.config
+        replicas = self.strategy.num_replicas_in_sync
+        if cfg.batch_size % replicas:
+            raise SegtrainError(
+                f"train.batch_size={cfg.batch_size} does not divide over {replicas} replicas: use a "
+                f"multiple of {replicas}."
+            )
+        ds, info = self.read(cfg.train_split)
+        return pipeline(ds, info, cfg.train_split, True, cfg.batch_size, self.facts.size_divisor, seed,
+                        input_context, normalization=self.normalization)
+
+    def evaluator(self) -> Evaluator:
+        return Evaluator(self.model, self.loss_fn, self.info, self.strategy, self.metric_names)
+
+    def restore(self, model_dir: str, checkpoint: str = "best") -> tuple[str, int]:
+        """Restores the model's weights, and nothing else, from a run's checkpoint.
+
+        Args:
+          model_dir: the run's directory.
+          checkpoint: 'best' (the latest when no best was kept) or 'latest'.
+
+        Returns:
+          (the checkpoint's path, its training step).
+
+        Raises:
+          SegtrainError: no checkpoint, or one of a different model.
+        """
+        if checkpoint not in ("best", "latest"):
+            raise SegtrainError(f"--checkpoint={checkpoint!r}: use 'best' or 'latest'.")
+        path = ((checkpoint == "best" and tf.train.latest_checkpoint(os.path.join(model_dir, BEST_DIR)))
+                or tf.train.latest_checkpoint(model_dir))
+        if not path:
+            raise SegtrainError(
+                f"No checkpoint in {model_dir}: train first with `segtrain train --model_dir={model_dir} ...`."
+            )
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        restore_checkpoint(tf.train.Checkpoint(model=self.model, step=step), path, partial=True)
+        return path, int(step.numpy())
+
+
+def restore_checkpoint(checkpoint: tf.train.Checkpoint, path: str, partial: bool = False) -> None:
+    """Restores ``path`` into every object of ``checkpoint``; ``partial``: the file may hold more
+    (an optimizer the caller did not build).
+
+    Raises:
+      SegtrainError: the checkpoint was written by a different model or configuration.
+    """
+    try:
+        status = checkpoint.restore(path)
+        if partial:
+            status.expect_partial()
+        status.assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        model_dir = os.path.dirname(path.rstrip("/"))
+        if os.path.basename(model_dir) == BEST_DIR:
+            model_dir = os.path.dirname(model_dir)
+        what = "model" if partial else "model and optimizer"
+        raise SegtrainError(
+            f"Checkpoint {path} does not fit the {what} configured now: it was written by a "
+            f"different model or configuration ({first[:300]}). Use a new --model_dir, or the gin "
+            f"configuration the run was trained with ({model_dir}/operative_config.gin)."
+        ) from None

@@ -1,0 +1,240 @@
+"""The actions a training run calls at window ends (see segtrain.train.loop).
+
+Each is small and testable alone with a hand-made ``Window``. The trainer puts them in this
+order: non-finite check, training summaries, progress line, checkpoint, evaluation, evaluation
+summaries, image panels, best checkpoint, early stopping. Later actions read what earlier ones
+added to the window (the evaluation's results).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import gin
+import keras
+import numpy as np
+import tensorflow as tf
+
+from segtrain import progress as progress_line
+from segtrain.data.info import DatasetInfo
+from segtrain.data.transforms import Normalization
+from segtrain.errors import SegtrainError
+from segtrain.evaluation import Evaluator, format_table, write_results
+from segtrain.io import atomic_write_text
+from segtrain.train import summaries as S
+from segtrain.train.checkpoints import Checkpoints
+from segtrain.train.loop import Action, Window, due
+
+
+class StopOnNonFinite(Action):
+    """Stops the run with an error at the first step whose loss is NaN or infinite."""
+
+    def __init__(self, checkpoints: Checkpoints):
+        self.checkpoints = checkpoints
+
+    def __call__(self, window: Window) -> None:
+        bad = np.flatnonzero(~np.isfinite(window.losses))
+        if bad.size:
+            step = window.step - window.steps + int(bad[0]) + 1
+            raise SegtrainError(f"The loss became {window.losses[bad[0]]} at step {step}. {self.checkpoints.kept()}")
+
+
+class TrainSummaries(Action):
+    """The window's training scalars in TensorBoard (``train/``)."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    def __call__(self, window: Window) -> None:
+        S.write_scalars(self.writer, window.scalars, window.step)
+
+
+class ProgressLine(Action):
+    """The console line: step, loss, learning rate, images/s, ETA."""
+
+    def __init__(self, num_steps: int):
+        self.num_steps = num_steps
+        self.progress: progress_line.Progress | None = None
+
+    def start(self, step: int) -> None:
+        self.progress = progress_line.Progress("train", self.num_steps, start=step)
+
+    def __call__(self, window: Window) -> None:
+        self.progress.update(window.step, window.images_per_second, loss=window.scalars["loss"],
+                             lr=window.scalars["learning_rate"])
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+
+class SaveCheckpoints(Action):
+    """Saves the latest checkpoint every ``every`` steps, and where the run ends."""
+
+    def __init__(self, checkpoints: Checkpoints, every: int):
+        self.checkpoints, self.every = checkpoints, every
+        self.saved: int | None = None
+
+    def start(self, step: int) -> None:
+        self.saved = step  # restored from (or nothing yet to save)
+
+    def __call__(self, window: Window) -> None:
+        if due(window, self.every):
+            self.checkpoints.save(window.step)
+            self.saved = window.step
+
+    def end(self, step: int) -> None:
+        if self.saved != step:  # a stop between saves
+            self.checkpoints.save(step)
+            self.saved = step
+
+
+class Evaluate(Action):
+    """Evaluates every ``every`` steps (and at the end); puts (results, confusion matrix) on the window.
+
+    At the end of the run, prints the last results as a table and writes them to
+    ``results_path`` (on the chief).
+    """
+
+    def __init__(self, evaluator: Evaluator, dataset: tf.data.Dataset, every: int | None, results_path: str,
+                 split: str, chief: bool = True):
+        self.evaluator, self.dataset, self.every = evaluator, dataset, every
+        self.results_path, self.split, self.chief = results_path, split, chief
+        self.results: dict = {}
+        self.step: int | None = None
+
+    def __call__(self, window: Window) -> None:
+        if not due(window, self.every):
+            return
+        progress_line.end_line()
+        results, cm = self.evaluator.run(self.dataset)
+        print(f"eval step {window.step}: " + "  ".join(
+            f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float)))
+        window.eval = (results, cm)
+        self.results, self.step = results, window.step
+
+    def end(self, step: int) -> None:
+        if not self.results:
+            return
+        if self.chief:
+            write_results(self.results_path, {**self.results, "step": self.step, "split": self.split})
+        print(format_table(self.results, self.evaluator.info.class_names))
+
+
+class EvalSummaries(Action):
+    """Every evaluation in TensorBoard (``eval/``): scalars, per-class values, confusion matrix."""
+
+    def __init__(self, writer, class_names: Sequence[str]):
+        self.writer, self.class_names = writer, class_names
+
+    def __call__(self, window: Window) -> None:
+        if window.eval is None:
+            return
+        results, cm = window.eval
+        S.write_scalars(self.writer, results, window.step, self.class_names)
+        S.write_images(self.writer, "confusion_matrix", [S.confusion_image(cm)], window.step)
+        S.write_text(self.writer, "confusion_matrix", S.confusion_markdown(cm, self.class_names), window.step)
+
+
+class ImagePanels(Action):
+    """At every evaluation, ``count`` examples as input | truth | prediction | overlay panels."""
+
+    def __init__(self, writer, dataset: tf.data.Dataset, model: keras.Model, info: DatasetInfo,
+                 normalization: Normalization, count: int):
+        self.writer, self.dataset, self.model = writer, dataset, model
+        self.info, self.normalization, self.count = info, normalization, count
+
+    def __call__(self, window: Window) -> None:
+        if window.eval is None or not self.count:
+            return
+        panels = []
+        for batch in self.dataset.unbatch().take(self.count).batch(1):
+            prediction = tf.argmax(self.model(batch["image"], training=False), -1).numpy()[0]
+            image = self.normalization.invert(batch["image"][0])
+            panels.append(S.panel(image, batch["label"][0].numpy(), prediction, self.info))
+        S.write_images(self.writer, "examples", panels, window.step)
+
+
+class KeepBest(Action):
+    """Keeps the checkpoint of the best evaluation of ``metric`` (model_dir/best/), and a record.
+
+    The record (best.json) also counts the evaluations since the metric last improved, so early
+    stopping survives a restart. A record of another metric or mode starts afresh.
+    """
+
+    def __init__(self, checkpoints: Checkpoints, metric: str, mode: str, min_delta: float = 0.0):
+        self.checkpoints, self.metric, self.mode, self.min_delta = checkpoints, metric, mode, min_delta
+        self.record = self._load()
+
+    def _load(self) -> dict:
+        fresh = {"metric": self.metric, "mode": self.mode, "value": None, "step": None,
+                 "evaluations_without_improvement": 0}
+        record = self.checkpoints.best_record()
+        if record is None:
+            return fresh
+        if (record.get("metric"), record.get("mode")) != (self.metric, self.mode):
+            print(f"The best checkpoint so far was chosen by {record.get('metric')} "
+                  f"({record.get('mode')}); now by {self.metric} ({self.mode}): starting a new record.")
+            return fresh
+        return {**fresh, **record}
+
+    @property
+    def stale(self) -> int:
+        """Evaluations since the metric last improved."""
+        return self.record["evaluations_without_improvement"]
+
+    def __call__(self, window: Window) -> None:
+        if window.eval is None:
+            return
+        value = float(window.eval[0][self.metric])
+        if improved(value, self.record["value"], self.mode, self.min_delta):
+            path = self.checkpoints.save_best(window.step)
+            self.record = {**self.record, "value": value, "step": window.step, "path": os.path.basename(path),
+                           "evaluations_without_improvement": 0}
+        else:
+            self.record = {**self.record, "evaluations_without_improvement": self.stale + 1}
+        self.checkpoints.write_record(self.record)
+
+
+class EarlyStopping(Action):
+    """Stops the run after ``patience`` evaluations without improvement of the best's metric."""
+
+    def __init__(self, best: KeepBest, patience: int):
+        self.best, self.patience = best, patience
+
+    def stopped(self) -> bool:
+        """Whether the run had already stopped early (a restarted job must not go on)."""
+        return bool(self.patience) and self.best.stale >= self.patience
+
+    def __call__(self, window: Window) -> bool:
+        if window.eval is None or not self.stopped():
+            return False
+        record = self.best.record
+        print(f"Early stopping at step {window.step}: {self.best.metric} has not improved for "
+              f"{self.best.stale} evaluations (best {record['value']} at step {record['step']}).")
+        return True
+
+
+class WriteConfig(Action):
+    """Writes the operative gin config (every setting the run used) to model_dir and TensorBoard.
+
+    At the start, after model, data, loss and optimizer are built: gin lists only what was called.
+    """
+
+    def __init__(self, model_dir: str, writer):
+        self.model_dir, self.writer = model_dir, writer
+
+    def start(self, step: int) -> None:
+        config = gin.operative_config_str()
+        atomic_write_text(os.path.join(self.model_dir, "operative_config.gin"), config)
+        S.write_text(self.writer, "config/operative_gin", S.gin_markdown(config), step)
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    """Whether ``value`` beats ``best`` by more than ``min_delta`` (a first finite value does)."""
+    if not np.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
