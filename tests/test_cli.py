@@ -12,21 +12,6 @@ from tests.conftest import assert_user_error as _fails
 from tests.conftest import tiny_flags as _params
 
 
-@pytest.mark.slow
-def test_train_then_evaluate(tmp_path):
-    model_dir = tmp_path / "run"
-    trained = segtrain_cli("train", f"--model_dir={model_dir}", *_params())
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    assert "train step 6/6" in trained.stdout and "eval step 6" in trained.stdout
-    assert "tensorboard --logdir" in trained.stdout
-
-    evaluated = segtrain_cli("evaluate", f"--model_dir={model_dir}", "--split=test")
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert "mean_iou" in evaluated.stdout and "per_class_iou" in evaluated.stdout
-    results = json.loads((model_dir / "eval_results.json").read_text())
-    assert results["split"] == "test" and results["checkpoint"].startswith("ckpt-")
-
-
 def test_evaluate_writes_every_metric(trained_run, tmp_path):
     model_dir = copy_run(trained_run, tmp_path / "run")
     evaluated = segtrain_main("evaluate", f"--model_dir={model_dir}", "--split=test")
@@ -45,6 +30,7 @@ def test_evaluate_writes_every_metric(trained_run, tmp_path):
     assert json.loads((tmp_path / "run" / "eval_results.json").read_text())["step"] == 6
 
 
+@pytest.mark.slow
 def test_train_in_process_with_a_gin_file_and_includes(tmp_path):
     conf = tmp_path / "conf"
     (conf / "models").mkdir(parents=True)
@@ -58,14 +44,24 @@ def test_train_in_process_with_a_gin_file_and_includes(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_quickstart_runs_as_a_short_smoke_test(tmp_path):
-    """A warm-up longer than a short run is shortened to it, with one warning line."""
-    result = segtrain_cli("train", "--gin_file=gin/quickstart.gin", "--gin_param=train.num_steps=8",
-                          "--gin_param=datasets.shapes.num_validation = 16", f"--model_dir={tmp_path / 'run'}")
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_the_quickstart_trains_as_a_short_smoke_test_then_evaluates(tmp_path):
+    """Both README commands in fresh processes. A warm-up longer than a short run is shortened to
+    it, with one warning line."""
+    model_dir = tmp_path / "run"
+    trained = segtrain_cli("train", "--gin_file=gin/quickstart.gin", "--gin_param=train.num_steps=8",
+                           "--gin_param=datasets.shapes.num_validation = 16",
+                           "--gin_param=datasets.shapes.num_test = 16", f"--model_dir={model_dir}")
+    assert trained.returncode == 0, trained.stderr[-3000:]
     assert ("warning: learning_rate.warmup_steps=50 is longer than train.num_steps=8: warming up over all 8 "
-            "steps.") in result.stderr
-    assert "train step 8/8" in result.stdout and (tmp_path / "run" / "ckpt-8.index").exists()
+            "steps.") in trained.stderr
+    assert "train step 8/8" in trained.stdout and "eval step 8" in trained.stdout
+    assert "tensorboard --logdir" in trained.stdout and (model_dir / "ckpt-8.index").exists()
+
+    evaluated = segtrain_cli("evaluate", f"--model_dir={model_dir}", "--split=test")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "mean_iou" in evaluated.stdout and "per_class_iou" in evaluated.stdout
+    results = json.loads((model_dir / "eval_results.json").read_text())
+    assert results["split"] == "test" and results["checkpoint"].startswith("ckpt-")
 
 
 def test_list_shows_every_plugin_with_arguments():

@@ -48,7 +48,8 @@ def test_example_plugin_installs_registers_and_trains(tmp_path):
     )
     assert deeplab.returncode == 0, deeplab.stderr[-3000:]
     operative = (tmp_path / "deeplab" / "operative_config.gin").read_text()
-    assert "models.deeplabv3.backbone = 'small_resnet'" in operative and "backbones.small_resnet.width = 16" in operative
+    # gin writes the shortest unambiguous name ('deeplabv3.backbone' for 'models.deeplabv3.backbone').
+    assert "deeplabv3.backbone = 'small_resnet'" in operative and "small_resnet.width = 16" in operative
     evaluated = segtrain_cli("evaluate", f"--model_dir={tmp_path / 'deeplab'}", env=env)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
 

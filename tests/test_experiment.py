@@ -32,13 +32,11 @@ def guarded_shapes(split: str = "train"):
 
 
 @pytest.fixture
-def guarded_run(tmp_path, configure):
-    configure("train.dataset = 'guarded_shapes'", "train.num_steps = 3", "train.num_image_panels = 0")
-    from segtrain.train.trainer import train
-
-    train(str(tmp_path / "run"))
+def guarded_run(trained_run, tmp_path):
+    """A copy of the session's trained run, to be evaluated on ``guarded_shapes``; refuses training data."""
+    run = copy_run(trained_run, tmp_path / "run")
     GUARD.update(train_split_forbidden=True, splits_read=[])
-    yield tmp_path / "run"
+    yield run
     GUARD["train_split_forbidden"] = False
 
 
@@ -56,12 +54,14 @@ def test_evaluate_builds_no_optimizer_reads_no_training_split_restores_weights_o
     from segtrain.commands import evaluate
 
     gin.clear_config()
-    # An optimizer other than the run's: restoring it would not fit; the weights alone do.
-    assert evaluate.run(str(guarded_run), [], ["optimizer.name = 'sgd'"], {"split": "test"}) == 0
+    # The run's data, through a plugin that fails on the training split. An optimizer other than
+    # the run's: restoring it would not fit; the weights alone do.
+    assert evaluate.run(guarded_run, [], ["train.dataset = 'guarded_shapes'", "optimizer.name = 'sgd'"],
+                        {"split": "test", "checkpoint": "latest"}) == 0
     assert GUARD["splits_read"] and set(GUARD["splits_read"]) == {"test"}
-    results = json.loads((guarded_run / "eval_results.json").read_text())
-    assert results["split"] == "test" and results["step"] == 3 and 0 <= results["mean_iou"] <= 1
-    assert "Evaluating ckpt-3 (step 3)" in capsys.readouterr().out
+    results = json.loads(open(f"{guarded_run}/eval_results.json").read())
+    assert results["split"] == "test" and results["step"] == 6 and 0 <= results["mean_iou"] <= 1
+    assert "Evaluating ckpt-6 (step 6)" in capsys.readouterr().out
 
 
 def test_the_model_is_built_for_the_experiment_split(configure):

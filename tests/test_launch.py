@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import re
@@ -25,6 +27,7 @@ def _env(tmp_path):
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(scratch))
 
 
+@pytest.mark.slow
 def test_two_workers_train_to_identical_weights_and_only_the_chief_writes(tmp_path):
     model_dir = tmp_path / "run"
     flags = tiny_flags("models.unet.synchronized_batch_norm = True")
@@ -60,6 +63,7 @@ def test_two_workers_train_to_identical_weights_and_only_the_chief_writes(tmp_pa
     assert (model_dir / "ckpt-9.index").exists() and list((tmp_path / "scratch").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_failing_worker_stops_the_launch(tmp_path):
     # Worker 1 fails at once; worker 0 would run for a minute: the launcher must not wait for it.
     code = ("import json, os, sys, time\n"
@@ -92,6 +96,7 @@ def test_launcher_usage_errors():
         assert result.returncode == 2 and "usage: python launch/local.py" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_worker_whose_peer_never_starts_fails_with_the_address(tmp_path):
     import socket
 
@@ -109,6 +114,7 @@ def test_a_worker_whose_peer_never_starts_fails_with_the_address(tmp_path):
     assert not (tmp_path / "checkpoint").exists()
 
 
+@pytest.mark.slow
 def test_malformed_tf_config_is_one_clear_error(tmp_path):
     result = segtrain_cli("train", f"--model_dir={tmp_path}", *tiny_flags(),
                           env={"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, '

@@ -105,6 +105,7 @@ def _write_plugin(root: str) -> None:
         f.write("")
 
 
+@pytest.mark.slow
 def test_entry_point_plugin_trains_by_name(tmp_path):
     site = tmp_path / "site"
     _write_plugin(str(site))

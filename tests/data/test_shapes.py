@@ -45,6 +45,7 @@ def test_background_is_textured_and_noisy():
     assert background.std(axis=0).mean() > 5
 
 
+@pytest.mark.slow
 def test_deterministic_for_a_seed_and_different_across_seeds():
     a, _ = _examples(n=5, seed=3)
     b, _ = _examples(n=5, seed=3)
@@ -53,6 +54,7 @@ def test_deterministic_for_a_seed_and_different_across_seeds():
     assert not {_digest(x) for x in a} & {_digest(x) for x in c}
 
 
+@pytest.mark.slow
 def test_splits_never_share_examples():
     digests = {}
     for split in ("train", "validation", "test"):

@@ -20,6 +20,9 @@ import pytest
 from tests.conftest import REPO
 from tests.models.tiny import TINY_MODELS
 
+# Every model trained under two settings in two processes: minutes.
+pytestmark = pytest.mark.slow
+
 SETTINGS = {
     "float32, no XLA, 2 replicas": {"precision": "float32", "xla": False, "replicas": 2},
     "mixed_float16, XLA, 1 replica": {"precision": "mixed_float16", "xla": True, "replicas": 1},

@@ -39,6 +39,7 @@ def deeplab16():
     return MODELS.get("deeplabv3")(num_classes=21)
 
 
+@pytest.mark.slow
 def test_deeplabv3_output_stride_16_dilates_conv5_and_uses_rates_6_12_18():
     model = MODELS.get("deeplabv3")(num_classes=21, input_shape=(128, 128, 3))
     assert shape(model, "conv4_block6_out") == (8, 8, 1024)  # conv4 keeps its stride: 1/16
@@ -58,6 +59,7 @@ def test_deeplabv3_output_stride_16_dilates_conv5_and_uses_rates_6_12_18():
     assert model.output_shape == (None, 128, 128, 21) and model.output_stride == 16
 
 
+@pytest.mark.slow
 def test_deeplabv3_output_stride_8_with_multi_grid():
     model = MODELS.get("deeplabv3")(num_classes=21, output_stride=8, multi_grid=(1, 2, 4), input_shape=(128, 128, 3))
     assert shape(model, "conv3_block4_out") == (16, 16, 512)
@@ -67,11 +69,13 @@ def test_deeplabv3_output_stride_8_with_multi_grid():
     assert [layer(model, f"aspp.rate{r}.conv").dilation_rate[0] for r in (12, 24, 36)] == [12, 24, 36]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(513, 513), (320, 480)])
 def test_deeplabv3_takes_any_input_size(deeplab16, size):
     assert deeplab16(np.zeros((1, *size, 3), np.float32)).shape == (1, *size, 21)
 
 
+@pytest.mark.slow
 def test_deeplabv3_resnet101_and_bad_settings():
     model = MODELS.get("deeplabv3")(num_classes=2, backbone="resnet101")
     assert layer(model, "conv4_block23_out") is not None  # 23 blocks in conv4
@@ -81,6 +85,7 @@ def test_deeplabv3_resnet101_and_bad_settings():
         MODELS.get("deeplabv3")(num_classes=2, backbone="resnet18")
 
 
+@pytest.mark.slow
 def test_deeplabv3_plus_fuses_stride_4_features():
     model = MODELS.get("deeplabv3_plus")(num_classes=21, input_shape=(128, 128, 3))
     assert shape(model, "conv2_block3_out") == (32, 32, 256)
@@ -123,10 +128,12 @@ def test_fcn_upsampling_starts_bilinear():
     assert np.allclose(np.diff(inner), 1 / 32, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fcn_vgg16_has_the_paper_size():
     assert MODELS.get("fcn8s")(num_classes=21).count_params() == 134_489_759
 
 
+@pytest.mark.slow
 def test_unet_original_is_the_paper_net_on_a_572_tile():
     assert valid_unet_sizes(388, 4) == (572, 388, 92)
     model = MODELS.get("unet_original")(num_classes=2, input_shape=(388, 388, 3))
@@ -158,6 +165,7 @@ def test_unet_original_output_covers_any_input():
         assert model(np.zeros((1, *size, 3), np.float32)).shape == (1, *size, 3)
 
 
+@pytest.mark.slow
 def test_unet_resnet50_skips_from_conv3_conv2_conv1():
     model = MODELS.get("unet_resnet50")(num_classes=21, input_shape=(128, 128, 3))
     assert shape(model, "conv4_block6_out") == (8, 8, 1024)
@@ -218,6 +226,7 @@ def test_every_registered_model_has_a_tiny_form_for_the_training_tests():
     assert built_in == set(tiny.TINY_MODELS)
 
 
+@pytest.mark.slow
 def test_readme_model_table_is_the_generated_one():
     """Every column but GFLOPs is recomputed (GFLOPs: one cheap model, the rest take a minute)."""
     import re

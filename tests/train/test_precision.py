@@ -15,6 +15,9 @@ from segtrain.train.optimizers import loss_scale
 from segtrain.train.trainer import Trainer, train
 from tests.conftest import read_scalars
 
+# Training runs under mixed policies; float16 is emulated on a CPU.
+pytestmark = pytest.mark.slow
+
 
 def _trainer(model_dir) -> Trainer:
     config = ExperimentConfig()

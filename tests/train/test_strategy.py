@@ -49,6 +49,7 @@ def _ok(result):
     return result
 
 
+@pytest.mark.slow
 def test_subclassed_model_with_unused_weights_and_clipping_on_two_replicas(tmp_path):
     bindings = TINY + ["distribute.cpu_replicas = 2", "train.model = 'with_unused_weights'", "train.clip_norm = 0.5"]
     result = _ok(subprocess.run(
@@ -58,11 +59,13 @@ def test_subclassed_model_with_unused_weights_and_clipping_on_two_replicas(tmp_p
     assert "RESULT" in result.stdout and (tmp_path / "ckpt-6.index").exists()
 
 
+@pytest.mark.slow
 def test_global_batch_must_divide_over_replicas(tmp_path):
     _fails(segtrain_cli("train", f"--model_dir={tmp_path}", "--cpu_replicas=2", *_params("train.batch_size = 3")),
            "train.batch_size=3 does not divide over 2 replicas: use a multiple of 2.")
 
 
+@pytest.mark.slow
 def test_cpu_replicas_with_a_one_device_strategy(tmp_path):
     _fails(segtrain_cli("train", f"--model_dir={tmp_path}", "--strategy=one_device", "--cpu_replicas=2", *_params()),
            "--cpu_replicas=2 splits one machine's CPU for MirroredStrategy; it does not combine with "
@@ -80,18 +83,32 @@ def _variables(model_dir) -> dict[str, np.ndarray]:
     ["models.unet.batch_norm = False"],
     ["models.unet.synchronized_batch_norm = True"],
 ], ids=["no_batch_norm", "synchronized_batch_norm"])
+@pytest.mark.slow
 def test_one_and_two_replicas_train_the_same_weights(tmp_path, model):
     """Same seed, data order and global batch: the replicas split each batch, the gradient is
     summed over them, so 2 replicas must land where 1 does (up to float summation order).
 
     SGD, not Adam: Adam's g / sqrt(v) turns summation-order noise in a near-zero gradient into a
     step of the full learning rate, so its weights differ by whatever a data draw makes of that."""
-    runs = {}
-    for name, flags in (("one", ["--strategy=one_device"]), ("two", ["--strategy=mirrored", "--cpu_replicas=2"])):
-        runs[name] = tmp_path / name
-        _ok(segtrain_cli("train", f"--model_dir={runs[name]}", *flags,
-                         *_params(*model, "learning_rate.base = 0.01", "train.clip_norm = 1.0",
-                                  "pipeline.deterministic = True", "optimizer.name = 'sgd'")))
+    runs, procs = {}, {}
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    try:
+        # Side by side: each process spends most of its time tracing, on one core.
+        for name, flags in (("one", ["--strategy=one_device"]), ("two", ["--strategy=mirrored", "--cpu_replicas=2"])):
+            runs[name] = tmp_path / name
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "segtrain.cli", "train", f"--model_dir={runs[name]}", *flags,
+                 *_params(*model, "learning_rate.base = 0.01", "train.clip_norm = 1.0",
+                          "pipeline.deterministic = True", "optimizer.name = 'sgd'")],
+                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, (name, out[-2000:], err[-3000:])
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     one, two = _variables(runs["one"]), _variables(runs["two"])
     assert one.keys() == two.keys() and len(one) > 30
     for name in one:
@@ -101,6 +118,7 @@ def test_one_and_two_replicas_train_the_same_weights(tmp_path, model):
         assert results[0][key] == pytest.approx(results[1][key], rel=1e-4, abs=1e-5), key
 
 
+@pytest.mark.slow
 def test_xla_with_bfloat16_on_two_replicas(tmp_path):
     result = _ok(segtrain_cli("train", f"--model_dir={tmp_path}", "--cpu_replicas=2", "--xla",
                               "--precision=mixed_bfloat16", *_params("train.num_image_panels = 0")))

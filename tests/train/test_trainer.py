@@ -48,6 +48,7 @@ def test_run_writes_checkpoints_summaries_and_config(trained_run):
     assert eval_steps == [3, 6]
 
 
+@pytest.mark.slow
 def test_loss_falls(tmp_path, configure):
     configure("train.num_steps = 60", "train.eval_every = 60", "train.steps_per_loop = 10",
               "learning_rate.base = 0.01", "models.unet.base_filters = 8", "train.num_image_panels = 0")
@@ -74,6 +75,7 @@ def test_rerun_resumes_at_the_saved_step(trained_run, tmp_path, capsys, configur
     assert again["step"] == 9 and "mean_iou" in again  # the last evaluation's results
 
 
+@pytest.mark.slow
 def test_early_stopping_and_best_checkpoint(tmp_path, capsys, configure):
     configure("train.num_steps = 30", "train.early_stopping_patience = 1", "train.min_delta = 2.0",
               "train.best_metric = 'loss'")
@@ -93,6 +95,7 @@ def test_early_stopping_and_best_checkpoint(tmp_path, capsys, configure):
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-9")
 
 
+@pytest.mark.slow
 def test_a_different_best_metric_starts_a_new_record(tmp_path, capsys, configure):
     configure("train.best_metric = 'loss'")
     train(str(tmp_path))
@@ -121,6 +124,7 @@ def test_non_finite_weights_are_never_saved(trained_run, tmp_path, configure):
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-6")
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(trained_run, tmp_path, configure):
     tmp_path = pathlib.Path(copy_run(trained_run, tmp_path / "run"))
     before = {f: os.path.getmtime(tmp_path / f) for f in os.listdir(tmp_path) if f.startswith("ckpt-6")}
@@ -138,6 +142,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(trained_run, tm
     assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 6
 
 
+@pytest.mark.slow
 def test_gradient_clipping_bounds_the_update(tmp_path, configure):
     configure("train.num_steps = 1", "train.steps_per_loop = 1", "train.eval_every = 1",
               "train.clip_norm = 1e-3", "optimizer.name = 'sgd'", "optimizers.sgd.momentum = 0.0",
@@ -149,6 +154,7 @@ def test_gradient_clipping_bounds_the_update(tmp_path, configure):
     assert 0 < delta <= 1e-3 * 1.001
 
 
+@pytest.mark.slow
 def test_bad_label_value_is_a_clear_error(tmp_path, configure):
     @DATASETS.register("test_bad_labels", override=True)
     def test_bad_labels(split="train"):
@@ -164,6 +170,7 @@ def test_bad_label_value_is_a_clear_error(tmp_path, configure):
     assert "node" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_model_breaking_the_contract_is_rejected(tmp_path, configure):
     @MODELS.register("test_wrong_channels", override=True)
     def test_wrong_channels(num_classes):

@@ -13,6 +13,9 @@ from registry import MODELS
 from segtrain.errors import SegtrainError, SegtrainWarning
 from segtrain.train.trainer import train
 
+# XLA compiles for seconds per model on a CPU.
+pytestmark = pytest.mark.slow
+
 
 class HostRound(keras.layers.Layer):
     """Runs a NumPy function on the host: fine for TensorFlow, impossible for XLA."""
