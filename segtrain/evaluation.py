@@ -89,10 +89,6 @@ class Evaluator:
         results.update(M.compute(cm, self.metric_names))
         return results, cm
 
-    def predict(self, images: tf.Tensor) -> np.ndarray:
-        """Class ids [B,H,W] for a batch of normalised images (for image panels)."""
-        return tf.argmax(self.model(images, training=False), -1).numpy()
-
 
 def format_table(results: dict, class_names: Sequence[str]) -> str:
     """The metrics as a plain-text table, per-class values one row per class."""
