@@ -3,7 +3,16 @@
 ``confusion_matrix`` counts one batch (rows = ground truth, columns = prediction, ignore-label
 pixels left out). The evaluation sums those counts over batches and replicas, then every
 registered metric is computed from the sum, so metrics never average per-batch means.
-Classes absent from both ground truth and prediction do not count in any mean.
+
+The definitions are MMSegmentation's (``IoUMetric.total_area_to_metrics``): per class, IoU =
+TP / (truth + predicted - TP), accuracy (recall) = TP / truth, Dice = 2 TP / (truth +
+predicted); a mean is over the classes whose value is defined. So:
+
+- a class absent from both ground truth and prediction counts in no mean;
+- a class that appears only in predictions has no recall: it is left out of mean accuracy, and
+  counts as 0 in mean IoU and Dice (its false positives are real errors);
+- a class in the ground truth that is never predicted counts as 0 everywhere;
+- ignore-label pixels count nowhere, not even as a wrong prediction.
 """
 
 from __future__ import annotations
@@ -63,16 +72,16 @@ def pixel_accuracy(cm) -> tf.Tensor:
 
 @METRICS.register("per_class_accuracy")
 def per_class_accuracy(cm) -> tf.Tensor:
-    """Recall of each class, TP / ground-truth pixels; NaN for a class never seen."""
-    _, tp, truth, predicted = _parts(cm)
-    return _per_class(tp, truth, truth + predicted)
+    """Recall of each class, TP / ground-truth pixels; NaN for a class not in the ground truth."""
+    _, tp, truth, _ = _parts(cm)
+    return _per_class(tp, truth, truth)
 
 
 @METRICS.register("mean_accuracy")
 def mean_accuracy(cm) -> tf.Tensor:
-    """Mean of the per-class accuracies (recall) over the classes seen."""
-    _, tp, truth, predicted = _parts(cm)
-    return _nan_mean(tf.math.divide_no_nan(tp, truth), truth + predicted > 0)
+    """Mean of the per-class accuracies (recall) over the classes in the ground truth."""
+    _, tp, truth, _ = _parts(cm)
+    return _nan_mean(tf.math.divide_no_nan(tp, truth), truth > 0)
 
 
 @METRICS.register("per_class_iou")
@@ -96,6 +105,13 @@ def dice(cm) -> tf.Tensor:
     """Mean Dice (F1), 2 TP / (ground truth + predicted), over the classes seen."""
     _, tp, truth, predicted = _parts(cm)
     return _nan_mean(tf.math.divide_no_nan(2.0 * tp, truth + predicted), truth + predicted > 0)
+
+
+@METRICS.register("per_class_dice")
+def per_class_dice(cm) -> tf.Tensor:
+    """Dice of each class; NaN for a class never seen."""
+    _, tp, truth, predicted = _parts(cm)
+    return _per_class(2.0 * tp, truth + predicted, truth + predicted)
 
 
 def _per_class(numerator, denominator, seen):

@@ -23,20 +23,28 @@ def _random(seed, n=4000):
     return labels, preds
 
 
-def _np_reference(labels, preds):
+def _mmseg_reference(labels, preds):
+    """MMSegmentation's definitions (IoUMetric.intersect_and_union and total_area_to_metrics),
+    computed independently in NumPy: histograms of the valid pixels, then per-class ratios in
+    which 0/0 is NaN, and means that skip NaN."""
     valid = labels != IGNORE
     l, p = labels[valid], preds[valid]
-    classes_seen = [c for c in range(C) if (l == c).any() or (p == c).any()]
-    iou = {c: ((l == c) & (p == c)).sum() / ((l == c) | (p == c)).sum() for c in classes_seen}
-    acc = {c: (((l == c) & (p == c)).sum() / (l == c).sum()) if (l == c).any() else 0.0 for c in classes_seen}
-    f1 = {c: 2 * ((l == c) & (p == c)).sum() / ((l == c).sum() + (p == c).sum()) for c in classes_seen}
-    return {
-        "pixel_accuracy": (l == p).mean(),
-        "mean_accuracy": np.mean(list(acc.values())),
-        "mean_iou": np.mean(list(iou.values())),
-        "dice": np.mean(list(f1.values())),
-        "per_class_iou": [iou.get(c, np.nan) for c in range(C)],
-    }
+    bins = np.arange(C + 1)
+    intersect = np.histogram(p[p == l], bins)[0].astype(float)
+    area_pred = np.histogram(p, bins)[0].astype(float)
+    area_label = np.histogram(l, bins)[0].astype(float)
+    union = area_pred + area_label - intersect
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou, acc, dice = intersect / union, intersect / area_label, 2 * intersect / (area_pred + area_label)
+        return {
+            "pixel_accuracy": intersect.sum() / area_label.sum(),
+            "mean_accuracy": np.nanmean(acc),
+            "mean_iou": np.nanmean(iou),
+            "dice": np.nanmean(dice),
+            "per_class_iou": iou,
+            "per_class_accuracy": acc,
+            "per_class_dice": dice,
+        }
 
 
 def test_confusion_matrix_counts_and_excludes_ignore():
@@ -58,17 +66,58 @@ def test_metrics_match_numpy_on_summed_batches(seed):
         M.confusion_matrix(labels[i : i + 1000], preds[i : i + 1000], C, IGNORE).numpy()
         for i in range(0, labels.size, 1000)
     )
-    ref = _np_reference(labels, preds)
+    ref = _mmseg_reference(labels, preds)
     for name in ("pixel_accuracy", "mean_accuracy", "mean_iou", "dice"):
         assert METRICS.get(name)(cm).numpy() == pytest.approx(ref[name], rel=1e-9), name
-    np.testing.assert_allclose(METRICS.get("per_class_iou")(cm).numpy(), ref["per_class_iou"], rtol=1e-9)
-    assert np.isnan(METRICS.get("per_class_iou")(cm).numpy()[4])
+    for name in ("per_class_iou", "per_class_accuracy", "per_class_dice"):
+        np.testing.assert_allclose(METRICS.get(name)(cm).numpy(), ref[name], rtol=1e-9, err_msg=name)
+    per_class = {name: METRICS.get(name)(cm).numpy() for name in ("per_class_iou", "per_class_accuracy",
+                                                                  "per_class_dice")}
+    # Class 4 is nowhere: no value. Class 3 is only predicted: no recall, but IoU and Dice 0.
+    assert all(np.isnan(v[4]) for v in per_class.values())
+    assert np.isnan(per_class["per_class_accuracy"][3])
+    assert per_class["per_class_iou"][3] == 0 and per_class["per_class_dice"][3] == 0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_confusion_matrices_match_mmsegmentation(seed):
+    """Random matrices with absent, prediction-only, never-predicted and ignored classes."""
+    rng = np.random.default_rng(100 + seed)
+    classes = int(rng.integers(2, 8))
+    cm = rng.integers(0, 50, size=(classes, classes)) * (rng.random((classes, classes)) < 0.7)
+    absent, predicted_only, never_predicted = rng.choice(classes, 3, replace=classes < 3)
+    cm[absent, :] = 0
+    cm[:, absent] = 0
+    cm[predicted_only, :] = 0
+    cm[never_predicted, :] += 1
+    cm[:, never_predicted] = 0
+    cm[never_predicted, never_predicted] = 0
+    # The same counts as pixels, plus ignored pixels, through MMSegmentation's definitions.
+    labels = np.repeat(np.repeat(np.arange(classes), classes), cm.ravel())
+    preds = np.repeat(np.tile(np.arange(classes), classes), cm.ravel())
+    labels = np.concatenate([labels, np.full(37, IGNORE)])
+    preds = np.concatenate([preds, rng.integers(0, classes, 37)])
+    global C
+    saved, C = C, classes
+    try:
+        ref = _mmseg_reference(labels, preds)
+    finally:
+        C = saved
+    counted = M.confusion_matrix(labels, preds, classes, IGNORE).numpy()
+    np.testing.assert_array_equal(counted, cm)
+    for name, expected in ref.items():
+        value = METRICS.get(name)(counted).numpy()
+        np.testing.assert_allclose(value, expected, rtol=1e-9, err_msg=name)
 
 
 def test_perfect_and_empty():
     cm = np.diag([10, 0, 5])
     assert float(METRICS.get("mean_iou")(cm)) == 1.0  # class 1 never seen: not counted
     assert float(METRICS.get("mean_accuracy")(cm)) == 1.0
+    # Class 2 predicted where there is none: mean IoU and Dice fall, mean accuracy does not.
+    cm = np.array([[10, 0, 2], [0, 5, 0], [0, 0, 0]])
+    assert float(METRICS.get("mean_accuracy")(cm)) == pytest.approx((10 / 12 + 1) / 2)
+    assert float(METRICS.get("mean_iou")(cm)) == pytest.approx((10 / 12 + 1 + 0) / 3)
     assert np.isnan(float(METRICS.get("mean_iou")(np.zeros((3, 3)))))
 
 
