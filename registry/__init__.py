@@ -1,7 +1,7 @@
 """The plugin registry: one naming system for every named choice of segtrain.
 
-Models, backbones, losses, metrics, datasets, optimizers and learning-rate schedules are each
-a ``Registry``.
+Models, backbones, losses, metrics, datasets, optimizers, learning-rate schedules and
+post-processors are each a ``Registry``.
 
 A plugin is registered under a name; registering also makes it gin-configurable in the
 module named after its kind, so ``models.unet.base_filters = 32`` in a gin file sets an
@@ -32,6 +32,7 @@ __all__ = [
     "METRICS",
     "MODELS",
     "OPTIMIZERS",
+    "POSTPROCESSORS",
     "SCHEDULES",
     "PLUGIN_GROUP",
     "Registry",
@@ -274,16 +275,19 @@ def _signature(fn: Callable[..., Any]) -> str:
 
 MODELS = Registry("models", locations=("segtrain.models",), framework_args=("num_classes",))
 BACKBONES = Registry("backbones", locations=("segtrain.models",))
-LOSSES = Registry("losses", locations=("segtrain.losses",), singular="loss", framework_args=("ignore_label",))
+LOSSES = Registry("losses", locations=("segtrain.losses",), singular="loss",
+                  framework_args=("ignore_label", "class_statistics"))
 METRICS = Registry("metrics", locations=("segtrain.metrics",))
 DATASETS = Registry("datasets", locations=("segtrain.data",), framework_args=("split",))
 OPTIMIZERS = Registry("optimizers", locations=("segtrain.train.optimizers",), framework_args=("learning_rate",))
 SCHEDULES = Registry("schedules", locations=("segtrain.train.optimizers",), framework_args=("base", "decay_steps"))
+POSTPROCESSORS = Registry("postprocessors", locations=("segtrain.postprocess",))
 
 
 def all_registries() -> dict[str, Registry]:
     """Every registry by kind, in the order ``segtrain list`` shows them."""
-    return {r.kind: r for r in (MODELS, BACKBONES, LOSSES, METRICS, DATASETS, OPTIMIZERS, SCHEDULES)}
+    return {r.kind: r for r in (MODELS, BACKBONES, LOSSES, METRICS, DATASETS, OPTIMIZERS, SCHEDULES,
+                                   POSTPROCESSORS)}
 
 
 def load_all() -> None:

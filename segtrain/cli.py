@@ -4,6 +4,12 @@
         [--strategy=auto|one_device|mirrored|multi_worker] [--cpu_replicas=N]
         [--precision=float32|mixed_float16|mixed_bfloat16] [--xla]
     segtrain evaluate --model_dir=D [--split=test] [--checkpoint=best|latest] [--batch_size=N]
+        [--mode=whole|slide --crop_size=H,W --stride=H,W] [--scales=0.75,1.0,1.25 --flip] [--postprocess=dense_crf]
+    segtrain predict --model_dir=D --input=FILES_GLOB_OR_DIR --output=OUT [--probabilities] [--strict]
+        [--mode/--crop_size/--stride/--scales/--flip/--postprocess as evaluate]
+    segtrain export --model_dir=D --output=E [--probabilities] [--overwrite]
+    segtrain explain --model_dir=D --input=... --class=NAME [--layer=L|list] [--box=Y0,X0,Y1,X1] [--activations]
+        [--output=O] [--checkpoint=best|latest]
     segtrain prepare --dataset=voc2012 --source_dir=RAW --data_dir=OUT [--num_workers=K] [--splits=train,val]
         [--skip_bad_examples] [--overwrite] [--gin_param='datasets.voc2012_aug.sbd_dir = "..."']
     segtrain list [--models [--details]]
@@ -26,6 +32,9 @@ from absl import flags  # noqa: E402
 COMMANDS = {
     "train": "train the experiment of gin files and bindings into a run directory",
     "evaluate": "evaluate a trained run on a split (its best or latest checkpoint)",
+    "predict": "segment your own images with a trained run: class, colour and overlay PNGs",
+    "export": "write a trained run as a TF SavedModel for serving (uint8 images or encoded bytes in)",
+    "explain": "Grad-CAM heat maps of a class (and a layer's activations) on your images",
     "prepare": "check a dataset's raw files once and store them for fast reading",
     "list": "show every registered plugin and its arguments",
 }
@@ -60,14 +69,73 @@ def _train(fv):
     _verbosity(fv)
 
 
-def _evaluate(fv):
+def _trained_run(fv, what="evaluate"):
     _gin(fv)
     flags.DEFINE_string("model_dir", None, "The run directory `segtrain train` wrote.", flag_values=fv)
-    flags.DEFINE_string("split", "test", "The dataset split to evaluate (gin: evaluate.split).", flag_values=fv)
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
-                      "Which checkpoint to restore (gin: evaluate.checkpoint).", flag_values=fv)
+                      f"Which checkpoint to restore (gin: {what}.checkpoint).", flag_values=fv)
+
+
+def _inference(fv, what):
+    flags.DEFINE_enum("mode", None, ["whole", "slide"], "Whole images at once, or sliding windows of --crop_size "
+                      "every --stride (gin: inference.mode; default whole).", flag_values=fv)
+    flags.DEFINE_list("crop_size", None, "Sliding-window size H,W (gin: inference.crop_size).", flag_values=fv)
+    flags.DEFINE_list("stride", None, "Sliding-window step H,W (default: two thirds of --crop_size; gin: "
+                      "inference.stride).", flag_values=fv)
+    flags.DEFINE_list("scales", None, "Test-time scales, e.g. 0.75,1.0,1.25: the softmax of every view is averaged "
+                      "(gin: inference.scales).", flag_values=fv)
+    flags.DEFINE_bool("flip", None, "Also infer on the left-right flipped image and average (gin: inference.flip).",
+                      flag_values=fv)
+    flags.DEFINE_string("postprocess", None, "A registered post-processor, e.g. dense_crf (`segtrain list` shows "
+                        f"them; gin: {what}.postprocess and postprocessors.NAME.*).", flag_values=fv)
+
+
+def _evaluate(fv):
+    _trained_run(fv, "evaluate")
+    flags.DEFINE_string("split", "test", "The dataset split to evaluate (gin: evaluate.split).", flag_values=fv)
     flags.DEFINE_integer("batch_size", None, "Batch size (default: the run's; gin: evaluate.batch_size).",
                          lower_bound=1, flag_values=fv)
+    _inference(fv, "evaluate")
+    flags.DEFINE_integer("cpu_replicas", 0, "Mirror the evaluation over N logical CPUs (machines without GPUs; "
+                         "several GPUs are used by themselves).", lower_bound=0, flag_values=fv)
+    _verbosity(fv)
+
+
+def _predict(fv):
+    _trained_run(fv, "predict")
+    flags.DEFINE_string("input", None, "Images: files, directories or glob patterns, comma-separated.", flag_values=fv)
+    flags.DEFINE_string("output", None, "Directory the masks, colour masks and overlays are written to.",
+                        flag_values=fv)
+    flags.DEFINE_bool("probabilities", False, "Also write each image's class probabilities as .npy [H,W,C].",
+                      flag_values=fv)
+    flags.DEFINE_bool("strict", False, "Stop at the first unreadable image (default: report it and go on).",
+                      flag_values=fv)
+    flags.DEFINE_integer("batch_size", None, "Images of one size inferred together (gin: predict.batch_size).",
+                         lower_bound=1, flag_values=fv)
+    _inference(fv, "predict")
+    _verbosity(fv)
+
+
+def _export(fv):
+    _trained_run(fv, "export")
+    flags.DEFINE_string("output", None, "The SavedModel directory to write.", flag_values=fv)
+    flags.DEFINE_bool("probabilities", False, "Also return softmax 'probabilities' from the signatures.",
+                      flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Replace an existing --output directory.", flag_values=fv)
+    _verbosity(fv)
+
+
+def _explain(fv):
+    _trained_run(fv, "explain")
+    flags.DEFINE_string("input", None, "Images: files, directories or glob patterns, comma-separated.", flag_values=fv)
+    flags.DEFINE_string("output", None, "Directory the heat-map overlays are written to (default: "
+                        "MODEL_DIR/explain).", flag_values=fv)
+    flags.DEFINE_string("class", None, "The class to explain, by name (or index).", flag_values=fv)
+    flags.DEFINE_string("layer", None, "The layer whose activations are weighed (default: the model's deepest "
+                        "encoder stage; `--layer=list` lists the layers).", flag_values=fv)
+    flags.DEFINE_list("box", None, "Explain the class's logits in this box Y0,X0,Y1,X1 (pixels) instead of the "
+                      "pixels predicted as the class.", flag_values=fv)
+    flags.DEFINE_bool("activations", False, "Also write a grid of --layer's channels.", flag_values=fv)
     _verbosity(fv)
 
 
@@ -99,7 +167,8 @@ def _list(fv):
 def flag_sets() -> dict[str, flags.FlagValues]:
     """A fresh absl FlagValues per command."""
     sets = {}
-    for name, define in (("train", _train), ("evaluate", _evaluate), ("prepare", _prepare), ("list", _list)):
+    for name, define in (("train", _train), ("evaluate", _evaluate), ("predict", _predict), ("export", _export),
+                         ("explain", _explain), ("prepare", _prepare), ("list", _list)):
         sets[name] = flags.FlagValues()
         define(sets[name])
     return sets
@@ -178,8 +247,13 @@ def main(argv: list[str]) -> int:
     except Exception as e:
         from registry import RegistryError
 
-        if isinstance(e, (SegtrainError, RegistryError)):  # user errors: the message alone
-            print(f"error: {user_message(e)}", file=sys.stderr)
+        # A user error raised while a tf.function traces arrives wrapped in autograph's error:
+        # the error it was handling is the user's.
+        cause = e
+        while cause is not None and not isinstance(cause, (SegtrainError, RegistryError)):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:  # user errors: the message alone
+            print(f"error: {user_message(cause)}", file=sys.stderr)
             return 1
         raise
 
@@ -194,10 +268,13 @@ def _run(command: str, fv: flags.FlagValues) -> int:
         from segtrain.commands import train
 
         return train.run(fv.model_dir, fv.gin_file, fv.gin_param, _given(fv, train.FLAG_BINDINGS))
-    if command == "evaluate":
-        from segtrain.commands import evaluate
+    if command in ("evaluate", "predict", "export", "explain"):
+        import importlib
 
-        return evaluate.run(fv.model_dir, fv.gin_file, fv.gin_param, _given(fv, ("split", "checkpoint", "batch_size")))
+        module = importlib.import_module(f"segtrain.commands.{command}")
+        names = [name for name in fv if name not in ("model_dir", "gin_file", "gin_param", "verbosity")
+                 and not name.startswith("help") and name in flag_sets()[command]]
+        return module.run(fv.model_dir, fv.gin_file, fv.gin_param, _given(fv, names))
     if command == "prepare":
         from segtrain.commands import prepare
 

@@ -2,7 +2,12 @@
 
 ``Evaluator`` is the loop that training runs every ``train.eval_every`` steps and that
 `segtrain evaluate` runs on a restored model. It needs a model, a loss and the dataset's facts;
-never an optimizer.
+never an optimizer. The logits come from an ``Inference`` (whole images, sliding windows,
+test-time augmentation) and are compared with the labels at the labels' own size: an image the
+pipeline resized (``pipeline.eval_size``) has its logits resized back first.
+
+With a post-processor (dense CRF...) each example's probabilities are also refined on the host
+and counted in a second confusion matrix, so one pass reports the metrics with and without it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import tensorflow as tf
 from segtrain import metrics as M
 from segtrain.data.info import DatasetInfo
 from segtrain.errors import SegtrainError
+from segtrain.inference import Inference
 from segtrain.io import write_json
 from segtrain.progress import Progress
 
@@ -34,15 +40,23 @@ class Evaluator:
     """
 
     def __init__(self, model, loss_fn, info: DatasetInfo, strategy: tf.distribute.Strategy,
-                 metric_names: Sequence[str] = M.DEFAULT_METRICS, chunk: int = 16):
+                 metric_names: Sequence[str] = M.DEFAULT_METRICS, chunk: int = 16,
+                 inference: Inference | None = None):
         self.model, self.loss_fn, self.info = model, loss_fn, info
         self.strategy = strategy
         self.metric_names = tuple(metric_names)
         self.chunk = chunk
+        self.inference = inference or Inference(model, info.num_classes)
         self._run_chunk = tf.function(self._chunk)
+        self._run_probabilities = None
+
+    def _logits(self, batch):
+        """Logits at the labels' size: resized back per example where the pipeline resized the image."""
+        logits = self.inference.logits(batch["image"])
+        return fit_to_labels(logits, batch, tf.shape(batch["label"])[1:3])
 
     def _replica_step(self, batch):
-        logits = self.model(batch["image"], training=False)
+        logits = self._logits(batch)
         labels = batch["label"]
         cm = M.confusion_matrix(labels, tf.argmax(logits, -1), self.info.num_classes, self.info.ignore_label)
         per_example = self.loss_fn(labels, logits)
@@ -64,8 +78,20 @@ class Evaluator:
             batches += 1
         return cm, loss_sum, count, batches
 
-    def run(self, dataset: tf.data.Dataset, label: str = "eval") -> tuple[dict, np.ndarray]:
-        """One pass over ``dataset``; returns ({'loss': ..., metric: ...}, confusion matrix)."""
+    def run(self, dataset: tf.data.Dataset, label: str = "eval", postprocessor=None,
+            normalization=None) -> tuple[dict, np.ndarray]:
+        """One pass over ``dataset``; returns ({'loss': ..., metric: ...}, confusion matrix).
+
+        Args:
+          dataset: finite batches of the evaluation pipeline.
+          label: the progress line's name.
+          postprocessor: a refining post-processor (segtrain.postprocess); its metrics come back
+            under results['postprocessed'], with its confusion matrix.
+          normalization: the pipeline's input normalisation, to give the post-processor the
+            image's pixels (needed with ``postprocessor``).
+        """
+        if postprocessor is not None:
+            return self._run_postprocessed(dataset, label, postprocessor, normalization)
         num_batches = int(dataset.cardinality())
         progress = Progress(label, num_batches if num_batches > 0 else None, unit="batch")
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
@@ -83,26 +109,112 @@ class Evaluator:
             if int(r_batches) < self.chunk:
                 break
         progress.close()
+        return self._results(label, cm, loss_sum, count), cm
+
+    def _results(self, label, cm, loss_sum, count) -> dict:
         if not count:
             raise SegtrainError(f"{label}: the evaluation split of dataset '{self.info.name}' is empty.")
         results = {"loss": loss_sum / count}
         results.update(M.compute(cm, self.metric_names))
+        return results
+
+    def _replica_probabilities(self, batch):
+        logits = self.inference.logits(batch["image"])
+        labels = batch["label"]
+        loss = self.loss_fn(labels, fit_to_labels(logits, batch, tf.shape(labels)[1:3]))
+        return tf.nn.softmax(logits), labels, batch["image"], batch["image_size"], batch["label_size"], loss
+
+    def _run_postprocessed(self, dataset, label, postprocessor, normalization):
+        """The pass with a host-side post-processor: probabilities come back per replica, each
+        example is refined at the size the model saw, and both predictions are counted at the
+        label's size."""
+        if normalization is None:
+            raise ValueError("a post-processor needs the pipeline's normalization to see the image")
+        if self.strategy.extended._in_multi_worker_mode():  # pylint: disable=protected-access
+            raise SegtrainError("Evaluation with a post-processor runs on one machine: run `segtrain evaluate "
+                                "--postprocess=...` outside the cluster.")
+        if self._run_probabilities is None:
+            self._run_probabilities = tf.function(
+                lambda b: self.strategy.run(self._replica_probabilities, args=(b,)), reduce_retracing=True)
+        num_batches = int(dataset.cardinality())
+        progress = Progress(label, num_batches if num_batches > 0 else None, unit="batch")
+        c = self.info.num_classes
+        cm, cm_post = np.zeros([c, c], np.int64), np.zeros([c, c], np.int64)
+        loss_sum, count, done, t0 = 0.0, 0.0, 0, time.perf_counter()
+        for batch in self.strategy.experimental_distribute_dataset(dataset):
+            outputs = self._run_probabilities(batch)
+            for probs, labels, images, image_sizes, label_sizes, loss in zip(
+                    *(self.strategy.experimental_local_results(o) for o in outputs)):
+                loss_sum += float(tf.reduce_sum(loss))
+                count += int(loss.shape[0])
+                for i in range(int(probs.shape[0])):
+                    (ih, iw), (lh, lw) = image_sizes[i].numpy(), label_sizes[i].numpy()
+                    p = probs[i, :ih, :iw].numpy()
+                    refined = postprocessor(normalization.invert(images[i, :ih, :iw]), p)["probabilities"]
+                    truth = labels[i, :lh, :lw].numpy()
+                    for matrix, q in ((cm, p), (cm_post, refined)):
+                        if (ih, iw) != (lh, lw):
+                            q = tf.image.resize(q, (lh, lw), method="bilinear").numpy()
+                        matrix += M.confusion_matrix(truth, np.argmax(q, -1), c, self.info.ignore_label).numpy()
+            done += 1
+            elapsed = time.perf_counter() - t0
+            progress.update(done, count / elapsed if elapsed > 0 else None)
+        progress.close()
+        results = self._results(label, cm, loss_sum, count)
+        post = M.compute(cm_post, self.metric_names)
+        post["confusion_matrix"] = cm_post.tolist()
+        results["postprocessed"] = post
         return results, cm
 
 
-def format_table(results: dict, class_names: Sequence[str]) -> str:
-    """The metrics as a plain-text table, per-class values one row per class."""
+def fit_to_labels(logits: tf.Tensor, batch: dict, label_shape: tf.Tensor) -> tf.Tensor:
+    """``logits`` of a batch mapped onto its labels' (padded) grid.
+
+    Where image and label share a size (no ``pipeline.eval_size``), the logits are already there.
+    Otherwise each example's logits are cropped to its image, resized (bilinear) to its label's
+    size and padded to the batch's label shape.
+    """
+    if "image_size" not in batch or "label_size" not in batch:
+        return logits
+    num_classes = logits.shape[-1]
+
+    def one(args):
+        example, image_size, label_size = args
+        example = example[: image_size[0], : image_size[1]]
+        example = tf.image.resize(example, label_size, method="bilinear")
+        return tf.pad(example, [[0, label_shape[0] - label_size[0]], [0, label_shape[1] - label_size[1]], [0, 0]])
+
+    def resized():
+        return tf.map_fn(one, (logits, batch["image_size"], batch["label_size"]),
+                         fn_output_signature=tf.TensorSpec([None, None, num_classes], tf.float32))
+
+    same = tf.reduce_all(tf.equal(tf.shape(logits)[1:3], label_shape))
+    return tf.cond(same, lambda: logits, resized)
+
+
+def format_table(results: dict, class_names: Sequence[str], postprocessed: dict | None = None,
+                 postprocess_name: str | None = None) -> str:
+    """The metrics as a plain-text table, per-class values one row per class; with
+    ``postprocessed`` results, a second column of each metric after the post-processor."""
     lines = []
-    scalars = {k: v for k, v in results.items() if not isinstance(v, (list, tuple))}
-    vectors = {k: v for k, v in results.items() if isinstance(v, (list, tuple))}
+    skip = ("confusion_matrix", "per_class", "postprocessed")
+    scalars = {k: v for k, v in results.items() if not isinstance(v, (list, tuple, dict)) and k not in skip}
+    vectors = {k: v for k, v in results.items() if isinstance(v, (list, tuple)) and k not in skip}
+    post = postprocessed or {}
     width = max([len(k) for k in scalars] + [len(n) for n in class_names] + [10])
+    if post:
+        name = postprocess_name or "postprocessed"
+        lines.append(f"{'':<{width}}  {'model':>10}  {'+ ' + name:>14}")
     for key, value in scalars.items():
-        lines.append(f"{key:<{width}}  {_fmt(value)}")
+        extra = f"  {_fmt(post[key]):>14}" if key in post else ""
+        lines.append(f"{key:<{width}}  {_fmt(value):>10}{extra}" if post else f"{key:<{width}}  {_fmt(value)}")
     if vectors:
+        columns = [(k, v) for k, v in vectors.items()]
+        columns += [(f"{k} +post", post[k]) for k in vectors if isinstance(post.get(k), (list, tuple))]
         lines.append("")
-        lines.append(f"{'class':<{width}}  " + "  ".join(f"{k:>14}" for k in vectors))
+        lines.append(f"{'class':<{width}}  " + "  ".join(f"{k:>14}" for k, _ in columns))
         for i, name in enumerate(class_names):
-            lines.append(f"{name:<{width}}  " + "  ".join(f"{_fmt(v[i]):>14}" for v in vectors.values()))
+            lines.append(f"{name:<{width}}  " + "  ".join(f"{_fmt(v[i]):>14}" for _, v in columns))
     return "\n".join(lines)
 
 

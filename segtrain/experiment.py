@@ -28,12 +28,30 @@ from segtrain.data.pipeline import PASSED_ARGS, build_pipeline, resolve_normaliz
 from segtrain.data.transforms import Normalization, preprocessing
 from segtrain.errors import SegtrainError, warn
 from segtrain.evaluation import Evaluator
+from segtrain.inference import Inference, InferenceOptions
+from segtrain.losses import ClassStatistics, build_loss
 from segtrain.models.model import ModelFacts, facts
 
 BEST_DIR = "best"  # model_dir/best/ holds the best checkpoint and best.json
 
 # The shared input pipeline, configured in gin under pipeline.*; the experiment passes the rest.
 pipeline = gin.external_configurable(build_pipeline, name="pipeline", denylist=list(PASSED_ARGS))
+
+
+@gin.configurable("inference")
+def inference_options(mode: str = "whole", crop_size: Sequence[int] | None = None, stride: Sequence[int] | None = None,
+                      scales: Sequence[float] = (1.0,), flip: bool = False) -> InferenceOptions:
+    """How evaluation and every command that uses a trained model run it (gin scope ``inference``).
+
+    Args:
+      mode: 'whole' images at once, or 'slide': windows of crop_size every stride.
+      crop_size: (height, width) of the sliding windows.
+      stride: (height, width) step between windows (default: two thirds of crop_size).
+      scales: test-time scales; the softmax of every scale (and flip) is averaged.
+      flip: also infer on the left-right flipped image.
+    """
+    return InferenceOptions(mode, crop_size, stride, tuple(scales) if not isinstance(scales, (int, float)) else
+                            (scales,), flip)
 
 
 @gin.configurable("train")
@@ -163,7 +181,17 @@ class Experiment:
 
     @functools.cached_property
     def loss_fn(self):
-        return self._loss_factory(ignore_label=self.info.ignore_label)
+        """The loss. A factory that takes ``class_statistics`` (class weights from the data) gets
+        the training split's pixel counts per class, which `segtrain prepare` records."""
+        info, split = self.info, self.config.train_split
+        statistics = ClassStatistics(
+            class_names=tuple(info.class_names),
+            pixel_counts=info.class_pixel_counts.get(split),
+            image_pixels=info.class_image_pixels.get(split),
+            split=split,
+            dataset=self.config.dataset,
+        )
+        return build_loss(self.config.loss, info.ignore_label, statistics)
 
     @functools.cached_property
     def model(self) -> keras.Model:
@@ -218,8 +246,15 @@ class Experiment:
         return pipeline(ds, info, cfg.train_split, True, cfg.batch_size, self.facts.size_divisor, seed,
                         input_context, normalization=self.normalization)
 
-    def evaluator(self) -> Evaluator:
-        return Evaluator(self.model, self.loss_fn, self.info, self.strategy, self.metric_names)
+    def inference(self, **overrides) -> Inference:
+        """The model's Inference: gin's ``inference.*`` settings, then ``overrides`` that are not None."""
+        options = inference_options(**{k: v for k, v in overrides.items() if v is not None})
+        return Inference(self.model, self.info.num_classes, self.facts.size_divisor, options)
+
+    def evaluator(self, inference: Inference | None = None) -> Evaluator:
+        """The evaluation loop, with ``inference`` (default: ``self.inference()``)."""
+        return Evaluator(self.model, self.loss_fn, self.info, self.strategy, self.metric_names,
+                         inference=inference or self.inference())
 
     def restore(self, model_dir: str, checkpoint: str = "best") -> tuple[str, int]:
         """Restores the model's weights, and nothing else, from a run's checkpoint.

@@ -3,18 +3,62 @@
 ``labels`` are int [B,H,W], ``logits`` float [B,H,W,C]. Pixels whose label is the ignore
 label are left out of both the sum and the normaliser; an example with no valid pixel has
 loss 0. The trainer turns the per-example losses into the global-batch mean.
+
+A factory that also takes ``class_statistics`` receives the training split's pixel counts per
+class (``ClassStatistics``, recorded by `segtrain prepare`), from which it can derive class
+weights; ``build_loss`` passes them only to factories that accept them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import tensorflow as tf
+from scipy import ndimage
 
 from registry import LOSSES
-from segtrain.errors import SegtrainError
+from segtrain.errors import SegtrainError, warn
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+# Class weights computed from the training split's statistics.
+DATA_WEIGHTS = ("median_frequency", "inverse_frequency")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassStatistics:
+    """Pixel statistics of the split a loss is trained on.
+
+    Attributes:
+      class_names: one name per class.
+      pixel_counts: pixels of each class (ignore-label pixels not counted), or None when the
+        dataset has none recorded.
+      image_pixels: for each class, the labelled pixels of the images the class appears in.
+      split, dataset: where the counts come from, for messages.
+    """
+
+    class_names: Sequence[str]
+    pixel_counts: Sequence[int] | None = None
+    image_pixels: Sequence[int] | None = None
+    split: str = "train"
+    dataset: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"split '{self.split}'" + (f" of dataset '{self.dataset}'" if self.dataset else "")
+
+
+def build_loss(name: str, ignore_label: int, class_statistics: ClassStatistics | None = None) -> LossFn:
+    """Builds the registered loss ``name``, passing ``class_statistics`` only if its factory
+    takes that argument (so losses that have no use for it keep their plain signature)."""
+    factory = LOSSES.get(name)
+    kwargs = {"ignore_label": ignore_label}
+    takes_statistics = "class_statistics" in inspect.signature(LOSSES.original(name)).parameters
+    if class_statistics is not None and takes_statistics:
+        kwargs["class_statistics"] = class_statistics
+    return factory(**kwargs)
 
 
 def _valid_labels(labels: tf.Tensor, ignore_label: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -53,41 +97,122 @@ def batch_inverse_frequency_weights(labels: tf.Tensor, valid: tf.Tensor, num_cla
     return tf.math.divide_no_nan(tf.reduce_sum(counts), present * counts)
 
 
+def median_frequency_weights(pixel_counts: Sequence[int], image_pixels: Sequence[int]) -> np.ndarray:
+    """Eigen & Fergus (2015): w_c = median(freq) / freq(c), freq(c) = n_c / N_c.
+
+    n_c is the number of pixels of class c, N_c the labelled pixels of the images in which c
+    appears; the median is over the classes present. Absent classes (n_c = 0) get weight 0.
+    """
+    counts, totals = np.asarray(pixel_counts, np.float64), np.asarray(image_pixels, np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    if present.any():
+        freq = counts[present] / totals[present]
+        weights[present] = np.median(freq) / freq
+    return weights
+
+
+def inverse_frequency_weights(pixel_counts: Sequence[int]) -> np.ndarray:
+    """w_c = N / (K n_c): N labelled pixels, K classes present, n_c pixels of class c.
+
+    A class of average size weighs 1 and the pixel-weighted mean of the weights is 1, the same
+    formula as the per-batch 'batch' weights. Absent classes (n_c = 0) get weight 0.
+    """
+    counts = np.asarray(pixel_counts, np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
+
+
+def _resolve_class_weights(loss: str, class_weights, class_statistics: ClassStatistics | None):
+    """None, 'batch', or a [C] NumPy array of weights from a list or the data's statistics."""
+    if class_weights is None or (isinstance(class_weights, str) and class_weights == "batch"):
+        return class_weights
+    if isinstance(class_weights, str):
+        if class_weights not in DATA_WEIGHTS:
+            raise SegtrainError(
+                f"losses.{loss}.class_weights={class_weights!r}: use a list of weights, 'batch', "
+                f"{' or '.join(map(repr, DATA_WEIGHTS))}."
+            )
+        return _weights_from_data(loss, class_weights, class_statistics)
+    return np.asarray(class_weights, np.float32)
+
+
+def _weights_from_data(loss: str, method: str, stats: ClassStatistics | None) -> np.ndarray:
+    """The class weights ``method`` gives on the training split's counts, printed once."""
+    if stats is None or not stats.pixel_counts or (method == "median_frequency" and not stats.image_pixels):
+        where, name = (stats.where, stats.dataset or "NAME") if stats else ("the training split", "NAME")
+        raise SegtrainError(
+            f"losses.{loss}.class_weights={method!r} needs the pixel counts per class that "
+            f"`segtrain prepare` records, and {where} has none: run `segtrain prepare --dataset={name}` "
+            f"(with --overwrite if it was prepared before the counts were recorded) and read the prepared "
+            f"copy (datasets.{name}.data_dir), or give explicit weights (a list, one per class)."
+        )
+    names = list(stats.class_names)
+    if len(stats.pixel_counts) != len(names):
+        raise SegtrainError(
+            f"losses.{loss}.class_weights={method!r}: {stats.where} has pixel counts for "
+            f"{len(stats.pixel_counts)} classes but the dataset has {len(names)}; give explicit weights."
+        )
+    if method == "median_frequency":
+        weights = median_frequency_weights(stats.pixel_counts, stats.image_pixels)
+    else:
+        weights = inverse_frequency_weights(stats.pixel_counts)
+    absent = [n for n, c in zip(names, stats.pixel_counts) if c == 0]
+    if absent:
+        warn(f"losses.{loss}: classes {', '.join(absent)} have no pixel in {stats.where}; their "
+             f"{method} weight is 0.")
+    print(f"Class weights ({method}, {stats.where}): "
+          + ", ".join(f"{n} {w:.4g}" for n, w in zip(names, weights)), flush=True)
+    return weights.astype(np.float32)
+
+
+def _class_weight_fn(loss: str, weights) -> Callable[[tf.Tensor, tf.Tensor, int], tf.Tensor] | None:
+    """(labels, valid, num_classes) -> [C] weights, for resolved ``weights`` (None: no weights)."""
+    if weights is None:
+        return None
+    if isinstance(weights, str):  # 'batch'
+        return batch_inverse_frequency_weights
+
+    def fixed(labels, valid, num_classes):
+        if len(weights) != num_classes:
+            raise SegtrainError(
+                f"losses.{loss}.class_weights has {len(weights)} weights for {num_classes} classes."
+            )
+        return tf.constant(weights, tf.float32)
+
+    return fixed
+
+
 @LOSSES.register("weighted_cross_entropy")
 def weighted_cross_entropy(
-    ignore_label: int = 255, class_weights: Sequence[float] | str | None = None
+    ignore_label: int = 255,
+    class_weights: Sequence[float] | str | None = None,
+    class_statistics: ClassStatistics | None = None,
 ) -> LossFn:
-    """Cross-entropy with a weight per class: fixed, or per batch by inverse frequency.
+    """Cross-entropy with a weight per class: fixed, from the training data, or per batch.
 
     Args:
       ignore_label: label value left out of the loss.
-      class_weights: a weight per class (e.g. median-frequency weights of the training set),
-        or 'batch' for weights recomputed from each batch's pixel counts (chapter 8).
+      class_weights: a weight per class; 'median_frequency' or 'inverse_frequency' for weights
+        computed from the training split's pixel counts (recorded by `segtrain prepare`); or
+        'batch' for weights recomputed from each batch's pixel counts.
+      class_statistics: the training split's counts (passed by segtrain, not set in gin).
     """
     if class_weights is None:
         raise SegtrainError(
-            "losses.weighted_cross_entropy needs class_weights: a list with one weight per "
-            "class, or 'batch' for per-batch inverse-frequency weights."
+            "losses.weighted_cross_entropy needs class_weights: a list with one weight per class, "
+            "'median_frequency' or 'inverse_frequency' (from the training data), or 'batch' for "
+            "per-batch inverse-frequency weights."
         )
-    if isinstance(class_weights, str) and class_weights != "batch":
-        raise SegtrainError(
-            f"losses.weighted_cross_entropy.class_weights={class_weights!r}: use a list of "
-            "weights or 'batch'."
-        )
+    resolved = _resolve_class_weights("weighted_cross_entropy", class_weights, class_statistics)
+    weight_fn = _class_weight_fn("weighted_cross_entropy", resolved)
 
     def loss(labels, logits):
         labels, valid = _valid_labels(labels, ignore_label)
         logits = tf.cast(logits, tf.float32)
-        num_classes = logits.shape[-1]
-        if isinstance(class_weights, str):
-            weights = batch_inverse_frequency_weights(labels, valid, num_classes)
-        else:
-            if len(class_weights) != num_classes:
-                raise SegtrainError(
-                    f"losses.weighted_cross_entropy.class_weights has {len(class_weights)} "
-                    f"weights for {num_classes} classes."
-                )
-            weights = tf.constant(class_weights, tf.float32)
+        weights = weight_fn(labels, valid, logits.shape[-1])
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
         return _mean_over_valid(ce * tf.gather(weights, labels), valid)
 
@@ -146,10 +271,12 @@ def focal(
 
 
 @LOSSES.register("combined")
-def combined(ignore_label: int = 255, weights: Mapping[str, float] | None = None) -> LossFn:
+def combined(ignore_label: int = 255, weights: Mapping[str, float] | None = None,
+             class_statistics: ClassStatistics | None = None) -> LossFn:
     """A weighted sum of registered losses, e.g. {'cross_entropy': 1.0, 'dice': 1.0}.
 
-    Each part is built by name, so its own gin bindings (``losses.dice.smooth``) apply.
+    Each part is built by name, so its own gin bindings (``losses.dice.smooth``) apply; parts
+    that take ``class_statistics`` get them.
     """
     if not weights:
         raise SegtrainError(
@@ -158,9 +285,126 @@ def combined(ignore_label: int = 255, weights: Mapping[str, float] | None = None
         )
     if "combined" in weights:
         raise SegtrainError("losses.combined.weights cannot contain 'combined' itself.")
-    parts = [(float(w), LOSSES.get(name)(ignore_label=ignore_label)) for name, w in weights.items()]
+    parts = [(float(w), build_loss(name, ignore_label, class_statistics)) for name, w in weights.items()]
 
     def loss(labels, logits):
         return tf.add_n([w * part(labels, logits) for w, part in parts])
+
+    return loss
+
+
+def unet_border_weights(label: np.ndarray, w0: float = 10.0, sigma: float = 5.0, background: int = 0,
+                        ignore_label: int = 255) -> np.ndarray:
+    """The separation term of the U-Net weight map (Ronneberger et al., 2015) for one label.
+
+    w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) at background pixels, where d1 and d2 are the
+    distances to the nearest and the second-nearest object, an object being a connected
+    component (8-connected) of one class other than ``background`` and the ignore label. Object
+    pixels and labels with fewer than two objects get 0. The term is meant for the thin gaps
+    between touching objects; inside an object d1 = 0 and it would only blur the object's weight.
+
+    Each object's distances are computed in its bounding box grown by the reach of the term
+    (where it falls below 1e-4 w0), exactly there and taken as infinite beyond: the cost
+    follows the objects' sizes, not their number times the image size.
+
+    Args:
+      label: int [H, W] class ids.
+      w0, sigma: the term's height and width in pixels (the paper's 10 and 5).
+      background: the class whose pixels separate objects.
+      ignore_label: label value that is no object (its weights are never used).
+
+    Returns:
+      float32 [H, W].
+    """
+    objects = np.zeros(label.shape, np.int32)
+    count = 0
+    for value in np.unique(label):
+        if value in (background, ignore_label):
+            continue
+        components, found = ndimage.label(label == value, structure=np.ones((3, 3)))
+        objects[components > 0] = components[components > 0] + count
+        count += found
+    weights = np.zeros(label.shape, np.float32)
+    if count < 2:
+        return weights
+    reach = int(np.ceil(sigma * np.sqrt(2.0 * np.log(1e4))))
+    nearest = np.full(label.shape, np.inf)
+    second = np.full(label.shape, np.inf)
+    for index, box in enumerate(ndimage.find_objects(objects), 1):
+        grown = tuple(slice(max(s.start - reach, 0), min(s.stop + reach, size))
+                      for s, size in zip(box, label.shape))
+        distance = ndimage.distance_transform_edt(objects[grown] != index)
+        second[grown] = np.minimum(second[grown], np.maximum(nearest[grown], distance))
+        nearest[grown] = np.minimum(nearest[grown], distance)
+    term = w0 * np.exp(-((nearest + second) ** 2) / (2.0 * sigma**2))
+    weights[label == background] = term[label == background]
+    return weights
+
+
+def _in_xla_context() -> bool:
+    """Whether the graph being traced compiles with XLA (train.xla), which host code cannot join.
+
+    TF has no public test for it; its internal helper is used, and its absence means "no".
+    """
+    try:
+        from tensorflow.python.ops import control_flow_util
+
+        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    except (ImportError, AttributeError):
+        return False
+
+
+@LOSSES.register("boundary_weighted_cross_entropy")
+def boundary_weighted_cross_entropy(
+    ignore_label: int = 255,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    background: int = 0,
+    class_weights: Sequence[float] | str | None = None,
+    class_statistics: ClassStatistics | None = None,
+) -> LossFn:
+    """U-Net's loss: cross-entropy weighted by w_c(x) + w0 exp(-(d1 + d2)^2 / (2 sigma^2)).
+
+    The second term (``unet_border_weights``) weighs the background between touching objects,
+    so that the model learns to keep them apart. It depends on the label only, and is computed
+    per example on the host with SciPy (connected components, one distance transform per object)
+    through ``tf.numpy_function``: it runs inside tf.function and under every strategy, but not
+    in an XLA-compiled step (train.xla = True is refused), and costs host time per step.
+
+    Args:
+      ignore_label: label value left out of the loss.
+      w0, sigma: height and width (pixels) of the separation term; the paper's 10 and 5.
+      background: the class whose pixels separate objects.
+      class_weights: w_c, the class-balancing term: None (1 for every class), a weight per
+        class, 'median_frequency' / 'inverse_frequency' (from the training data), or 'batch'.
+      class_statistics: the training split's counts (passed by segtrain, not set in gin).
+    """
+    if w0 < 0 or sigma <= 0:
+        raise SegtrainError(
+            f"losses.boundary_weighted_cross_entropy needs w0 >= 0 and sigma > 0, got w0={w0}, sigma={sigma}."
+        )
+    weight_fn = _class_weight_fn("boundary_weighted_cross_entropy", _resolve_class_weights(
+        "boundary_weighted_cross_entropy", class_weights, class_statistics))
+
+    def border_maps(labels: np.ndarray) -> np.ndarray:
+        maps = [unet_border_weights(x, w0, sigma, background, ignore_label) for x in labels]
+        return np.asarray(maps, np.float32).reshape(labels.shape)  # a replica's batch may be empty
+
+    def loss(labels, logits):
+        if _in_xla_context():
+            raise SegtrainError(
+                "losses.boundary_weighted_cross_entropy computes its weight map on the host with SciPy, "
+                "which an XLA-compiled step cannot run: set train.xla = False, or choose another loss."
+            )
+        labels = tf.cast(labels, tf.int32)
+        border = tf.numpy_function(border_maps, [labels], tf.float32, stateful=False)
+        border = tf.ensure_shape(border, labels.shape)
+        labels, valid = _valid_labels(labels, ignore_label)
+        logits = tf.cast(logits, tf.float32)
+        class_weight = 1.0
+        if weight_fn is not None:
+            class_weight = tf.gather(weight_fn(labels, valid, logits.shape[-1]), labels)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        return _mean_over_valid(ce * (class_weight + border), valid)
 
     return loss

@@ -121,7 +121,7 @@ def test_unknown_dataset(tmp_path):
 def test_unknown_command_and_no_command():
     for args in (("fit",), ()):
         result = segtrain_main(*args)
-        assert result.returncode == 2 and "usage: segtrain {train|evaluate|prepare|list}" in result.stderr
+        assert result.returncode == 2 and "usage: segtrain {train|evaluate|predict|export|explain|prepare|list}" in result.stderr
 
 
 def test_gin_file_with_a_failing_import(tmp_path):
@@ -136,7 +136,10 @@ def test_gin_file_with_a_failing_import(tmp_path):
     ("evaluate", "--xla", "`segtrain train`"),
     ("evaluate", "--noxla", "`segtrain train`"),
     ("train", "--dataset=voc2012", "`segtrain prepare`"),
-    ("list", "--model_dir=x", "`segtrain train` and `segtrain evaluate`"),
+    ("list", "--model_dir=x", "`segtrain train` and `segtrain evaluate` and `segtrain predict` and `segtrain export` "
+                              "and `segtrain explain`"),
+    ("export", "--scales=1", "`segtrain evaluate` and `segtrain predict`"),
+    ("train", "--input=x.png", "`segtrain predict` and `segtrain explain`"),
 ])
 def test_a_flag_of_another_command_is_an_error_naming_its_commands(command, flag, owners):
     result = segtrain_main(command, flag)
@@ -158,7 +161,14 @@ def test_unknown_flag_suggests_the_closest_and_bad_values_are_named():
 
 @pytest.mark.parametrize("command, flags", [
     ("train", {"gin_file", "gin_param", "model_dir", "strategy", "cpu_replicas", "precision", "xla", "verbosity"}),
-    ("evaluate", {"gin_file", "gin_param", "model_dir", "split", "checkpoint", "batch_size", "verbosity"}),
+    ("evaluate", {"gin_file", "gin_param", "model_dir", "split", "checkpoint", "batch_size", "verbosity", "mode",
+                  "crop_size", "stride", "scales", "flip", "postprocess", "cpu_replicas"}),
+    ("predict", {"gin_file", "gin_param", "model_dir", "checkpoint", "input", "output", "probabilities", "strict",
+                 "batch_size", "verbosity", "mode", "crop_size", "stride", "scales", "flip", "postprocess"}),
+    ("export", {"gin_file", "gin_param", "model_dir", "checkpoint", "output", "probabilities", "overwrite",
+                "verbosity"}),
+    ("explain", {"gin_file", "gin_param", "model_dir", "checkpoint", "input", "output", "class", "layer", "box",
+                 "activations", "verbosity"}),
     ("prepare", {"gin_file", "gin_param", "dataset", "source_dir", "data_dir", "num_workers", "splits",
                  "skip_bad_examples", "overwrite", "verbosity"}),
     ("list", {"models", "details"}),

@@ -3,14 +3,15 @@
 The layers, top to bottom (a module may import its own layer's modules and any layer below):
 
     cli            segtrain.cli
-    commands       segtrain.commands.*          train / evaluate / prepare / list
+    commands       segtrain.commands.*          train / evaluate / predict / export / explain / prepare / list
     train          segtrain.train.*             optimizer, step, checkpoints, loop, actions
     experiment     segtrain.experiment          gin -> dataset info, model, loss, metrics, pipelines
-    evaluation     segtrain.evaluation          the evaluation loop over a model
-    plugins        segtrain.models.*, segtrain.losses, segtrain.metrics, segtrain.data.*
-                   (siblings: none of the four imports another)
+    evaluation     segtrain.evaluation, .inference, .export, .explain
+                                                running a model: metrics, windows and TTA, serving, Grad-CAM
+    plugins        segtrain.models.*, segtrain.losses, segtrain.metrics, segtrain.data.*,
+                   segtrain.postprocess (siblings: none of the five imports another)
     base           segtrain.config, segtrain.precision, segtrain.progress, segtrain.io,
-                   segtrain.errors, segtrain (the package), registry
+                   segtrain.errors, segtrain.images, segtrain.plots, segtrain (the package), registry
 
 Every import counts, also the ones inside functions. The data layer also stays free of gin:
 the experiment configures it.
@@ -30,10 +31,10 @@ LAYERS = [
     ("commands", ("segtrain.commands",)),
     ("train", ("segtrain.train",)),
     ("experiment", ("segtrain.experiment",)),
-    ("evaluation", ("segtrain.evaluation",)),
-    ("plugins", ("segtrain.models", "segtrain.losses", "segtrain.metrics", "segtrain.data")),
+    ("evaluation", ("segtrain.evaluation", "segtrain.inference", "segtrain.export", "segtrain.explain")),
+    ("plugins", ("segtrain.models", "segtrain.losses", "segtrain.metrics", "segtrain.data", "segtrain.postprocess")),
     ("base", ("segtrain.config", "segtrain.precision", "segtrain.progress", "segtrain.io", "segtrain.errors",
-              "segtrain", "registry")),
+              "segtrain.images", "segtrain.plots", "segtrain", "registry")),
 ]
 
 
@@ -131,7 +132,8 @@ def test_no_import_cycles():
 
 
 @pytest.mark.parametrize("package", ["segtrain.data", "segtrain.models", "segtrain.losses", "segtrain.metrics",
-                                     "segtrain.evaluation"])
+                                     "segtrain.postprocess", "segtrain.evaluation", "segtrain.inference",
+                                     "segtrain.export", "segtrain.explain"])
 def test_plugins_and_evaluation_read_no_gin(package):
     """Only the registry wires plugins to gin; the experiment configures the pipeline."""
     for module, path in MODULES.items():

@@ -49,7 +49,7 @@ def test_cross_entropy_matches_numpy_per_example():
     np.testing.assert_allclose(got, _np_ce(labels, logits), rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["cross_entropy", "dice", "focal"])
+@pytest.mark.parametrize("name", ["cross_entropy", "dice", "focal", "boundary_weighted_cross_entropy"])
 def test_ignored_pixels_do_not_count(name):
     labels, logits = _data(seed=1)
     loss = _loss(name)
@@ -71,7 +71,7 @@ def test_example_without_valid_pixels_has_zero_loss():
     labels = np.full((2, 4, 4), IGNORE, np.int32)
     labels[1] = 1
     logits = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
-    for name in ("cross_entropy", "dice", "focal"):
+    for name in ("cross_entropy", "dice", "focal", "boundary_weighted_cross_entropy"):
         values = _loss(name)(labels, logits).numpy()
         assert values[0] == 0.0 and np.isfinite(values).all(), name
 
@@ -155,9 +155,80 @@ def test_combined_from_gin(configure):
 def test_losses_have_gradients_wrt_logits():
     labels, logits = _data(seed=9)
     logits = tf.Variable(logits)
-    for name in ("cross_entropy", "dice", "focal"):
+    for name in ("cross_entropy", "dice", "focal", "boundary_weighted_cross_entropy"):
         with tf.GradientTape() as tape:
             value = tf.reduce_sum(_loss(name)(labels, logits))
         grad = tape.gradient(value, logits).numpy()
         assert np.isfinite(grad).all() and np.abs(grad).sum() > 0
         assert np.all(grad[labels == IGNORE] == 0), name
+
+
+def _two_objects(h=20, w=30, gap=3):
+    """Background with two rectangles of class 1 ``gap`` pixels apart, one class-2 square far
+    away, and a few ignored pixels."""
+    label = np.zeros((h, w), np.int32)
+    label[4:16, 3:12] = 1
+    label[4:16, 12 + gap:12 + gap + 8] = 1
+    label[h - 3:, w - 3:] = 2
+    label[0, :3] = IGNORE
+    return label
+
+
+def _np_border_weights(label, w0=10.0, sigma=5.0):
+    """The U-Net separation term, directly: every object's distance map over the whole image."""
+    from scipy import ndimage
+
+    maps = []
+    for c in (1, 2):
+        components, n = ndimage.label(label == c, structure=np.ones((3, 3)))
+        maps += [ndimage.distance_transform_edt(components != i) for i in range(1, n + 1)]
+    d = np.sort(np.stack(maps), axis=0)
+    return np.where(label == 0, w0 * np.exp(-((d[0] + d[1]) ** 2) / (2 * sigma**2)), 0.0)
+
+
+def test_unet_border_weights_match_numpy_and_peak_between_close_objects():
+    from segtrain.losses import unet_border_weights
+
+    label = _two_objects()
+    got = unet_border_weights(label, w0=10.0, sigma=5.0, ignore_label=IGNORE)
+    np.testing.assert_allclose(got, _np_border_weights(label), atol=2e-3)
+    gap, far = got[10, 13], got[19, 0]
+    assert gap > 5.0 and far < 0.05, (gap, far)  # between the two: d1 + d2 = 4
+    assert (got[label != 0] == 0).all()
+    # One object alone has no neighbour to be kept apart from.
+    alone = np.zeros((12, 12), np.int32)
+    alone[3:6, 3:6] = 1
+    assert not unet_border_weights(alone).any()
+
+
+def test_boundary_weighted_cross_entropy_matches_numpy():
+    label = _two_objects()
+    labels = np.stack([label, np.where(label == 2, 0, label)])
+    logits = np.random.default_rng(10).normal(size=labels.shape + (3,)).astype(np.float32)
+    border = np.stack([_np_border_weights(x, w0=8.0, sigma=3.0) for x in labels])
+    for class_weights in (None, [0.5, 2.0, 1.0]):
+        wc = np.ones(3) if class_weights is None else np.asarray(class_weights)
+        got = _loss("boundary_weighted_cross_entropy", w0=8.0, sigma=3.0, class_weights=class_weights)
+        logp = _np_log_softmax(logits.astype(np.float64))
+        expected = []
+        for i in range(2):
+            valid = labels[i] != IGNORE
+            lab = np.where(valid, labels[i], 0)
+            ce = -np.take_along_axis(logp[i], lab[..., None], -1)[..., 0]
+            expected.append((ce * (wc[lab] + border[i]) * valid).sum() / valid.sum())
+        np.testing.assert_allclose(got(labels, logits).numpy(), expected, rtol=1e-4)
+        np.testing.assert_allclose(tf.function(got)(labels, logits).numpy(), expected, rtol=1e-4)
+
+
+def test_boundary_loss_traces_with_unknown_sizes_and_refuses_xla():
+    loss = _loss("boundary_weighted_cross_entropy")
+    traced = tf.function(loss, input_signature=[tf.TensorSpec([None, None, None], tf.int32),
+                                                tf.TensorSpec([None, None, None, 3], tf.float32)])
+    label = _two_objects()[None]
+    logits = np.zeros(label.shape + (3,), np.float32)
+    np.testing.assert_allclose(traced(label, logits).numpy(), loss(label, logits).numpy(), rtol=1e-5)
+    # SciPy on the host cannot join an XLA cluster: the error names the setting to change.
+    with pytest.raises(Exception, match=r"computes its weight map on the host with SciPy.*set train\.xla = False"):
+        tf.function(loss, jit_compile=True)(label, logits)
+    with pytest.raises(SegtrainError, match="sigma > 0"):
+        _loss("boundary_weighted_cross_entropy", sigma=0)

@@ -1,9 +1,12 @@
 """`segtrain evaluate`: a trained run's model on a split, from its operative config and checkpoint.
 
-The run is rebuilt from model_dir/operative_config.gin as an Experiment: its model, dataset and
-pipeline are exactly those it was trained with (gin files and bindings given on the command line
-override them). Only the model's weights are restored; no optimizer is built and the training
-split is never read.
+The run is rebuilt by segtrain.commands.run_dir: only the model's weights are restored, no
+optimizer is built and the training split is never read. The model runs as ``inference.*`` (or
+the --mode/--crop_size/--stride/--scales/--flip flags) say, over every replica of the strategy,
+and is scored at the labels' own size.
+
+Writes, in the run directory: ``eval_results.json`` (every metric, per-class values by class
+name, the confusion matrix, how the model was run) and ``confusion_matrix.png``.
 """
 
 from __future__ import annotations
@@ -12,57 +15,110 @@ import os
 from typing import Sequence
 
 import gin
+import numpy as np
+import tensorflow as tf
 
-from segtrain import config
+from segtrain import plots
+from segtrain.commands.run_dir import parse_run, restored
 from segtrain.errors import SegtrainError, data_errors
 from segtrain.evaluation import format_table, write_results
-from segtrain.experiment import Experiment
 
-# Registers every configurable a run's operative config holds (train.*, optimizer.*,
-# distribute.*...), so that the config parses; nothing here builds them.
-from segtrain.train import trainer  # noqa: F401
+INFERENCE_FLAGS = ("mode", "crop_size", "stride", "scales", "flip")
+RESULTS_FILE, PICTURE_FILE = "eval_results.json", "confusion_matrix.png"
 
 
 def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[str], flags: dict) -> int:
     """Parses ``model_dir``'s operative config (then ``gin_files`` and ``gin_params``) and evaluates.
 
     Args:
-      flags: split, checkpoint and batch_size given on the command line; they win over gin.
+      flags: the command line's flags (split, checkpoint, batch_size, the inference flags,
+        postprocess, cpu_replicas); they win over gin.
     """
-    if not model_dir:
-        raise SegtrainError("--model_dir is required: the run's directory, e.g. --model_dir=runs/quickstart.")
-    operative = os.path.join(model_dir, "operative_config.gin")
-    if not os.path.isfile(operative):
-        raise SegtrainError(f"{operative} not found: --model_dir must be a directory `segtrain train` wrote.")
-    config.parse([operative, *gin_files], gin_params)
+    parse_run(model_dir, gin_files, gin_params)
     evaluate(model_dir, **flags)
     return 0
 
 
+def strategy_for(cpu_replicas: int = 0) -> tf.distribute.Strategy:
+    """Mirrored over the local GPUs (2 or more), or over ``cpu_replicas`` logical CPUs; else the default.
+
+    Evaluation never joins a cluster: a multi-worker run is evaluated on one machine.
+    """
+    from segtrain.train.distribute import build_strategy
+
+    if cpu_replicas:
+        return build_strategy("mirrored", cpu_replicas=cpu_replicas)
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def postprocessor_for(name: str | None, refine: bool = True):
+    """The registered post-processor ``name`` built from its gin settings (None: none); with
+    ``refine``, one that refines the probabilities (an instance maker is refused)."""
+    if not name:
+        return None
+    from segtrain import postprocess
+
+    return postprocess.build(name, need="probabilities" if refine else None)
+
+
 @gin.configurable("evaluate", denylist=["model_dir"])
-def evaluate(model_dir: str, split: str = "test", checkpoint: str = "best", batch_size: int | None = None) -> dict:
-    """Evaluates a trained run on a split; prints the table and writes model_dir/eval_results.json.
+def evaluate(model_dir: str, split: str = "test", checkpoint: str = "best", batch_size: int | None = None,
+             mode: str | None = None, crop_size: Sequence[int] | None = None, stride: Sequence[int] | None = None,
+             scales: Sequence[float] | None = None, flip: bool | None = None, postprocess: str | None = None,
+             cpu_replicas: int = 0) -> dict:
+    """Evaluates a trained run on a split; prints the table and writes the results and the picture.
 
     Args:
       model_dir: the run's directory.
       split: dataset split to evaluate.
       checkpoint: 'best' (falls back to the latest when no best was kept) or 'latest'.
       batch_size: evaluation batch size (default: the run's eval batch size).
+      mode, crop_size, stride, scales, flip: how the model runs (default: gin's inference.*).
+      postprocess: a registered refining post-processor (e.g. 'dense_crf'): the metrics are
+        reported with and without it.
+      cpu_replicas: mirror over this many logical CPUs (machines without GPUs; tests).
 
     Returns:
-      The results: loss and every metric, plus 'split', 'step' and 'checkpoint'.
+      The results: loss and every metric, plus 'split', 'step', 'checkpoint', 'inference',
+      'class_names', 'per_class', 'confusion_matrix' (and 'postprocessed').
     """
-    experiment = Experiment(split=split)
+    processor = postprocessor_for(postprocess)
+    from segtrain.experiment import Experiment
+
+    experiment = Experiment(strategy=strategy_for(cpu_replicas), split=split)
+    experiment, path, step = restored(model_dir, checkpoint, split, experiment=experiment)
+    inference = experiment.inference(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip)
+    replicas = experiment.strategy.num_replicas_in_sync
     with data_errors():
-        path, step = experiment.restore(model_dir, checkpoint)
-        print(f"Evaluating {os.path.basename(path)} (step {step}) of {model_dir} on split '{split}'")
-        results, cm = experiment.evaluator().run(experiment.eval_dataset(split, batch_size))
+        print(f"Evaluating {os.path.basename(path)} (step {step}) of {model_dir} on split '{split}': "
+              f"{inference.options.describe()}" + (f", then {postprocess}" if postprocess else "")
+              + (f", over {replicas} replicas" if replicas > 1 else ""))
+        results, cm = experiment.evaluator(inference).run(
+            experiment.eval_dataset(split, batch_size), postprocessor=processor,
+            normalization=experiment.normalization)
+    names = list(experiment.info.class_names)
+    post = results.pop("postprocessed", None)
+    print(format_table(results, names, post, postprocess))
     results.update({"split": split, "step": step, "checkpoint": os.path.basename(path),
-                    "class_names": list(experiment.info.class_names), "confusion_matrix": cm.tolist()})
-    shown = {k: v for k, v in results.items()
-             if k not in ("split", "step", "checkpoint", "class_names", "confusion_matrix")}
-    print(format_table(shown, experiment.info.class_names))
-    out = os.path.join(model_dir, "eval_results.json")
+                    "inference": inference.options.describe(), "class_names": names,
+                    "per_class": per_class(results, names), "confusion_matrix": cm.tolist()})
+    if post is not None:
+        post["per_class"] = per_class(post, names)
+        results["postprocessed"] = {"postprocess": postprocess, **post}
+    out = os.path.join(model_dir, RESULTS_FILE)
     write_results(out, results)
     print(f"Wrote {out}")
+    picture = os.path.join(model_dir, PICTURE_FILE)
+    title = f"{experiment.info.name or 'dataset'} {split}, step {step}\n{inference.options.describe()}"
+    if plots.write_confusion_matrix(picture, cm, names, title):
+        print(f"Wrote {picture}")
     return results
+
+
+def per_class(results: dict, class_names: Sequence[str]) -> dict:
+    """{class name: {metric: value}} of the per-class metrics in ``results``."""
+    vectors = {k.removeprefix("per_class_"): v for k, v in results.items()
+               if k.startswith("per_class_") and isinstance(v, (list, tuple, np.ndarray))}
+    return {name: {k: v[i] for k, v in vectors.items()} for i, name in enumerate(class_names)}

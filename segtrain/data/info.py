@@ -24,6 +24,11 @@ class DatasetInfo:
         shuffles and shards the small encoded elements and decodes inside its parallel map.
       labels_checked: every label value is known to be a class or the ignore label (a dataset
         `segtrain prepare` checked): the pipeline skips its per-example check.
+      class_pixel_counts: per split, the pixels of each class (ignore-label pixels not
+        counted), e.g. {'train': [90210, 4521, ...]}; recorded by `segtrain prepare`, empty
+        for datasets read any other way.
+      class_image_pixels: per split, for each class, the labelled (not ignored) pixels of the
+        images in which the class appears: the normaliser of median-frequency weights.
     """
 
     num_classes: int
@@ -34,6 +39,10 @@ class DatasetInfo:
     name: str = ""
     decode: Callable[[dict], dict] | None = dataclasses.field(default=None, compare=False, repr=False)
     labels_checked: bool = False
+    class_pixel_counts: Mapping[str, Sequence[int]] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False)
+    class_image_pixels: Mapping[str, Sequence[int]] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if self.num_classes < 1:

@@ -65,5 +65,9 @@ class OxfordIiitPet(Source):
     def read_time_labels(self, info: DatasetInfo):
         if not self.boundary_as_ignore:
             return info, None
-        new = dataclasses.replace(info, num_classes=2, class_names=info.class_names[:2], palette=info.palette[:2])
+        # The border class becomes the ignore label: its pixels leave the class counts (the image
+        # totals of the other classes still hold them, a small overestimate).
+        new = dataclasses.replace(info, num_classes=2, class_names=info.class_names[:2], palette=info.palette[:2],
+                                  class_pixel_counts={k: tuple(v[:2]) for k, v in info.class_pixel_counts.items()},
+                                  class_image_pixels={k: tuple(v[:2]) for k, v in info.class_image_pixels.items()})
         return new, lambda label: tf.where(label == 2, tf.constant(info.ignore_label, tf.uint8), label)

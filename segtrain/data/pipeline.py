@@ -55,8 +55,10 @@ def build_pipeline(
     jitter, normalise; batch with drop_remainder. Datasets that yield encoded examples (files,
     prepared datasets) are shuffled and sharded while still encoded and decoded in that map.
     Evaluation:
-    [resize to eval_size], normalise, pad to a multiple of the model's ``size_divisor`` (labels
-    padded with the ignore label, so metrics stay at full resolution), padded batch.
+    [resize the image to eval_size], normalise, pad to a multiple of the model's ``size_divisor``
+    (labels padded with the ignore label), padded batch. Labels keep their original size, so
+    metrics are computed at full resolution; each example also carries 'image_size' and
+    'label_size' (height, width before padding) for the evaluation to map logits back.
 
     Args:
       dataset, info, split: what the dataset plugin returned, and the split's name.
@@ -77,7 +79,8 @@ def build_pipeline(
       hue: max hue shift (chapter 8 uses 0.1).
       mean, std: per-channel normalisation on the [0, 255] scale, RGB order; set, they replace
         ``normalization``.
-      eval_size: (height, width) evaluation images are resized to, or None for full size.
+      eval_size: (height, width) evaluation images are resized to, or None for full size (labels
+        are never resized: the logits are resized back to them).
       shuffle_buffer: examples in the shuffle buffer (training).
       cache: cache the decoded examples in memory (small datasets).
       check_labels: fail on a label that is neither a class nor the ignore label.
@@ -143,12 +146,18 @@ def build_pipeline(
 
     def evaluate(ex):
         image, label = prepare(ex)
+        out = {"label_size": tf.shape(label)[:2]}
         if eval_size:
-            image, label = T.resize(image, label, eval_size)
+            # The model sees the resized image; metrics stay at the label's own size (the
+            # evaluation resizes the logits back), so the label is left as it is.
+            image = tf.image.resize(image, eval_size, method="bilinear")
         image = normalize(image)
+        out["image_size"] = tf.shape(image)[:2]
         if size_divisor > 1:
-            image, label = T.pad_to_multiple(image, label, size_divisor, ignore)
-        return {"image": image, "label": tf.cast(label, tf.int32)}
+            image, padded_label = T.pad_to_multiple(image, label, size_divisor, ignore)
+            if not eval_size:
+                label = padded_label
+        return {**out, "image": image, "label": tf.cast(label, tf.int32)}
 
     options = tf.data.Options()
     options.deterministic = True
@@ -172,7 +181,8 @@ def build_pipeline(
         ds = ds.batch(batch_size, drop_remainder=True)
     else:
         ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.padded_batch(batch_size, padding_values={"image": 0.0, "label": ignore})
+        ds = ds.padded_batch(batch_size, padding_values={"image": 0.0, "label": ignore, "image_size": 0,
+                                                         "label_size": 0})
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -3,7 +3,9 @@
 The dataset is built by a tfds ``GeneratorBasedBuilder`` that reads the user's local files
 (``manual_dir`` style: nothing is downloaded). Images keep their original JPEG/PNG bytes; labels
 are stored as single-channel class-index PNGs; the metadata holds the class names, palette and
-ignore label, and tfds records the split sizes. tfds writes into a temporary directory and
+ignore label, and per split the pixels of each class (``class_pixel_counts``) and the labelled
+pixels of the images each class appears in (``class_image_pixels``), from which losses derive
+class weights; tfds records the split sizes. tfds writes into a temporary directory and
 renames it when every split is written, so an interrupted run leaves nothing that a later run
 would take as a prepared dataset.
 
@@ -25,8 +27,10 @@ import tempfile
 import time
 from typing import Callable, Sequence, TextIO
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from segtrain.data.info import DatasetInfo
 from segtrain.data.raw import Example, Problem, Source, check_example, problems_message
@@ -70,6 +74,8 @@ def builder_class(name: str, version: str) -> type:
 
         def _generate_examples(self, split):
             yield from self.job.generate(split)
+            # tfds writes the metadata after the last split: the pixel counts are complete then.
+            self.info.metadata.update(self.job.metadata)
 
     Builder.name = name
     Builder.__qualname__ = Builder.__name__ = f"Segtrain_{name}"
@@ -88,26 +94,38 @@ class _Job:
     source_dir: str
     problems: list[Problem] = dataclasses.field(default_factory=list)
     written: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Per split, [256] counts of each label value, and of the labelled pixels of the images
+    # each value appears in (filled by generate).
+    pixel_counts: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    image_pixels: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     hook: Callable[[str, int], None] | None = None  # tests: called after each example
     pool: concurrent.futures.Executor | None = None
 
     @property
     def metadata(self) -> dict:
         s = self.source
-        return {"num_classes": s.num_classes, "class_names": list(s.class_names),
-                "palette": [list(c) for c in s.palette], "ignore_label": s.ignore_label}
+        n = s.num_classes
+        return {"num_classes": n, "class_names": list(s.class_names),
+                "palette": [list(c) for c in s.palette], "ignore_label": s.ignore_label,
+                "class_pixel_counts": {k: v[:n].tolist() for k, v in self.pixel_counts.items()},
+                "class_image_pixels": {k: v[:n].tolist() for k, v in self.image_pixels.items()}}
 
     def generate(self, split: str):
         examples = self.examples[split]
-        check = functools.partial(check_example, self.source)
+        check = functools.partial(check_and_count, self.source)
         written = 0
         progress = None
+        counts = self.pixel_counts[split] = np.zeros(256, np.int64)
+        image_pixels = self.image_pixels[split] = np.zeros(256, np.int64)
         for done, result in enumerate(self._map(check, examples), 1):
             if progress is None:  # timed from the first result: worker start-up is not a rate
                 progress = Progress(f"prepare {split}", len(examples), unit="image", stream=self.stream, start=1)
             if result[0] == "ok":
-                _, key, image, label = result
+                _, key, image, label, values = result
                 written += 1
+                counts += values
+                labelled = values.sum() - values[self.source.ignore_label]
+                image_pixels += np.where(values > 0, labelled, 0)
                 yield key, {"image": image, "label": label, "key": key}
             else:
                 self.problems.append(result[1])
@@ -143,6 +161,17 @@ class _Job:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = None
+
+
+def check_and_count(source: Source, example: Example):
+    """``check_example``, with the [256] pixel count of each label value of a good example
+    appended (counted in the worker, so the parent only sums)."""
+    result = check_example(source, example)
+    if result[0] != "ok":
+        return result
+    with Image.open(io.BytesIO(result[3])) as png:  # the class-index PNG just encoded
+        label = np.asarray(png, np.uint8)
+    return (*result, np.bincount(label.ravel(), minlength=256).astype(np.int64))
 
 
 def prepared_dir(data_dir: str, source: Source) -> str:
@@ -290,6 +319,9 @@ def load_prepared(source: Source, split: str, data_dir: str) -> tuple[tf.data.Da
         name=source.name,
         decode=decode_prepared,
         labels_checked=True,
+        # Datasets prepared before the counts were recorded have none (losses say so).
+        class_pixel_counts={k: tuple(v) for k, v in meta.get("class_pixel_counts", {}).items()},
+        class_image_pixels={k: tuple(v) for k, v in meta.get("class_image_pixels", {}).items()},
     )
     ds = builder.as_dataset(
         split=split,

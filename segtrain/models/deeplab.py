@@ -68,8 +68,11 @@ def deeplab(
     if decoder:
         x = decoder_block(x, low[0], low_level_filters, decoder_filters, synchronized_batch_norm)
     logits = classifier(x, num_classes)
+    # Grad-CAM's layer: the backbone's last stage (before ASPP), the nested backbone's last output.
+    cam_layer = f"backbone:{len(strides) - 1}" if decoder else "backbone"
     return SegmentationModel(inputs, upsample_like(logits, inputs, "upsample"), name=name,
-                             output_stride=output_stride, preprocessing=encoder.input_preprocessing)
+                             output_stride=output_stride, preprocessing=encoder.input_preprocessing,
+                             cam_layer=cam_layer)
 
 
 def decoder_block(x, low, low_level_filters: int, filters: int, synchronized: bool, name: str = "decoder"):

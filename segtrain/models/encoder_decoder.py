@@ -33,4 +33,4 @@ def encoder_decoder(num_classes: int, input_shape=None) -> keras.Model:
         x = keras.layers.Conv2DTranspose(filters, 3, padding="same", activation="relu", name=f"decoder.stage{i}.conv")(x)
         x = keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation="relu", name=f"decoder.stage{i}.up")(x)
     return SegmentationModel(inputs, classifier(x, num_classes, kernel_size=3), name="encoder_decoder",
-                             size_divisor=8, output_stride=8)
+                             size_divisor=8, output_stride=8, cam_layer="encoder.stage2.conv")

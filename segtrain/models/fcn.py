@@ -82,7 +82,7 @@ def fcn(
         x = keras.layers.Add(name=f"fuse_pool{stride.bit_length() - 1}")([x, pool])
     logits = upsample(x, num_classes, finest_stride, "upsample", dtype="float32")
     return SegmentationModel(inputs, logits, name=name, size_divisor=32, output_stride=32,
-                             preprocessing=encoder.input_preprocessing)
+                             preprocessing=encoder.input_preprocessing, cam_layer="fc7")
 
 
 _ARGS = """

@@ -2,13 +2,15 @@
 
 The input pipeline and evaluation need to know a few things about a model: the multiple its
 input height and width must be (``size_divisor``), how much it downsamples
-(``output_stride``), and the input preprocessing its pretrained weights expect
+(``output_stride``), the input preprocessing its pretrained weights expect
 (``preprocessing``: a keras.applications mode such as ``'caffe'``, or None for the pipeline's
-default). They are constructor arguments and part of ``get_config()``, so a model saved with
-``model.save('m.keras')`` and loaded with ``keras.models.load_model`` still knows them.
+default), and the layer whose activations explain its predictions (``cam_layer``: the deepest
+encoder stage, which Grad-CAM weighs by default). They are constructor arguments and part of
+``get_config()``, so a model saved with ``model.save('m.keras')`` and loaded with
+``keras.models.load_model`` still knows them.
 
-Plugin models may be any keras.Model; ``facts(model)`` falls back to a ``size_divisor``
-attribute and then to the defaults.
+Plugin models may be any keras.Model; ``facts(model)`` falls back to attributes of the same
+names and then to the defaults.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import dataclasses
 
 import keras
 
-_FACTS = ("size_divisor", "output_stride", "preprocessing")
+_FACTS = ("size_divisor", "output_stride", "preprocessing", "cam_layer")
 
 
 @keras.saving.register_keras_serializable(package="segtrain")
@@ -30,6 +32,9 @@ class SegmentationModel(keras.Model):
       output_stride: input size over the coarsest feature map's size.
       preprocessing: the input preprocessing the model's weights expect ('caffe', 'tf',
         'torch'), or None when they expect none in particular.
+      cam_layer: the name of the layer whose output is the deepest encoder stage (Grad-CAM's
+        default layer); ``name:i`` for output ``i`` of a layer with several (a nested backbone
+        model). None: `segtrain explain` takes the layer with the smallest feature map.
     """
 
     # The signature stays (inputs, outputs, name, **kwargs), the one Keras revives functional
@@ -40,10 +45,12 @@ class SegmentationModel(keras.Model):
         self.size_divisor = int(facts["size_divisor"] or 1)
         self.output_stride = None if facts["output_stride"] is None else int(facts["output_stride"])
         self.preprocessing = facts["preprocessing"]
+        self.cam_layer = facts["cam_layer"]
 
     def get_config(self):
         return {**super().get_config(), "size_divisor": self.size_divisor,
-                "output_stride": self.output_stride, "preprocessing": self.preprocessing}
+                "output_stride": self.output_stride, "preprocessing": self.preprocessing,
+                "cam_layer": self.cam_layer}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +60,7 @@ class ModelFacts:
     size_divisor: int = 1
     output_stride: int | None = None
     preprocessing: str | None = None
+    cam_layer: str | None = None
 
 
 def facts(model: keras.Model) -> ModelFacts:
@@ -61,4 +69,5 @@ def facts(model: keras.Model) -> ModelFacts:
         size_divisor=int(getattr(model, "size_divisor", 1) or 1),
         output_stride=getattr(model, "output_stride", None),
         preprocessing=getattr(model, "preprocessing", None),
+        cam_layer=getattr(model, "cam_layer", None),
     )

@@ -67,7 +67,7 @@ def unet(
     for level in reversed(range(depth)):
         x = up_block(x, skips[level], base_filters * 2**level, f"decoder.level{level}", batch_norm, synchronized_batch_norm)
     return SegmentationModel(inputs, classifier(x, num_classes), name="unet", size_divisor=2**depth,
-                             output_stride=2**depth)
+                             output_stride=2**depth, cam_layer="bottleneck.conv2.relu")
 
 
 def valid_unet_sizes(size: int, depth: int) -> tuple[int, int, int]:
@@ -163,7 +163,8 @@ def unet_original(
         x = keras.layers.Concatenate(name=f"{name}.concat")([x, skip])
         x = _valid_double_conv(x, base_filters * 2**level, name, batch_norm)
     logits = CropLike(dtype="float32", name="crop")(classifier(x, num_classes), inputs)
-    return SegmentationModel(inputs, logits, name="unet_original", output_stride=2**depth)
+    return SegmentationModel(inputs, logits, name="unet_original", output_stride=2**depth,
+                             cam_layer="bottleneck.conv2.relu")
 
 
 def _valid_double_conv(x, filters: int, name: str, batch_norm: bool):
@@ -223,8 +224,9 @@ def unet_resnet50(
     x = keras.layers.Conv2DTranspose(decoder_filters[3], 2, strides=2, activation="relu", name="decoder.stride1.upconv")(x)
     x = CropLike(name="decoder.stride1.crop")(x, inputs)
     x = double_conv(x, decoder_filters[3], "decoder.stride1", batch_norm=True, synchronized=False)
+    # The encoder's stride-16 features: the last of the nested backbone model's four outputs.
     return SegmentationModel(inputs, classifier(x, num_classes), name="unet_resnet50", output_stride=16,
-                             preprocessing=encoder.input_preprocessing)
+                             preprocessing=encoder.input_preprocessing, cam_layer="backbone:3")
 
 
 @MODELS.register("unet_compact")
@@ -270,4 +272,5 @@ def unet_compact(
         x = keras.layers.Concatenate(name=f"{name}.concat")([x, skips[level]])
     logits = keras.layers.Conv2DTranspose(num_classes, 3, strides=2, padding="same", kernel_initializer="he_normal",
                                           dtype="float32", name="logits")(x)
-    return SegmentationModel(inputs, logits, name="unet_compact", size_divisor=2**levels, output_stride=2**levels)
+    return SegmentationModel(inputs, logits, name="unet_compact", size_divisor=2**levels, output_stride=2**levels,
+                             cam_layer=f"encoder.level{levels - 1}.leaky_relu")

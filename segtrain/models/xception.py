@@ -73,4 +73,4 @@ def xception_unet(
     x = keras.layers.BatchNormalization(synchronized=sync, name="head.bn")(x)
     x = keras.layers.ReLU(name="head.relu")(x)
     return SegmentationModel(inputs, classifier(x, num_classes), name="xception_unet", size_divisor=2**depth,
-                             output_stride=2**depth)
+                             output_stride=2**depth, cam_layer=f"encoder.level{depth - 1}.add")

@@ -20,7 +20,7 @@ from segtrain import progress as progress_line
 from segtrain.data.info import DatasetInfo
 from segtrain.data.transforms import Normalization
 from segtrain.errors import SegtrainError
-from segtrain.evaluation import Evaluator, format_table, write_results
+from segtrain.evaluation import Evaluator, fit_to_labels, format_table, write_results
 from segtrain.io import atomic_write_text
 from segtrain.train import summaries as S
 from segtrain.train.checkpoints import Checkpoints
@@ -150,9 +150,14 @@ class ImagePanels(Action):
             return
         panels = []
         for batch in self.dataset.unbatch().take(self.count).batch(1):
-            prediction = tf.argmax(self.model(batch["image"], training=False), -1).numpy()[0]
-            image = self.normalization.invert(batch["image"][0])
-            panels.append(S.panel(image, batch["label"][0].numpy(), prediction, self.info))
+            logits = tf.cast(self.model(batch["image"], training=False), tf.float32)
+            label = batch["label"][0].numpy()
+            prediction = tf.argmax(fit_to_labels(logits, batch, tf.shape(batch["label"])[1:3]), -1).numpy()[0]
+            image = batch["image"][0]
+            if "image_size" in batch and image.shape[:2] != label.shape:  # pipeline.eval_size resized it
+                h, w = batch["image_size"][0].numpy()
+                image = tf.image.resize(image[:h, :w], label.shape, method="bilinear")
+            panels.append(S.panel(self.normalization.invert(image), label, prediction, self.info))
         S.write_images(self.writer, "examples", panels, window.step)
 
 

@@ -145,6 +145,10 @@ def test_resize_gives_fixed_size_batches_without_a_crop():
     assert set(np.unique(batch["label"].numpy()).tolist()) <= {0, 1, 2, 3}
     evaluated = next(iter(build_pipeline(_coded(h=37, w=45), INFO, "validation", False, 2, 1, eval_size=(16, 24))))
     assert evaluated["image"].shape == (2, 16, 24, 3)
+    # Metrics stay at the label's own size: the label is not resized, its size travels along.
+    assert evaluated["label"].shape == (2, 37, 45)
+    assert evaluated["label_size"].numpy().tolist() == [[37, 45]] * 2
+    assert evaluated["image_size"].numpy().tolist() == [[16, 24]] * 2
 
 
 def _encoded(n=12, h=20, w=20):

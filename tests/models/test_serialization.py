@@ -1,5 +1,5 @@
 """Every built-in model is Keras-serializable: saved as .keras and loaded back, it computes the
-same logits and still knows its facts (size divisor, output stride, preprocessing)."""
+same logits and still knows its facts (size divisor, output stride, preprocessing, Grad-CAM layer)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def test_declared_output_stride_is_the_measured_one(name):
 def test_facts_live_in_the_config_not_in_glued_attributes():
     model = MODELS.get("fcn8s")(num_classes=3, **tiny.TINY_MODELS["fcn8s"])
     config = model.get_config()
-    assert (config["size_divisor"], config["output_stride"], config["preprocessing"]) == (32, 32, None)
+    assert (config["size_divisor"], config["output_stride"], config["preprocessing"], config["cam_layer"]) == (
+        32, 32, None, "fc7")
     rebuilt = SegmentationModel.from_config(config)
     assert facts(rebuilt) == facts(model)

@@ -1,0 +1,187 @@
+"""`segtrain predict`: a trained run's model on your own images.
+
+For every input image (any size; JPEG, PNG, grey and RGBA converted to RGB) it writes, in the
+output directory:
+
+- ``<name>.png``: the class index of each pixel (an 8-bit single-channel PNG);
+- ``<name>_color.png``: the classes in the dataset's palette;
+- ``<name>_overlay.jpg``: the colours over the image;
+- with ``--probabilities``, ``<name>_probabilities.npy``: float32 [H,W,C] class probabilities;
+- with an instance post-processor (``--postprocess=watershed_instances``),
+  ``<name>_instances_<class>.png``: a 16-bit PNG of instance ids (0: none) per class.
+
+Images of one size are inferred together in batches. An unreadable file is reported by name
+and skipped (``--strict``: stops); every file is written through a temporary file and a rename,
+and an image's files are written only once all of them are computed, so the output directory
+never holds part of a result. ``predictions.json`` lists what was written and what was skipped.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from typing import Sequence
+
+import gin
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from segtrain import images as I
+from segtrain.commands.evaluate import postprocessor_for
+from segtrain.commands.run_dir import parse_run, restored
+from segtrain.errors import SegtrainError
+from segtrain.io import atomic_write_bytes, write_json
+from segtrain.progress import Progress
+
+SUMMARY_FILE = "predictions.json"
+
+
+def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[str], flags: dict) -> int:
+    parse_run(model_dir, gin_files, gin_params)
+    predict(model_dir, **flags)
+    return 0
+
+
+def _image_size(path: str) -> tuple[int, int] | None:
+    """(height, width) from the file's header, or None when it is not an image."""
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def output_names(paths: Sequence[str]) -> dict[str, str]:
+    """{input path: output name}: the file's stem, made unique with its parent directories' names."""
+    names, taken = {}, collections.Counter(os.path.splitext(os.path.basename(p))[0] for p in paths)
+    used = set()
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name = stem
+        if taken[stem] > 1:
+            parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+            name = f"{parent}_{stem}"
+        base, n = name, 2
+        while name in used:
+            name, n = f"{base}_{n}", n + 1
+        used.add(name)
+        names[path] = name
+    return names
+
+
+@gin.configurable("predict", denylist=["model_dir"])
+def predict(model_dir: str, input: str | Sequence[str] | None = None, output: str | None = None,  # noqa: A002
+            checkpoint: str = "best", probabilities: bool = False, strict: bool = False, batch_size: int = 4,
+            mode: str | None = None, crop_size: Sequence[int] | None = None, stride: Sequence[int] | None = None,
+            scales: Sequence[float] | None = None, flip: bool | None = None, postprocess: str | None = None,
+            overlay_alpha: float = 0.5) -> dict:
+    """Segments every image of ``input`` into ``output``.
+
+    Args:
+      model_dir: the run's directory.
+      input: image files, directories and glob patterns (comma-separated or a list).
+      output: the directory the results are written to (made if missing).
+      checkpoint: 'best' or 'latest'.
+      probabilities: also write the class probabilities as .npy.
+      strict: stop at the first unreadable image instead of skipping it.
+      batch_size: images of one size inferred together.
+      mode, crop_size, stride, scales, flip: how the model runs (default: gin's inference.*).
+      postprocess: a registered post-processor: a refiner (dense_crf) changes the masks, an
+        instance maker (watershed_instances) adds instance PNGs.
+      overlay_alpha: weight of the class colours in the overlay.
+
+    Returns:
+      The summary written to ``output``/predictions.json.
+    """
+    if not output:
+        raise SegtrainError("--output is required: the directory the masks are written to.")
+    if batch_size < 1:
+        raise SegtrainError(f"--batch_size={batch_size}: use an integer >= 1.")
+    paths = I.list_inputs(input or "")
+    processor = postprocessor_for(postprocess, refine=False)
+    experiment, checkpoint_path, step = restored(model_dir, checkpoint)
+    info, normalization = experiment.info, experiment.normalization
+    inference = experiment.inference(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip)
+    palette = info.palette_array()
+    run_batch = tf.function(lambda x: inference.probabilities(normalization(x)), reduce_retracing=True)
+
+    skipped: dict[str, str] = {}
+
+    def skip(path, reason):
+        if strict:
+            raise SegtrainError(f"{reason} (--strict stops at the first bad image; leave it out to skip such files).")
+        print(f"warning: skipping {reason}")
+        skipped[path] = reason
+
+    sizes: dict[tuple[int, int], list[str]] = {}
+    for path in paths:
+        size = _image_size(path)
+        if size is None:
+            skip(path, f"{path}: not a readable image.")
+        else:
+            sizes.setdefault(size, []).append(path)
+    os.makedirs(output, exist_ok=True)
+    names = output_names(paths)
+    print(f"Predicting {len(paths) - len(skipped)} images with {os.path.basename(checkpoint_path)} (step {step}) "
+          f"of {model_dir}: {inference.options.describe()}" + (f", then {postprocess}" if postprocess else ""))
+    progress = Progress("predict", len(paths) - len(skipped), unit="image")
+    written: dict[str, list[str]] = {}
+    done, t0 = 0, time.perf_counter()
+    for group in sizes.values():
+        for start in range(0, len(group), batch_size):
+            batch_paths, pixels = [], []
+            for path in group[start:start + batch_size]:
+                try:
+                    pixels.append(I.read_rgb(path))
+                    batch_paths.append(path)
+                except SegtrainError as e:
+                    skip(path, str(e))
+            if not pixels:
+                continue
+            probs = run_batch(tf.constant(np.stack(pixels))).numpy()
+            for path, image, p in zip(batch_paths, pixels, probs):
+                files = _results(image, p, names[path], info, palette, processor, probabilities, overlay_alpha)
+                for file_name, data in files.items():
+                    atomic_write_bytes(os.path.join(output, file_name), data)
+                written[path] = sorted(files)
+            done += len(batch_paths)
+            progress.update(done, done / max(time.perf_counter() - t0, 1e-9))
+    progress.close()
+    summary = {"model_dir": model_dir, "checkpoint": os.path.basename(checkpoint_path), "step": step,
+               "inference": inference.options.describe(), "postprocess": postprocess,
+               "class_names": list(info.class_names), "written": written, "skipped": skipped}
+    write_json(os.path.join(output, SUMMARY_FILE), summary)
+    if not written:
+        raise SegtrainError(f"No image of --input could be read ({len(skipped)} skipped); nothing was predicted.")
+    print(f"Wrote the masks of {len(written)} images to {output}"
+          + (f"; skipped {len(skipped)} unreadable: {', '.join(sorted(skipped))}" if skipped else ""))
+    return summary
+
+
+def _results(image, probs, name, info, palette, processor, with_probabilities, alpha) -> dict[str, bytes]:
+    """Every output file of one image, {file name: bytes}, computed before any is written."""
+    files = {}
+    if processor is not None:
+        processed = processor(image, probs)
+        probs = processed.get("probabilities", probs)
+        for class_index, instances in sorted(processed.get("instances", {}).items()):
+            class_name = _file_safe(info.class_names[class_index])
+            files[f"{name}_instances_{class_name}.png"] = I.encode(np.asarray(instances, np.uint16))
+    labels = np.argmax(probs, axis=-1).astype(np.uint8)
+    colour = I.colorize(labels, palette)
+    files[f"{name}.png"] = I.encode(labels)
+    files[f"{name}_color.png"] = I.encode(colour)
+    files[f"{name}_overlay.jpg"] = I.encode(I.blend(image, colour, alpha), "JPEG", quality=90)
+    if with_probabilities:
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(probs, np.float32))
+        files[f"{name}_probabilities.npy"] = buffer.getvalue()
+    return files
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name))

@@ -1,0 +1,74 @@
+"""Pictures of results: the confusion matrix with class names on both axes.
+
+Drawn with matplotlib (the optional extra ``segtrain[plots]``); without it the picture is left
+out with one warning, and everything else still works.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+
+from segtrain.errors import warn
+from segtrain.io import atomic_write_bytes
+
+INSTALL_HINT = "pip install 'segtrain[plots]'"
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def confusion_matrix_png(cm: np.ndarray, class_names: Sequence[str], title: str = "",
+                         normalize: bool = True) -> bytes:
+    """PNG bytes of the confusion matrix: rows ground truth, columns prediction, class names on
+    both axes. ``normalize``: cells show each row's fractions (recall on the diagonal) and the row
+    totals are printed with the names; else the cells show pixel counts.
+    """
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(cm, np.float64)
+    n = len(class_names)
+    totals = cm.sum(axis=1)
+    values = np.divide(cm, totals[:, None], out=np.zeros_like(cm), where=totals[:, None] > 0) if normalize else cm
+    side = min(max(4.0, 0.55 * n + 2.5), 24.0)
+    fig = Figure(figsize=(side + 1.0, side))
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else max(values.max(), 1.0))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04,
+                 label="fraction of the row's pixels" if normalize else "pixels")
+    ax.set_xticks(range(n), labels=class_names, rotation=90 if n > 6 else 45, ha="right" if n <= 6 else "center")
+    ylabels = [f"{name} ({int(t):,})" for name, t in zip(class_names, totals)] if normalize else list(class_names)
+    ax.set_yticks(range(n), labels=ylabels)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("ground truth" + (" (pixels)" if normalize else ""))
+    if title:
+        ax.set_title(title, fontsize=10, wrap=True)
+    if n <= 30:  # numbers in the cells while they fit
+        limit = values.max() if values.size else 0.0
+        for i in range(n):
+            for j in range(n):
+                v = values[i, j]
+                text = f"{v:.2f}" if normalize else f"{int(v):,}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7 if n > 12 else 9,
+                        color="white" if limit and v > 0.6 * limit else "black")
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=110, bbox_inches="tight")
+    return out.getvalue()
+
+
+def write_confusion_matrix(path: str, cm: np.ndarray, class_names: Sequence[str], title: str = "",
+                           normalize: bool = True) -> bool:
+    """Writes the picture to ``path`` (atomically); False, with a warning, without matplotlib."""
+    if not have_matplotlib():
+        warn(f"The confusion-matrix picture needs matplotlib: {INSTALL_HINT}. The matrix is in the JSON results.")
+        return False
+    atomic_write_bytes(path, confusion_matrix_png(cm, class_names, title, normalize))
+    return True
