@@ -130,7 +130,7 @@ class Evaluator:
         label's size."""
         if normalization is None:
             raise ValueError("a post-processor needs the pipeline's normalization to see the image")
-        if self.strategy.extended._in_multi_worker_mode():  # pylint: disable=protected-access
+        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             raise SegtrainError("Evaluation with a post-processor runs on one machine: run `segtrain evaluate "
                                 "--postprocess=...` outside the cluster.")
         if self._run_probabilities is None:

@@ -14,7 +14,6 @@ import pytest
 import tensorflow as tf
 
 from segtrain import export as export_lib
-from segtrain.commands.export import _is_chief
 from segtrain.errors import SegtrainError
 from segtrain.train.distribute import Cluster
 from tests.conftest import REPO, assert_user_error, segtrain_main
@@ -227,7 +226,7 @@ def test_a_worker_that_is_not_the_chief_writes_nothing(trained_run, tmp_path, mo
     ({"chief": ["c:1"], "worker": ["a:1"]}, ("worker", 0), False),
 ])
 def test_the_chief_is_the_chief_task_else_worker_0(spec, task, chief):
-    assert _is_chief(Cluster(spec, task[0], task[1], "TF_CONFIG", resolver=None)) is chief
+    assert Cluster(spec, task[0], task[1], "TF_CONFIG", resolver=None).is_chief is chief
 
 
 def test_the_export_gives_what_predict_writes(exported, trained_run, tmp_path):

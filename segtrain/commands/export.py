@@ -16,7 +16,7 @@ import gin
 
 from segtrain.commands.run_dir import parse_run, restored
 from segtrain.export import METADATA_FILE, check_output, export_model, output_names
-from segtrain.train.distribute import Cluster, detect_cluster
+from segtrain.train.distribute import detect_cluster
 
 
 def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[str], flags: dict) -> int:
@@ -51,7 +51,7 @@ def export(model_dir: str, output: str | None = None, checkpoint: str = "best", 
       SegtrainError: no --output, an existing one without --overwrite, no checkpoint.
     """
     cluster = detect_cluster()
-    if cluster is not None and not _is_chief(cluster):
+    if cluster is not None and not cluster.is_chief:
         print(f"This is {cluster.task_type} {cluster.task_id} of a {cluster.num_tasks}-task cluster "
               f"({cluster.source}): the chief writes the export, so this task writes nothing.")
         return None
@@ -70,18 +70,9 @@ def export(model_dir: str, output: str | None = None, checkpoint: str = "best", 
         "checkpoint": os.path.abspath(path),
         "step": step,
     }
-    options = getattr(inference, "options", None)
-    if dataclasses.is_dataclass(options):
-        metadata["inference"] = dataclasses.asdict(options)
+    metadata["inference"] = dataclasses.asdict(inference.options)
     written = export_model(output, experiment.model, inference.logits, experiment.normalization,
                            info.num_classes, experiment.facts.size_divisor, probabilities, metadata, overwrite)
     print(f"Wrote {written} (outputs: {', '.join(output_names(probabilities))}; labels explained in "
           f"{METADATA_FILE}). Inspect it with `saved_model_cli show --dir {written} --all`.")
     return written
-
-
-def _is_chief(cluster: Cluster) -> bool:
-    """The task that writes: the chief, else worker 0 when the cluster has no chief (as in training)."""
-    if cluster.task_type == "chief":
-        return True
-    return cluster.task_type == "worker" and cluster.task_id == 0 and "chief" not in cluster.spec

@@ -19,6 +19,7 @@ never holds part of a result. ``predictions.json`` lists what was written and wh
 from __future__ import annotations
 
 import collections
+import io
 import os
 import time
 from typing import Sequence
@@ -175,8 +176,6 @@ def _results(image, probs, name, info, palette, processor, with_probabilities, a
     files[f"{name}_color.png"] = I.encode(colour)
     files[f"{name}_overlay.jpg"] = I.encode(I.blend(image, colour, alpha), "JPEG", quality=90)
     if with_probabilities:
-        import io
-
         buffer = io.BytesIO()
         np.save(buffer, np.asarray(probs, np.float32))
         files[f"{name}_probabilities.npy"] = buffer.getvalue()

@@ -54,6 +54,11 @@ class Cluster:
     def address(self) -> str:
         return self.spec[self.task_type][self.task_id]
 
+    @property
+    def is_chief(self) -> bool:
+        """The task that writes: the chief, else worker 0 when the cluster has no chief."""
+        return chief_task(self.task_type, self.task_id, self.spec)
+
     def peers(self) -> list[tuple[str, str]]:
         """[(name, "host:port")] of every other task."""
         return [(f"{kind} {i}", addr) for kind, addrs in self.spec.items() for i, addr in enumerate(addrs)
@@ -255,11 +260,14 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not getattr(resolver, "task_type", None):
         return True
-    task_type, task_id = resolver.task_type, resolver.task_id
+    return chief_task(resolver.task_type, resolver.task_id, resolver.cluster_spec().as_dict())
+
+
+def chief_task(task_type: str, task_id: int, spec: dict) -> bool:
+    """The one rule of who writes: the 'chief' task, else worker 0 of a cluster without a chief."""
     if task_type == "chief":
         return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type == "worker" and task_id == 0 and not has_chief
+    return task_type == "worker" and task_id == 0 and "chief" not in spec
 
 
 def task_name(strategy: tf.distribute.Strategy) -> str:
