@@ -253,8 +253,12 @@ def main(argv: list[str]) -> int:
         while cause is not None and not isinstance(cause, (SegtrainError, RegistryError)):
             cause = cause.__cause__ or cause.__context__
         if cause is not None:  # user errors: the message alone
-            print(f"error: {user_message(cause)}", file=sys.stderr)
-            return 1
+            print(f"{getattr(cause, 'prefix', 'error: ')}{user_message(cause)}", file=sys.stderr, flush=True)
+            code = getattr(cause, "exit_code", 1)
+            if getattr(cause, "hard_exit", False):
+                sys.stdout.flush()
+                os._exit(code)
+            return code
         raise
 
 

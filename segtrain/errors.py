@@ -6,8 +6,33 @@ import warnings
 class SegtrainError(ValueError):
     """A user-caused problem (bad flag, gin binding, data, or a diverged run).
 
-    The CLI prints its message alone, without a traceback, and exits with status 1.
+    The CLI prints its message alone, without a traceback, and exits with ``exit_code``.
+
+    Attributes:
+      exit_code: the command's exit status.
+      prefix: what the CLI prints before the message.
+      hard_exit: end the process at once after the message (``os._exit``): after a lost
+        cluster peer, TensorFlow's own teardown can wait for that peer forever.
     """
+
+    exit_code = 1
+    prefix = "error: "
+    hard_exit = False
+
+
+class Interrupted(SegtrainError):
+    """Training stopped on a signal after saving a checkpoint; a rerun resumes from it.
+
+    The exit status is 128 + the signal number (143 for SIGTERM, 130 for SIGINT), which
+    schedulers read as "killed by that signal" and may retry (Kubeflow's ExitCode policy does).
+    """
+
+    prefix = ""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 class SegtrainWarning(UserWarning):

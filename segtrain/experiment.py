@@ -80,6 +80,15 @@ class ExperimentConfig:
       train_split: split trained on.
       precision: 'float32', 'mixed_float16' (dynamic loss scaling) or 'mixed_bfloat16'.
       xla: compile each replica's forward and backward pass with XLA (jit_compile=True).
+      accumulation_steps: micro-batches per optimizer update; each replica's share of
+        batch_size is split into this many, their gradients summed, and one update applied.
+      on_nan: what a NaN or infinite loss does: 'stop' (an error; the last good checkpoint
+        stays) or 'restore' (reload the last good checkpoint, scale the learning rate by
+        nan_lr_factor, go on with the next batches).
+      max_nan_restores: restores a run may make; the next NaN after that stops it.
+      nan_lr_factor: what each restore multiplies the learning rate by.
+      preemption_grace: seconds the scheduler leaves between SIGTERM and SIGKILL; a run
+        warns when its windows (steps_per_loop steps) take longer than that to end.
     """
 
     model: str = "unet"
@@ -104,6 +113,11 @@ class ExperimentConfig:
     train_split: str = "train"
     precision: str = "float32"
     xla: bool = False
+    accumulation_steps: int = 1
+    on_nan: str = "stop"
+    max_nan_restores: int = 3
+    nan_lr_factor: float = 0.5
+    preemption_grace: float = 30.0
 
     def __post_init__(self):
         def check(field, ok, what, kinds=(int,)):
@@ -111,15 +125,19 @@ class ExperimentConfig:
             if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
                 raise SegtrainError(f"train.{field} must be {what}, got {value!r}.")
 
-        for field in ("num_steps", "batch_size", "steps_per_loop", "keep_checkpoints"):
+        for field in ("num_steps", "batch_size", "steps_per_loop", "keep_checkpoints", "accumulation_steps"):
             check(field, lambda v: v >= 1, "an integer >= 1")
-        for field in ("eval_every", "early_stopping_patience", "num_image_panels"):
+        for field in ("eval_every", "early_stopping_patience", "num_image_panels", "max_nan_restores"):
             check(field, lambda v: v >= 0, "an integer >= 0")
         if self.checkpoint_every is not None:
             check("checkpoint_every", lambda v: v >= 1, "None or an integer >= 1")
         if self.clip_norm is not None:
             check("clip_norm", lambda v: v > 0, "None or a number > 0", (int, float))
         check("min_delta", lambda v: v >= 0, "a number >= 0", (int, float))
+        check("nan_lr_factor", lambda v: 0 < v <= 1, "a number in (0, 1]", (int, float))
+        check("preemption_grace", lambda v: v > 0, "a number of seconds > 0", (int, float))
+        if self.on_nan not in ("stop", "restore"):
+            raise SegtrainError(f"train.on_nan={self.on_nan!r}: use 'stop' or 'restore'.")
         if self.precision not in P.PRECISIONS:
             raise SegtrainError(f"train.precision={self.precision!r} is not one of {', '.join(P.PRECISIONS)}.")
         if not isinstance(self.xla, bool):
@@ -241,6 +259,14 @@ class Experiment:
             raise SegtrainError(
                 f"train.batch_size={cfg.batch_size} does not divide over {replicas} replicas: use a "
                 f"multiple of {replicas}."
+            )
+        per_replica, k = cfg.batch_size // replicas, cfg.accumulation_steps
+        if per_replica % k:
+            raise SegtrainError(
+                f"train.batch_size={cfg.batch_size} over {replicas} replica{'s' if replicas > 1 else ''} gives "
+                f"{per_replica} examples per replica, which do not split into train.accumulation_steps={k} "
+                f"micro-batches: use a train.batch_size that is a multiple of {replicas * k}, or fewer "
+                f"accumulation steps."
             )
         ds, info = self.read(cfg.train_split)
         return pipeline(ds, info, cfg.train_split, True, cfg.batch_size, self.facts.size_divisor, seed,

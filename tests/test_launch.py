@@ -7,6 +7,7 @@ import pytest
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -28,51 +29,151 @@ def _env(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_workers_train_to_identical_weights_and_only_the_chief_writes(tmp_path):
+def test_two_workers_preempted_resume_to_identical_weights_and_only_the_chief_writes(tmp_path):
+    from tests.train.test_preemption import LONG, _reap, _start, _worker_pid
+
     model_dir = tmp_path / "run"
-    flags = tiny_flags("models.unet.synchronized_batch_norm = True")
-    result = subprocess.run(
-        [sys.executable, LOCAL, "--num_workers=2", "--timeout=400", "--", *flags, f"--model_dir={model_dir}"],
-        cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=500,
-    )
+    # The optional collective timeout and the cluster-size check take part too: neither may
+    # disturb training, checkpoints or evaluation.
+    flags = tiny_flags("models.unet.synchronized_batch_norm = True", "distribute.num_workers = 2",
+                       "distribute.collective_timeout = 120", *LONG)
+    launch = [sys.executable, LOCAL, "--num_workers=2", "--timeout=400", "--", f"--model_dir={model_dir}"]
+    env = _env(tmp_path)
+    proc, out = _start([*launch, *flags], env)
+    try:
+        out.wait_for(r"^\[worker 0\] train step \d+", timeout=300)
+        # Worker 1 alone is signalled: worker 0 learns it in the window-end all-reduce.
+        os.kill(_worker_pid(proc.pid, 1), signal.SIGTERM)
+        code = _reap(proc, timeout=120)
+    finally:
+        _reap(proc, timeout=0)
+    text = out.text
+    assert code == 143, text[-4000:]
+    steps = set()
+    for i in (0, 1):
+        match = re.search(rf"^\[worker {i}\] Stopped after worker 1 received SIGTERM at step (\d+): saved "
+                          rf"{model_dir}/ckpt-\1\b", text, re.M)
+        assert match, text[-4000:]
+        steps.add(int(match.group(1)))
+    assert len(steps) == 1, steps  # the same step on both
+    step = steps.pop()
+    # The chief's files, once; the other worker's scratch directory is gone.
+    assert (model_dir / f"ckpt-{step}.index").exists()
+    assert len(list((model_dir / "train").glob("events.out.tfevents.*"))) == 1
+    assert (model_dir / "operative_config.gin").exists()
+    assert [p.name for p in (tmp_path / "scratch").iterdir() if p.name.startswith("segtrain-")] == []
+
+    # The relaunch: every worker resumes from the chief's checkpoint, and they end equal.
+    result = subprocess.run([*launch, *flags, f"--gin_param=train.num_steps = {step + 3}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
-    fingerprints = dict(re.findall(r"^\[worker \d\] (worker\d): step 6, weights sha256 (\w+)$", result.stdout, re.M))
+    for i in (0, 1):
+        assert f"[worker {i}] Resuming {model_dir} from ckpt-{step} at step {step}" in result.stdout
+    fingerprints = dict(re.findall(rf"^\[worker \d\] (worker\d): step {step + 3}, weights sha256 (\w+)$",
+                                   result.stdout, re.M))
     assert set(fingerprints) == {"worker0", "worker1"}, result.stdout[-3000:]
     assert fingerprints["worker0"] == fingerprints["worker1"]
     assert "launch: all 2 workers finished." in result.stdout
-    # The chief's files, once; the other worker's scratch directory is gone.
-    assert (model_dir / "ckpt-6.index").exists() and (model_dir / "best" / "best.json").exists()
-    assert len(list((model_dir / "train").glob("events.out.tfevents.*"))) == 1
-    assert (model_dir / "operative_config.gin").exists()
-    assert list((tmp_path / "scratch").iterdir()) == []
+    assert (model_dir / f"ckpt-{step + 3}.index").exists() and (model_dir / "best" / "best.json").exists()
+    assert len(list((model_dir / "train").glob("events.out.tfevents.*"))) == 2  # one per launch
+    assert [p.name for p in (tmp_path / "scratch").iterdir() if p.name.startswith("segtrain-")] == []
     # Evaluation of the multi-worker run on one machine works from the chief's checkpoint.
     evaluated = segtrain_cli("evaluate", f"--model_dir={model_dir}")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
 
-    # A relaunch with more steps: every worker resumes from the chief's checkpoint.
-    result = subprocess.run(
-        [sys.executable, LOCAL, "--num_workers=2", "--timeout=400", "--", *flags, "--gin_param=train.num_steps = 9",
-         f"--model_dir={model_dir}"],
-        cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=500,
-    )
-    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
-    for i in (0, 1):
-        assert f"[worker {i}] Resuming {model_dir} from ckpt-6 at step 6" in result.stdout
-    fingerprints = dict(re.findall(r"^\[worker \d\] (worker\d): step 9, weights sha256 (\w+)$", result.stdout, re.M))
-    assert len(set(fingerprints.values())) == 1 and len(fingerprints) == 2
-    assert (model_dir / "ckpt-9.index").exists() and list((tmp_path / "scratch").iterdir()) == []
+
+# A stand-in worker: on SIGTERM it "saves" and exits 143 as segtrain's preemption does (or, with
+# IGNORE=1, ignores SIGTERM). With FAIL, worker 1 fails once worker 0 is up (its file in READY).
+FAKE_WORKER = """
+import json, os, signal, sys, time
+index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+def saved(signum, frame):
+    print(f"worker {index} saved on SIGTERM", flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if os.environ.get("IGNORE") else saved)
+print("up", flush=True)
+if os.environ.get("READY"):
+    open(os.path.join(os.environ["READY"], str(index)), "w").close()
+if index == 1 and os.environ.get("FAIL"):
+    while not os.path.exists(os.path.join(os.environ["READY"], "0")):
+        time.sleep(0.05)
+    if os.environ["FAIL"] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.exit(3)
+time.sleep(60)
+"""
 
 
-@pytest.mark.slow
-def test_a_failing_worker_stops_the_launch(tmp_path):
-    # Worker 1 fails at once; worker 0 would run for a minute: the launcher must not wait for it.
-    code = ("import json, os, sys, time\n"
-            "index = json.loads(os.environ['TF_CONFIG'])['task']['index']\n"
-            "print('worker up', flush=True)\n"
-            "sys.exit(3) if index == 1 else time.sleep(60)\n")
+def test_a_failing_worker_stops_the_launch(monkeypatch, capsys, tmp_path):
+    # Worker 1 fails at once; worker 0 would run for a minute: it gets SIGTERM and exits with its
+    # own message. Not waiting a minute is the point (the bound is generous).
+    monkeypatch.setenv("FAIL", "exit")
+    monkeypatch.setenv("READY", str(tmp_path))
     t0 = time.monotonic()
-    status = local.launch(2, [sys.executable, "-c", code], timeout=120)
+    status = local.launch(2, [sys.executable, "-c", FAKE_WORKER], timeout=120)
     assert status == 3 and time.monotonic() - t0 < 30
+    out, err = capsys.readouterr()
+    assert "launch: worker 1 exited with status 3; stopping the other workers" in err
+    assert "[worker 0] worker 0 saved on SIGTERM" in out and "launch: worker 0 exited with status 143." in err
+
+
+def test_a_killed_worker_is_named_and_a_deaf_one_killed_after_grace(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("FAIL", "kill")
+    monkeypatch.setenv("READY", str(tmp_path))
+    monkeypatch.setenv("IGNORE", "1")  # worker 0 ignores SIGTERM: SIGKILL after --grace
+    status = local.launch(2, [sys.executable, "-c", FAKE_WORKER], timeout=120, grace=1)
+    _, err = capsys.readouterr()
+    assert status == 137  # 128 + SIGKILL, as a shell reports it
+    assert "launch: worker 1 was killed by signal 9 (SIGKILL); stopping the other workers (SIGTERM, then " \
+           "SIGKILL after --grace=1 s)." in err
+    assert "launch: worker 0 did not exit within --grace=1 s of SIGTERM; killed it (SIGKILL)." in err
+    assert local.describe_exit(-15) == "was killed by signal 15 (SIGTERM)" and local.exit_status(-15) == 143
+
+
+def _launcher(grace: float, **env):
+    """A launcher process running two FAKE_WORKERs, once both said they are up."""
+    code = (f"import sys; sys.path.insert(0, {os.path.join(REPO, 'launch')!r}); import local; "
+            f"sys.exit(local.launch(2, [sys.executable, '-c', {FAKE_WORKER!r}], grace={grace}))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ, **env))
+    lines = []
+    while sum(line.endswith("] up\n") for line in lines) < 2:
+        line = proc.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    return proc, lines
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_launcher_lets_every_worker_save_and_returns_their_status(sig):
+    proc, lines = _launcher(grace=30)
+    try:
+        proc.send_signal(sig)
+        out = "".join(lines) + proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143, out  # every worker saved: their status, not 130
+    assert f"launch: received {sig.name}; sending SIGTERM to the workers" in out
+    for i in (0, 1):
+        assert f"[worker {i}] worker {i} saved on SIGTERM" in out
+        assert f"launch: worker {i} exited with status 143." in out
+
+
+def test_a_second_signal_stops_the_workers_at_once():
+    proc, lines = _launcher(grace=120, IGNORE="1")
+    t0 = time.monotonic()
+    try:
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        out = "".join(lines) + proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 137, out
+    assert out.count("did not exit within --grace=120 s of SIGTERM; killed it (SIGKILL).") == 2
+    assert time.monotonic() - t0 < 60  # not the 120 s grace (a generous bound)
 
 
 def test_launch_timeout_stops_every_worker():
@@ -91,7 +192,8 @@ def test_workers_get_one_cluster_with_free_ports():
 
 
 def test_launcher_usage_errors():
-    for args in (["--num_workers=0", "--", "--model_dir=x"], ["--num_workers=2"]):
+    for args in (["--num_workers=0", "--", "--model_dir=x"], ["--num_workers=2"],
+                 ["--num_workers=2", "--grace=-1", "--", "--model_dir=x"]):
         result = subprocess.run([sys.executable, LOCAL, *args], capture_output=True, text=True, timeout=30)
         assert result.returncode == 2 and "usage: python launch/local.py" in result.stderr
 
@@ -129,6 +231,7 @@ def test_slurm_script():
     text = open(path).read()
     assert "#SBATCH --ntasks-per-node=1" in text and "srun " in text
     assert "--strategy=multi_worker" in text and "distribute.slurm_gpus_per_node" in text
+    assert 'distribute.num_workers = ${NUM_WORKERS:-${SLURM_JOB_NUM_NODES:-1}}' in text
     result = subprocess.run(["bash", path], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "usage: sbatch" in result.stderr
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 from typing import Sequence
 
 import gin
@@ -10,9 +12,10 @@ import gin
 from registry import DATASETS
 from segtrain.commands.configure import parse_config
 from segtrain.data.files import preparable
-from segtrain.data.prepare import prepare
+from segtrain.data.prepare import prepare, prepared_dir
 from segtrain.data.raw import Source
 from segtrain.errors import SegtrainError
+from segtrain.train.lock import DirectoryLock
 
 
 def run(dataset: str | None, source_dir: str | None, data_dir: str | None, gin_files: Sequence[str],
@@ -26,15 +29,21 @@ def run(dataset: str | None, source_dir: str | None, data_dir: str | None, gin_f
         raise SegtrainError("--dataset is required, e.g. --dataset=voc2012 (`segtrain list` shows the datasets).")
     parse_config(gin_files, gin_params)
     bound = gin.get_bindings(f"datasets.{dataset}") if dataset in DATASETS else {}
-    prepare(
-        source(dataset, bound),
-        source_dir=source_dir or bound.get("source_dir"),
-        data_dir=data_dir or bound.get("data_dir"),
-        num_workers=num_workers,
-        skip_bad_examples=skip_bad_examples,
-        overwrite=overwrite,
-        splits=splits,
-    )
+    src, data_dir = source(dataset, bound), data_dir or bound.get("data_dir")
+    # One job at a time writes a dataset's directory: the leftovers of a killed run, which
+    # prepare removes, look like those of a live one.
+    lock = (DirectoryLock(os.path.dirname(prepared_dir(data_dir, src)), "`segtrain prepare`") if data_dir
+            else contextlib.nullcontext())
+    with lock:
+        prepare(
+            src,
+            source_dir=source_dir or bound.get("source_dir"),
+            data_dir=data_dir,
+            num_workers=num_workers,
+            skip_bad_examples=skip_bad_examples,
+            overwrite=overwrite,
+            splits=splits,
+        )
     return 0
 
 

@@ -5,9 +5,11 @@ The dataset is built by a tfds ``GeneratorBasedBuilder`` that reads the user's l
 are stored as single-channel class-index PNGs; the metadata holds the class names, palette and
 ignore label, and per split the pixels of each class (``class_pixel_counts``) and the labelled
 pixels of the images each class appears in (``class_image_pixels``), from which losses derive
-class weights; tfds records the split sizes. tfds writes into a temporary directory and
-renames it when every split is written, so an interrupted run leaves nothing that a later run
-would take as a prepared dataset.
+class weights; tfds records the split sizes. tfds writes into a temporary directory
+(``<data_dir>/<name>/incomplete.<random>_<version>/``) and renames it when every split is
+written, so an interrupted run leaves nothing that a later run would take as a prepared dataset.
+A run killed outright leaves that temporary directory behind; the next run removes it, and says
+so (`segtrain prepare` holds the lock of ``<data_dir>/<name>``, so it is no other job's).
 
 Layout: ``<data_dir>/<dataset name>/<version>/`` (tfds' own files), plus
 ``skipped_examples.txt`` there when ``--skip_bad_examples`` skipped some.
@@ -22,9 +24,13 @@ import functools
 import io
 import multiprocessing
 import os
+import re
+import shutil
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Sequence, TextIO
 
 import numpy as np
@@ -76,6 +82,10 @@ def builder_class(name: str, version: str) -> type:
             yield from self.job.generate(split)
             # tfds writes the metadata after the last split: the pixel counts are complete then.
             self.info.metadata.update(self.job.metadata)
+            if len(self.job.written) == len(self.job.examples) and self.job.problems:
+                # Into the temporary directory (data_dir while tfds writes), renamed with the rest.
+                atomic_write_text(os.path.join(self.data_dir, SKIPPED_FILE),
+                                  "".join(f"{p}\n" for p in self.job.problems))
 
     Builder.name = name
     Builder.__qualname__ = Builder.__name__ = f"Segtrain_{name}"
@@ -153,7 +163,8 @@ class _Job:
             # spawn, not fork: the parent runs TensorFlow's threads, which a forked child must not
             # inherit. The workers only decode with Pillow; one pool serves every split.
             self.pool = concurrent.futures.ProcessPoolExecutor(
-                self.num_workers, mp_context=multiprocessing.get_context("spawn"))
+                self.num_workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=exit_with_parent, initargs=(os.getpid(),))
         chunk = max(1, min(16, len(examples) // (4 * self.num_workers)))
         return self.pool.map(fn, examples, chunksize=chunk)
 
@@ -161,6 +172,20 @@ class _Job:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = None
+
+
+def exit_with_parent(parent: int) -> None:
+    """Ends this worker process soon after ``parent`` is gone.
+
+    A worker holds its own copy of the pool's task pipe, so it never sees the pipe close when
+    the parent is killed (SIGKILL, the OOM killer): without this it would wait forever.
+    """
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def check_and_count(source: Source, example: Example):
@@ -181,6 +206,29 @@ def prepared_dir(data_dir: str, source: Source) -> str:
 
 def is_prepared(data_dir: str, source: Source) -> bool:
     return os.path.isfile(os.path.join(prepared_dir(data_dir, source), "dataset_info.json"))
+
+
+def unfinished(data_dir: str, source: Source) -> list[str]:
+    """The temporary directories of ``source``'s version that runs which did not finish left
+    (tfds names them ``incomplete.<6 random characters>_<version>``)."""
+    parent = os.path.dirname(prepared_dir(data_dir, source))
+    if not os.path.isdir(parent):
+        return []
+    pattern = re.escape(tfds.core.constants.INCOMPLETE_PREFIX) + r"[A-Z0-9]{6}_" + re.escape(source.version)
+    return sorted(os.path.join(parent, d) for d in os.listdir(parent) if re.fullmatch(pattern, d))
+
+
+def remove_unfinished(data_dir: str, source: Source, stream: TextIO) -> None:
+    """Removes what earlier runs that were killed left (see ``unfinished``), and says so.
+
+    Call with the lock of the dataset's directory held: a live run's directory looks the same.
+    """
+    found = unfinished(data_dir, source)
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    if found:
+        print(f"Removed {', '.join(found)}: left by an earlier `segtrain prepare` of {source.name} that did "
+              f"not finish.", file=stream, flush=True)
 
 
 def prepare(
@@ -229,6 +277,7 @@ def prepare(
         raise SegtrainError(f"--source_dir is required: the directory holding the raw {source.name} files. {source.layout}")
     source_dir = os.path.abspath(os.path.expanduser(source_dir))
     target = prepared_dir(data_dir, source)
+    remove_unfinished(data_dir, source, stream)
     if is_prepared(data_dir, source) and not overwrite:
         have = ", ".join(prepared_splits(data_dir, source))
         print(f"{source.name} is already prepared in {target} (splits {have}); --overwrite rebuilds it.", file=stream)
@@ -269,12 +318,16 @@ def prepare(
         with tempfile.TemporaryDirectory(prefix="segtrain-prepare-") as scratch, \
                 contextlib.redirect_stdout(io.StringIO()):
             builder.download_and_prepare(download_dir=scratch, download_config=config)
+    except BrokenProcessPool:
+        raise SegtrainError(
+            f"A worker process of `segtrain prepare` died (it was killed: out of memory?). Nothing was "
+            f"written to {target}. Run again, with fewer --num_workers (now {workers}) if memory is short."
+        ) from None
     finally:
         job.close()
 
     skipped = job.problems
     if skipped:
-        atomic_write_text(os.path.join(target, SKIPPED_FILE), "".join(f"{p}\n" for p in skipped))
         print(f"Skipped {len(skipped)} bad example(s); the list is in {os.path.join(target, SKIPPED_FILE)}.",
               file=stream)
     written = ", ".join(f"{s} {n}" for s, n in job.written.items())
@@ -294,9 +347,7 @@ def load_prepared(source: Source, split: str, data_dir: str) -> tuple[tf.data.Da
     """The prepared ``split`` as encoded examples, and its DatasetInfo (with ``decode`` set)."""
     path = prepared_dir(data_dir, source)
     if not is_prepared(data_dir, source):
-        parent = os.path.dirname(path)
-        interrupted = os.path.isdir(parent) and any(".incomplete" in d for d in os.listdir(parent))
-        why = "an earlier `segtrain prepare` did not finish; " if interrupted else ""
+        why = "an earlier `segtrain prepare` did not finish; " if unfinished(data_dir, source) else ""
         raise SegtrainError(
             f"No prepared {source.name} dataset (version {source.version}) in {path}: {why}run "
             f"`segtrain prepare --dataset={source.name} --source_dir=RAW --data_dir={data_dir}` first, "

@@ -1,8 +1,9 @@
 """The actions a training run calls at window ends (see segtrain.train.loop).
 
 Each is small and testable alone with a hand-made ``Window``. The trainer puts them in this
-order: non-finite check, training summaries, progress line, checkpoint, evaluation, evaluation
-summaries, image panels, best checkpoint, early stopping. Later actions read what earlier ones
+order: non-finite check, training summaries, progress line, preemption
+(segtrain.train.preemption), checkpoint, evaluation, evaluation summaries, image panels, best
+checkpoint, early stopping. Later actions read what earlier ones
 added to the window (the evaluation's results).
 """
 
@@ -21,23 +22,79 @@ from segtrain.data.info import DatasetInfo
 from segtrain.data.transforms import Normalization
 from segtrain.errors import SegtrainError
 from segtrain.evaluation import Evaluator, fit_to_labels, format_table, write_results
-from segtrain.io import atomic_write_text
+from segtrain.io import atomic_write_text, read_json, write_json
 from segtrain.train import summaries as S
 from segtrain.train.checkpoints import Checkpoints
-from segtrain.train.loop import Action, Window, due
+from segtrain.train.loop import Action, Rewind, Window, due
 
 
-class StopOnNonFinite(Action):
-    """Stops the run with an error at the first step whose loss is NaN or infinite."""
+class OnNonFinite(Action):
+    """What a NaN or infinite loss does (``train.on_nan``): stop, or restore and go on.
 
-    def __init__(self, checkpoints: Checkpoints):
-        self.checkpoints = checkpoints
+    'stop': an error naming the step; the last good checkpoint stays the latest.
+    'restore': reload the latest checkpoint (weights, optimizer, step), multiply the learning
+    rate by ``factor``, and go on from there with the batches that come next, so the batch
+    that diverged is not seen again at that point; at most ``max_restores`` times per run (the
+    count survives a restart: ``nan_restores.json``), then stop as 'stop' does. Every restore is
+    printed and written to TensorBoard (``train/nan_restores``, and a text entry).
+
+    Args:
+      checkpoints: the run's checkpoints.
+      policy: 'stop' or 'restore'.
+      max_restores, factor: train.max_nan_restores, train.nan_lr_factor.
+      restore: ``restore(path, lr_factor) -> step`` loads checkpoint ``path`` and sets the
+        learning-rate factor (the trainer's).
+      writer: the training summary writer.
+      record_path: where the restores are recorded (read by every worker, written by the chief).
+      chief: whether this process writes the record.
+    """
+
+    def __init__(self, checkpoints: Checkpoints, policy: str = "stop", max_restores: int = 0, factor: float = 1.0,
+                 restore=None, writer=None, record_path: str | None = None, chief: bool = True):
+        self.checkpoints, self.policy, self.max_restores, self.factor = checkpoints, policy, max_restores, factor
+        self.restore, self.writer, self.record_path, self.chief = restore, writer, record_path, chief
+        self.events: list[dict] = []
+        if record_path and os.path.exists(record_path):
+            self.events = list(read_json(record_path).get("restores", []))
+
+    @property
+    def lr_factor(self) -> float:
+        """The learning-rate factor after the restores so far."""
+        return self.factor ** len(self.events)
+
+    def start(self, step: int) -> None:
+        # A NaN before the first save has a checkpoint to go back to: the start.
+        if self.policy == "restore" and self.checkpoints.latest_checkpoint is None:
+            self.checkpoints.save(step)
 
     def __call__(self, window: Window) -> None:
         bad = np.flatnonzero(~np.isfinite(window.losses))
-        if bad.size:
-            step = window.step - window.steps + int(bad[0]) + 1
-            raise SegtrainError(f"The loss became {window.losses[bad[0]]} at step {step}. {self.checkpoints.kept()}")
+        if not bad.size:
+            return
+        step = window.step - window.steps + int(bad[0]) + 1
+        what = f"The loss became {window.losses[bad[0]]} at step {step}."
+        latest = self.checkpoints.latest_checkpoint
+        if self.policy != "restore":
+            raise SegtrainError(f"{what} {self.checkpoints.kept()}")
+        if len(self.events) >= self.max_restores or latest is None:
+            raise SegtrainError(
+                f"{what} The run has restored {len(self.events)} time(s) already (train.max_nan_restores="
+                f"{self.max_restores}). {self.checkpoints.kept()}")
+        factor = self.factor ** (len(self.events) + 1)
+        restored = self.restore(latest, factor)
+        self.events.append({"step": step, "loss": str(window.losses[bad[0]]), "restored": os.path.basename(latest),
+                            "restored_step": restored, "lr_factor": factor})
+        progress_line.end_line()
+        print(f"{what} Restoring {os.path.basename(latest)} (step {restored}), learning rate x{factor:g}, and "
+              f"going on with the next batches (restore {len(self.events)} of at most {self.max_restores}).",
+              flush=True)
+        if self.chief and self.record_path:
+            write_json(self.record_path, {"restores": self.events})
+        if self.writer is not None:
+            S.write_scalars(self.writer, {"nan_restores": len(self.events)}, step)
+            S.write_text(self.writer, "nan_restores", f"Loss {self.events[-1]['loss']} at step {step}: restored "
+                         f"{self.events[-1]['restored']}, learning rate x{factor:g}.", step)
+        raise Rewind(restored)
 
 
 class TrainSummaries(Action):
@@ -78,6 +135,9 @@ class SaveCheckpoints(Action):
 
     def start(self, step: int) -> None:
         self.saved = step  # restored from (or nothing yet to save)
+
+    def rewind(self, step: int) -> None:
+        self.saved = step
 
     def __call__(self, window: Window) -> None:
         if due(window, self.every):

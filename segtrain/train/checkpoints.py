@@ -1,24 +1,35 @@
 """Checkpoints in model_dir: the latest few for resuming, and the best one by a metric.
 
     model_dir/ckpt-<step>.*        latest checkpoints (tf.train.CheckpointManager)
+    model_dir/checkpoint           which of them is the latest (TensorFlow's state file)
     model_dir/best/ckpt-<step>.*   the best checkpoint so far
     model_dir/best/best.json       {"metric": ..., "value": ..., "step": ...}
 
-TensorFlow writes checkpoint data under temporary names and renames it, and best.json is
-written the same way, so an interrupted save never leaves a checkpoint that looks complete.
+TensorFlow writes a checkpoint's data into ``ckpt-<step>_temp/``, merges it into
+``ckpt-<step>.index`` and ``.data-*`` files, and only then names it in the state file (written
+through a temporary file and a rename); best.json is written the same way. So a run killed at
+any moment leaves the state file naming a complete checkpoint, plus perhaps the leftovers of the
+save it interrupted. The writer of a run directory removes those leftovers when it starts (see
+``repair``), and a save that fails (a full or read-only disk) removes its own and stops with
+one message: the checkpoints saved before it stay intact.
 Weights that are not finite are never saved: the last good checkpoint stays the latest.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import shutil
 
 import keras
 import tensorflow as tf
 
 from segtrain.errors import SegtrainError
 from segtrain.experiment import BEST_DIR, restore_checkpoint
-from segtrain.io import read_json, write_json
+from segtrain.io import atomic_write_text, read_json, write_json
+
+STATE_FILE = "checkpoint"  # TensorFlow's name for the state file of a checkpoint directory
 
 
 class Checkpoints:
@@ -30,7 +41,8 @@ class Checkpoints:
       max_to_keep: how many of the latest checkpoints to keep.
       write_dir: where this process saves (default model_dir). Multi-worker runs restore from
         the chief's model_dir on every worker, while the other workers save to scratch
-        directories: each must take part in a save, but only the chief's is kept.
+        directories: each must take part in a save, but only the chief's is kept. The
+        process that writes model_dir repairs it first (``repair``).
       **trackables: the other objects to checkpoint, e.g. optimizer=..., step=....
     """
 
@@ -39,10 +51,12 @@ class Checkpoints:
         self.model_dir = model_dir
         self.model = model
         write_dir = write_dir or model_dir
+        self.best_dir = os.path.join(model_dir, BEST_DIR)
+        if write_dir == model_dir:  # before the managers read the state files
+            repair(model_dir)
         self.checkpoint = tf.train.Checkpoint(model=model, **trackables)
         self.latest = tf.train.CheckpointManager(self.checkpoint, write_dir, max_to_keep=max_to_keep)
         self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(write_dir, BEST_DIR), max_to_keep=1)
-        self.best_dir = os.path.join(model_dir, BEST_DIR)
         self._checked_at: int | None = None
 
     @property
@@ -51,8 +65,8 @@ class Checkpoints:
 
     @property
     def latest_checkpoint(self) -> str | None:
-        """The newest checkpoint in model_dir (the chief's)."""
-        return tf.train.latest_checkpoint(self.model_dir)
+        """The newest complete checkpoint in model_dir (the chief's)."""
+        return latest_complete(self.model_dir)
 
     def restore_latest(self) -> str | None:
         """Restores the latest checkpoint, if any, with optimizer state; returns its path.
@@ -66,20 +80,45 @@ class Checkpoints:
         return path
 
     def save(self, step: int) -> str:
-        """Saves the latest checkpoint at ``step`` (weights checked first)."""
+        """Saves the latest checkpoint at ``step`` (weights checked first).
+
+        Raises:
+          SegtrainError: the weights are not finite, or the checkpoint cannot be written.
+        """
         self.check_weights(step)
-        return self.latest.save(checkpoint_number=step)
+        return self._save(self.latest, step, "checkpoint")
 
     def save_best(self, step: int) -> str:
         self.check_weights(step)
-        return self.best.save(checkpoint_number=step)
+        return self._save(self.best, step, "best checkpoint")
+
+    def _save(self, manager: tf.train.CheckpointManager, step: int, what: str) -> str:
+        try:
+            return manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as e:
+            directory = manager.directory
+            remove_unfinished(directory, f"ckpt-{step}")
+            raise SegtrainError(f"Could not write the {what} ckpt-{step} in {directory}: {os_reason(e)}. "
+                                f"{self.intact()}") from None
 
     def best_record(self) -> dict | None:
         """The best-checkpoint and early-stopping record, or None before the first evaluation."""
         return read_json(self.best_json) if os.path.exists(self.best_json) else None
 
     def write_record(self, record: dict) -> None:
-        write_json(os.path.join(self.best.directory, "best.json"), record)
+        path = os.path.join(self.best.directory, "best.json")
+        try:
+            write_json(path, record)
+        except OSError as e:
+            raise SegtrainError(f"Could not write {path}: {os_reason(e)}. {self.intact()}") from None
+
+    def intact(self) -> str:
+        """What a failed write leaves, and how to go on."""
+        latest = self.latest_checkpoint
+        if not latest:
+            return f"No checkpoint was saved before. Free space in {self.model_dir} or make it writable, then rerun."
+        return (f"The checkpoints saved before are intact (the latest is {os.path.basename(latest)}). Free space "
+                f"in {self.model_dir} or make it writable, then run the same command again to resume from it.")
 
     def check_weights(self, step: int) -> None:
         """Refuses to save weights that are not finite (a step can overflow with a finite loss).
@@ -103,3 +142,164 @@ class Checkpoints:
         kept = (f"The last good checkpoint, {os.path.basename(latest)}, is intact; "
                 if latest else "No checkpoint was written; ")
         return kept + "lower learning_rate.base, set train.clip_norm, or check the data, then rerun."
+
+
+def is_complete(prefix: str) -> bool:
+    """Whether checkpoint ``prefix`` (``.../ckpt-<step>``) has its index and every data shard.
+
+    TensorFlow moves the data shards into place before it writes the index, so an index that
+    reads means the data is there too; the shards are still counted, in case of a hand-made
+    copy that missed one.
+    """
+    try:
+        tf.train.load_checkpoint(prefix)
+    except (tf.errors.OpError, ValueError):
+        return False
+    shards = glob.glob(glob.escape(prefix) + ".data-?????-of-?????")
+    return bool(shards) and len(shards) == int(shards[0][-5:])
+
+
+def latest_complete(directory: str) -> str | None:
+    """The newest checkpoint that the state file of ``directory`` names and that is complete.
+
+    Normally the state file's latest; an older one it lists if the latest lost files.
+    """
+    state = _state(directory)
+    if state is None:
+        return None
+    for path in [state.model_checkpoint_path, *reversed(state.all_model_checkpoint_paths)]:
+        if path and is_complete(path):
+            return path
+    return None
+
+
+def _state(directory: str):
+    """The state file's record (paths made absolute), or None without one.
+
+    TensorFlow itself logs and ignores a state file it cannot parse.
+    """
+    try:
+        return tf.train.get_checkpoint_state(directory)
+    except ValueError:  # names no checkpoint
+        return None
+
+
+def _leftovers(directory: str) -> list[str]:
+    """What interrupted writes leave: TensorFlow's ``ckpt-<step>_temp/`` directories and
+    ``checkpoint.tmp<hex>`` files, and the ``.<name>.<random>.tmp`` files of segtrain.io."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(name for name in os.listdir(directory)
+                  if re.fullmatch(r"ckpt-\d+_temp|checkpoint\.tmp[0-9a-f]+|\..+\.tmp", name))
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def remove_unfinished(directory: str, name: str) -> None:
+    """After a failed save of ``name``: its leftovers, and its files unless the state file names
+    it (best effort: on a read-only disk nothing was written either)."""
+    for leftover in _leftovers(directory):
+        _remove(os.path.join(directory, leftover))
+    state = _state(directory)
+    recorded = {os.path.basename(p) for p in state.all_model_checkpoint_paths} if state else set()
+    if name not in recorded:
+        for path in glob.glob(os.path.join(glob.escape(directory), glob.escape(name) + ".*")):
+            _remove(path)
+
+
+def repair(model_dir: str) -> None:
+    """Makes a run directory that a killed job left safe to resume from, and says what it did.
+
+    Called by the one process that writes ``model_dir``, before anything reads its checkpoints.
+
+    - Removes the leftovers of interrupted saves (see ``_leftovers``), in model_dir and best/.
+    - A state file whose latest checkpoint lost files names the newest complete one it lists
+      instead (TensorFlow would start from step 0 without a word).
+    - A best checkpoint left incomplete (a save over it interrupted) is dropped with its record,
+      and the next evaluation chooses the best again; other checkpoints in best/ (saves that
+      were never recorded) are removed, and a best.json that still describes the previous best
+      is made to name the best checkpoint.
+
+    Raises:
+      SegtrainError: the state file names checkpoints of which none is complete.
+    """
+    best_dir = os.path.join(model_dir, BEST_DIR)
+    for directory in (model_dir, best_dir):
+        found = _leftovers(directory)
+        for name in found:
+            _remove(os.path.join(directory, name))
+        if found:
+            print(f"Removed what interrupted writes left in {directory}: {', '.join(found)}.", flush=True)
+
+    state = _state(model_dir)
+    if state is not None and not is_complete(state.model_checkpoint_path):
+        missing = os.path.basename(state.model_checkpoint_path)
+        if not any(is_complete(p) for p in state.all_model_checkpoint_paths):
+            raise SegtrainError(
+                f"{os.path.join(model_dir, STATE_FILE)} names checkpoint {missing}, but its files are missing or "
+                f"incomplete, and so are those of every other checkpoint it lists. Put the files back, or "
+                f"delete {os.path.join(model_dir, STATE_FILE)} to train this run again from step 0.")
+        fallback = _write_state(model_dir, state)
+        print(f"Checkpoint {missing} in {model_dir} is missing or incomplete: resuming from "
+              f"{os.path.basename(fallback)}, the newest complete one.", flush=True)
+
+    best = _state(best_dir)
+    if best is None:
+        return
+    name = os.path.basename(best.model_checkpoint_path)
+    files = glob.glob(os.path.join(glob.escape(best_dir), "ckpt-*"))
+    if not is_complete(best.model_checkpoint_path):
+        for path in [os.path.join(best_dir, STATE_FILE), os.path.join(best_dir, "best.json"), *files]:
+            _remove(path)
+        print(f"The best checkpoint {name} in {best_dir} is incomplete (a save over it was interrupted): "
+              f"removed it and best.json; the next evaluation chooses the best checkpoint again.", flush=True)
+        return
+    # best/ keeps one checkpoint: any other is a save that was interrupted before it was recorded.
+    unrecorded = sorted(os.path.basename(f) for f in files if not os.path.basename(f).startswith(name + "."))
+    for other in unrecorded:
+        _remove(os.path.join(best_dir, other))
+    if unrecorded:
+        print(f"Removed what interrupted writes left in {best_dir}: {', '.join(unrecorded)}.", flush=True)
+    # KeepBest saves the checkpoint, then best.json: a stop between the two leaves the record of
+    # the previous best. The checkpoint was saved because it improved on that record's value.
+    record_path = os.path.join(best_dir, "best.json")
+    record = read_json(record_path) if os.path.exists(record_path) else None
+    if record is not None and record.get("path") and record["path"] != name:
+        write_json(record_path, {**record, "step": int(name.rsplit("-", 1)[1]), "path": name,
+                                 "evaluations_without_improvement": 0})
+        print(f"{record_path} described {record.get('path')}, but the best checkpoint is {name} (the run "
+              f"stopped between saving it and recording it): it now names {name}, with the value of "
+              f"{record.get('path')} as the one to beat.", flush=True)
+
+
+def _write_state(directory: str, state) -> str:
+    """Rewrites the state file with only the complete checkpoints it lists, the newest as the
+    latest (relative names, as CheckpointManager writes them); returns that latest."""
+    paths, times = list(state.all_model_checkpoint_paths), list(state.all_model_checkpoint_timestamps)
+    kept = [i for i, p in enumerate(paths) if is_complete(p)]
+    lines = [f'model_checkpoint_path: "{os.path.basename(paths[kept[-1]])}"']
+    lines += [f'all_model_checkpoint_paths: "{os.path.basename(paths[i])}"' for i in kept]
+    if len(times) == len(paths):
+        lines += [f"all_model_checkpoint_timestamps: {times[i]!r}" for i in kept]
+    if state.last_preserved_timestamp:
+        lines.append(f"last_preserved_timestamp: {state.last_preserved_timestamp!r}")
+    atomic_write_text(os.path.join(directory, STATE_FILE), "\n".join(lines) + "\n")
+    return paths[kept[-1]]
+
+
+def os_reason(error: Exception) -> str:
+    """The system's reason in an I/O error ('No space left on device', 'Read-only file
+    system'), without TensorFlow's op decorations."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = getattr(error, "message", None) or str(error)
+    text = re.sub(r"\s*\[Op:\w+\]\s*$", "", text.strip())
+    return text.rsplit(";", 1)[-1].strip() if ";" in text else text.splitlines()[-1].strip()

@@ -36,6 +36,17 @@ class Window:
     eval: tuple[dict, np.ndarray] | None = None
 
 
+class Rewind(Exception):
+    """Raised by an action to go back to ``step`` (a restored checkpoint's) and train on.
+
+    The actions after it do not see the window; every action's ``rewind`` is told the step.
+    """
+
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
+
+
 class Action:
     """Something a run does at window ends. Subclasses override what they need.
 
@@ -51,6 +62,9 @@ class Action:
 
     def __call__(self, window: Window) -> bool | None:
         """At a window's end. Returns True to stop the run after this window."""
+
+    def rewind(self, step: int) -> None:
+        """The run went back to ``step`` (see Rewind): forget what was done after it."""
 
     def end(self, step: int) -> None:
         """After the last window, when the run ended normally (num_steps, or a stop)."""
@@ -86,7 +100,12 @@ def run(train_window: Callable[[int, int], Window], actions: Sequence[Action], s
             window = train_window(step, n)
             step = window.step
             window.last = step >= num_steps
-            stop = any([action(window) for action in actions])  # a list: every action sees the window
+            try:
+                stop = any([action(window) for action in actions])  # a list: every action sees the window
+            except Rewind as rewind:
+                step, stop = rewind.step, False
+                for action in actions:
+                    action.rewind(step)
         for action in actions:
             action.end(step)
         return step

@@ -67,6 +67,22 @@ class Constant(keras.optimizers.schedules.LearningRateSchedule):
         return {"value": self.value}
 
 
+class Scaled(keras.optimizers.schedules.LearningRateSchedule):
+    """Another schedule times a variable factor: how ``train.on_nan = 'restore'`` lowers the rate.
+
+    The factor is a variable, so the compiled step reads its current value.
+    """
+
+    def __init__(self, schedule, factor: tf.Variable):
+        self.schedule, self.factor = schedule, factor
+
+    def __call__(self, step):
+        return self.schedule(step) * tf.cast(self.factor, tf.float32)
+
+    def get_config(self):
+        return {}
+
+
 class StepFunction(keras.optimizers.schedules.LearningRateSchedule):
     """A plugin schedule's plain ``fn(step) -> rate``, as the LearningRateSchedule Keras expects."""
 
@@ -185,8 +201,9 @@ def adamw(learning_rate, weight_decay: float = 0.004, beta_1: float = 0.9, beta_
                                   epsilon=epsilon)
 
 
-@gin.configurable("optimizer", denylist=["total_steps", "precision"])
-def build_optimizer(total_steps: int, precision: str = "float32", name: str = "adam") -> keras.optimizers.Optimizer:
+@gin.configurable("optimizer", denylist=["total_steps", "precision", "lr_factor"])
+def build_optimizer(total_steps: int, precision: str = "float32", name: str = "adam",
+                    lr_factor: tf.Variable | None = None) -> keras.optimizers.Optimizer:
     """The configured optimizer on the ``learning_rate`` schedule, with loss scaling for float16.
 
     Args:
@@ -194,6 +211,7 @@ def build_optimizer(total_steps: int, precision: str = "float32", name: str = "a
       precision: the run's precision; 'mixed_float16' wraps the optimizer in Keras 3's
         LossScaleOptimizer (dynamic scale; a step with non-finite gradients is skipped and
         the scale halves).
+      lr_factor: a variable the schedule's rate is multiplied by (None: none).
       name: a registered optimizer ('sgd', 'adam', 'adamw'); its own settings are under
         optimizers.<name>.*.
 
@@ -204,7 +222,8 @@ def build_optimizer(total_steps: int, precision: str = "float32", name: str = "a
         optimizer_fn = OPTIMIZERS.get(name)
     except RegistryError as e:
         raise SegtrainError(f"optimizer.name: {e}") from None
-    optimizer = optimizer_fn(learning_rate=learning_rate_schedule(total_steps))
+    schedule = learning_rate_schedule(total_steps)
+    optimizer = optimizer_fn(learning_rate=schedule if lr_factor is None else Scaled(schedule, lr_factor))
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise SegtrainError(f"Optimizer plugin {name!r} returned {type(optimizer).__name__}, not a "
                             f"keras.optimizers.Optimizer.")

@@ -19,13 +19,20 @@ import tensorflow as tf
 
 from segtrain import metrics as M
 from segtrain.errors import DATA_ERROR_MARKER, SegtrainError, data_errors, warn
-from segtrain.experiment import Experiment, ExperimentConfig
+from segtrain.experiment import Experiment, ExperimentConfig, restore_checkpoint
 from segtrain.io import read_json
 from segtrain.train import actions as A
 from segtrain.train import loop
 from segtrain.train.checkpoints import Checkpoints
-from segtrain.train.distribute import WriteDir, build_strategy, task_name
+from segtrain.train.distribute import WriteDir, build_strategy, lost_peers, task_name
+from segtrain.train.hparams import HParams
+from segtrain.train.lock import run_lock
 from segtrain.train.optimizers import build_optimizer, current_learning_rate, loss_scale, loss_scaling
+from segtrain.train.preemption import Preemption
+
+
+# train.on_nan = 'restore': the restores so far (read by every worker, written by the chief).
+NAN_RECORD = "nan_restores.json"
 
 
 def train(model_dir: str, strategy: tf.distribute.Strategy | None = None,
@@ -37,16 +44,21 @@ def train(model_dir: str, strategy: tf.distribute.Strategy | None = None,
       strategy: the strategy to train under (default: ``distribute.*`` in gin, see
         segtrain.train.distribute.build_strategy).
       extra_actions: more actions, called after the built-in ones at every window end.
+
+    Raises:
+      SegtrainError: among others, another live job trains into ``model_dir`` (its lock,
+        segtrain.train.lock, names it).
     """
     if not model_dir:
         raise SegtrainError("--model_dir is required: the directory for checkpoints and TensorBoard logs.")
     strategy = strategy or build_strategy()  # first: it may split the CPU before TF starts
-    config = ExperimentConfig()
-    trainer = Trainer(Experiment(config, strategy, split=config.train_split), model_dir)
-    try:
-        return trainer.fit(extra_actions)
-    finally:
-        trainer.write_dir.cleanup()
+    with run_lock(model_dir, strategy):  # one job at a time writes a run directory
+        config = ExperimentConfig()
+        trainer = Trainer(Experiment(config, strategy, split=config.train_split), model_dir)
+        try:
+            return trainer.fit(extra_actions)
+        finally:
+            trainer.write_dir.cleanup()
 
 
 class Trainer:
@@ -67,7 +79,11 @@ class Trainer:
         self.strategy = experiment.strategy
         self.model = experiment.model
         with self.strategy.scope():
-            self.optimizer = build_optimizer(cfg.num_steps, cfg.precision)
+            # train.on_nan = 'restore' lowers the learning rate through this factor.
+            self.lr_factor = (tf.Variable(1.0, trainable=False, name="lr_factor",
+                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                              if cfg.on_nan == "restore" else None)
+            self.optimizer = build_optimizer(cfg.num_steps, cfg.precision, lr_factor=self.lr_factor)
             self.optimizer.build(self.model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         # Only the chief writes into model_dir; every worker restores from it.
@@ -93,7 +109,8 @@ class Trainer:
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.config.batch_size)
             if self.model.losses:
                 regularization = tf.add_n([tf.cast(x, tf.float32) for x in self.model.losses])
-                loss += tf.nn.scale_regularization_loss(regularization)
+                # Each of the accumulation_steps micro-batches carries its share.
+                loss += tf.nn.scale_regularization_loss(regularization) / self.config.accumulation_steps
             # float16: gradients of the scaled loss; apply_gradients unscales them and skips
             # (and halves the scale on) a step whose gradients are not finite.
             scaled = self.optimizer.scale_loss(loss) if loss_scaling(self.optimizer) else loss
@@ -102,7 +119,10 @@ class Trainer:
         return loss, grads, cm
 
     def _replica_step(self, batch):
-        loss, grads, cm = self._forward_backward(batch["image"], batch["label"])
+        if self.config.accumulation_steps > 1:
+            loss, grads, cm = self._accumulate(batch["image"], batch["label"])
+        else:
+            loss, grads, cm = self._forward_backward(batch["image"], batch["label"])
         if self.config.clip_norm:
             # Clip the true gradient: unscale first, scale back after (powers of two: exact).
             scale = tf.cast(self.optimizer.dynamic_scale, tf.float32) if loss_scaling(self.optimizer) else None
@@ -113,6 +133,39 @@ class Trainer:
                 grads = [None if g is None else g * scale for g in grads]
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         return loss, cm
+
+    def _accumulate(self, images, labels):
+        """The loss, gradient and confusion matrix of this replica's batch, summed over
+        train.accumulation_steps micro-batches that each pass through ``_forward_backward``.
+
+        Every micro-batch's loss is already its share of the global-batch mean, so the sums are
+        what the whole batch gives at once. A tf.while_loop with parallel_iterations=1 runs one
+        micro-batch at a time: running several together would hold several micro-batches'
+        activations, the memory accumulation exists to save. Gradients of the loss scaled for
+        float16 stay scaled; apply_gradients unscales their sum.
+        """
+        k = self.config.accumulation_steps
+        variables = self.model.trainable_variables
+
+        def split(x):  # [k * m, ...] -> [k, m, ...], micro-batch i = examples i*m .. (i+1)*m - 1
+            m = x.shape[0] // k if x.shape[0] is not None else -1
+            return tf.reshape(x, tf.concat([[k, m], tf.shape(x)[1:]], 0))
+
+        images, labels = split(images), split(labels)
+        present: list[int] = []  # variables with a gradient, found when the body is traced
+
+        def body(i, loss, cm, sums):
+            micro_loss, grads, micro_cm = self._forward_backward(images[i], labels[i])
+            present[:] = [j for j, g in enumerate(grads) if g is not None]
+            # convert_to_tensor: a gather's gradient (IndexedSlices) becomes dense to be summed.
+            sums = [s if g is None else s + tf.convert_to_tensor(g) for s, g in zip(sums, grads)]
+            return i + 1, loss + micro_loss, cm + micro_cm, sums
+
+        c = self.experiment.info.num_classes
+        start = (tf.constant(0), tf.constant(0.0), tf.zeros([c, c], tf.int64),
+                 [tf.zeros(v.shape, v.dtype) for v in variables])
+        _, loss, cm, sums = tf.while_loop(lambda i, *_: i < k, body, start, parallel_iterations=1)
+        return loss, [sums[j] if j in present else None for j in range(len(variables))], cm
 
     def _clip(self, grads):
         """Clips the norm of the gradient summed over replicas, not of each replica's part.
@@ -194,8 +247,10 @@ class Trainer:
 
     def fit(self, extra_actions: Sequence[loop.Action] = ()) -> dict:
         """Trains to train.num_steps (or an early stop); returns the last evaluation's results."""
-        with data_errors():
-            return self._fit(extra_actions)
+        # A lost cluster peer: one message naming it, and where the relaunched job resumes.
+        with lost_peers(self.strategy, lambda: self.step.numpy(), lambda: self.checkpoints.latest_checkpoint):
+            with data_errors():
+                return self._fit(extra_actions)
 
     def _fit(self, extra_actions: Sequence[loop.Action]) -> dict:
         cfg, exp = self.config, self.experiment
@@ -207,6 +262,8 @@ class Trainer:
         best = A.KeepBest(self.checkpoints, cfg.best_metric, cfg.mode, cfg.min_delta)
         early_stopping = A.EarlyStopping(best, cfg.early_stopping_patience)
         results_path = os.path.join(self.model_dir, f"eval_results_{cfg.eval_split}.json")
+        if start >= cfg.num_steps and not early_stopping.stopped() and _unevaluated(results_path, start):
+            return self._final_evaluation(start, results_path, best)
         if start >= cfg.num_steps or early_stopping.stopped():
             why = (f"stopped early at step {start} ({cfg.best_metric} did not improve for {best.stale} "
                    f"evaluations; raise train.early_stopping_patience, or set it to 0, to go on)"
@@ -223,19 +280,26 @@ class Trainer:
                        else tf.summary.create_noop_writer()) for k in ("train", "eval")}
         # Without periodic evaluation, still checkpoint now and then so a long run can resume.
         checkpoint_every = cfg.checkpoint_every or (cfg.eval_every or min(1000, cfg.num_steps))
+        on_nan = A.OnNonFinite(self.checkpoints, cfg.on_nan, cfg.max_nan_restores, cfg.nan_lr_factor,
+                               self.restore_after_nan, writers["train"],
+                               os.path.join(self.model_dir, NAN_RECORD), self.chief)
+        if self.lr_factor is not None:  # the restores of an earlier part of this run still count
+            self.lr_factor.assign(on_nan.lr_factor)
         evaluate = A.Evaluate(exp.evaluator(), eval_ds, cfg.eval_every or None, results_path, cfg.eval_split,
                               self.chief)
         actions = [
             *([A.WriteConfig(self.model_dir, writers["train"])] if self.chief else []),
-            A.StopOnNonFinite(self.checkpoints),
+            on_nan,
             A.TrainSummaries(writers["train"]),
             A.ProgressLine(cfg.num_steps),
+            Preemption(self.checkpoints, self.strategy, cfg.preemption_grace),
             A.SaveCheckpoints(self.checkpoints, checkpoint_every),
             evaluate,
             A.EvalSummaries(writers["eval"], exp.info.class_names),
             A.ImagePanels(writers["eval"], eval_ds, self.model, exp.info, exp.normalization, cfg.num_image_panels),
             best,
             early_stopping,
+            *([HParams(self.model_dir)] if self.chief else []),
             *extra_actions,
         ]
         try:
@@ -248,6 +312,31 @@ class Trainer:
         if task != "local":  # lets a multi-worker job confirm that its workers agree
             print(f"{task}: step {step}, weights sha256 {weights_fingerprint(self.model)}")
         return evaluate.results
+
+    def _final_evaluation(self, step: int, results_path: str, best: A.KeepBest) -> dict:
+        """The evaluation at the end of a run that was killed after its last save, before or
+        while it evaluated: what the last window's actions would have done."""
+        cfg, exp = self.config, self.experiment
+        print(f"{self.model_dir} is at step {step}, but its final evaluation did not finish: evaluating it now.")
+        eval_ds = exp.eval_dataset(cfg.eval_split)
+        writer = (tf.summary.create_file_writer(os.path.join(self.model_dir, "eval")) if self.chief
+                  else tf.summary.create_noop_writer())
+        evaluate = A.Evaluate(exp.evaluator(), eval_ds, None, results_path, cfg.eval_split, self.chief)
+        window = loop.Window(step, 0, np.zeros(0, np.float32), {}, 0.0, last=True)
+        try:
+            for action in (evaluate, A.EvalSummaries(writer, exp.info.class_names), best):
+                action(window)
+            evaluate.end(step)
+        finally:
+            writer.close()
+        return evaluate.results
+
+    def restore_after_nan(self, path: str, lr_factor: float) -> int:
+        """Loads checkpoint ``path`` (weights, optimizer, step) and sets the learning-rate factor;
+        returns the restored step."""
+        restore_checkpoint(self.checkpoints.checkpoint, path)
+        self.lr_factor.assign(lr_factor)
+        return int(self.step.numpy())
 
     def _check_output(self, size) -> None:
         """One eager forward pass: a model must return [B,H,W,num_classes] logits at input size.
@@ -267,6 +356,13 @@ class Trainer:
                 f"Model '{cfg.model}' returned logits of size {tuple(logits.shape[1:3])} for "
                 f"images of size {tuple(size)}: models must return logits at input size."
             )
+
+
+def _unevaluated(results_path: str, step: int) -> bool:
+    """Whether the results of the evaluation at ``step`` are missing (a run killed in it)."""
+    if not os.path.exists(results_path):
+        return True
+    return read_json(results_path).get("step") != step
 
 
 def weights_fingerprint(model: keras.Model) -> str:

@@ -4,11 +4,17 @@ training on the result."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
 
 import pytest
 
 from segtrain.errors import SegtrainError
-from tests.conftest import segtrain_cli, segtrain_main, tiny_flags
+from tests.conftest import REPO, segtrain_cli, segtrain_main, tiny_flags
 from tests.data import fabricate as F
 
 
@@ -84,3 +90,101 @@ def test_prepare_takes_the_dataset_settings_from_gin(tmp_path):
     listed = shapes.stderr.split("preparable datasets: ")[1].strip().rstrip(".").split(", ")
     # Other tests may register more preparable datasets in this process; the built-in ones are all there.
     assert {"cityscapes", "folder", "oxford_iiit_pet", "voc2012", "voc2012_aug"} <= set(listed) and "shapes" not in listed
+
+
+# `segtrain prepare`, SIGKILLed by itself in the middle of its second split.
+KILLED_MID_PREPARE = """
+import functools, os, signal, sys
+
+if __name__ == "__main__":  # the spawned workers import this file too
+    import segtrain.commands.prepare as command
+
+    def kill_in_the_test_split(split, done):
+        if split == "test" and done == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    command.prepare = functools.partial(command.prepare, _hook=kill_in_the_test_split)
+    from segtrain.cli import main
+    sys.exit(main(["segtrain", *sys.argv[1:]]))
+"""
+
+
+def _pets(tmp_path):
+    raw = tmp_path / "raw"
+    F.pets(str(raw), {"trainval": [f"cat_{i}" for i in range(6)], "test": ["dog_1", "dog_2", "dog_3"]}, size=(40, 44))
+    return raw
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:  # the process is gone
+        return b""
+
+
+def _processes(tag: str) -> list[int]:
+    """Live processes whose environment holds ``tag``."""
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and tag.encode() in _read(f"/proc/{p}/environ")]
+
+
+def _workers(parent: int) -> list[int]:
+    """The pool worker processes that ``parent`` spawned."""
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()
+            and _read(f"/proc/{p}/stat").rsplit(b")", 1)[-1].split()[1:2] == [str(parent).encode()]
+            and b"spawn_main" in _read(f"/proc/{p}/cmdline")]
+
+
+@pytest.mark.slow
+def test_a_killed_prepare_leaves_nothing_prepared_and_the_next_run_cleans_up(tmp_path):
+    from registry import DATASETS
+    from segtrain.data import pets
+    from segtrain.data.prepare import is_prepared, unfinished
+
+    raw, out = _pets(tmp_path), tmp_path / "prepared"
+    args = ["prepare", "--dataset=oxford_iiit_pet", f"--source_dir={raw}", f"--data_dir={out}"]
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_MID_PREPARE)
+    tag = f"SEGTRAIN_TEST_TAG={uuid.uuid4().hex}"
+    with open(tmp_path / "killed.log", "w") as log:
+        killed = subprocess.run([sys.executable, str(script), *args, "--num_workers=2"], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, timeout=300, check=False,
+                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", SEGTRAIN_TEST_TAG=tag[17:]))
+    assert killed.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    deadline = time.monotonic() + 30  # a generous bound for "its worker processes end too"
+    while _processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes(tag), "the workers of a killed prepare must not outlive it"
+
+    source = pets.OxfordIiitPet()
+    left = unfinished(str(out), source)
+    assert not is_prepared(str(out), source) and len(left) == 1 and os.listdir(left[0])
+    with pytest.raises(SegtrainError, match=r"an earlier `segtrain prepare` did not finish; run `segtrain prepare"):
+        DATASETS.original("oxford_iiit_pet")("trainval", data_dir=str(out))
+
+    again = segtrain_main(*args, "--num_workers=1")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"Took over the lock of {out / 'oxford_iiit_pet'} from a `segtrain prepare` job that no longer runs" \
+        in again.stdout
+    assert f"Removed {left[0]}: left by an earlier `segtrain prepare` of oxford_iiit_pet that did not finish." \
+        in again.stdout
+    assert is_prepared(str(out), source) and not unfinished(str(out), source)
+    assert sorted(os.listdir(out / "oxford_iiit_pet")) == ["1.0.0"], "the lock is released"
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_prepare_is_one_message_and_nothing_is_written(tmp_path):
+    from segtrain.data import pets
+    from segtrain.data.prepare import is_prepared, prepare, unfinished
+
+    raw, out = _pets(tmp_path), tmp_path / "prepared"
+
+    def kill_a_worker(split, done):  # between the two splits: the next one finds the pool broken
+        if split == "trainval" and done == 6:
+            os.kill(_workers(os.getpid())[0], signal.SIGKILL)
+
+    with pytest.raises(SegtrainError, match=r"^A worker process of `segtrain prepare` died \(it was killed: out of "
+                                            r"memory\?\)\. Nothing was written to .*Run again, with fewer "
+                                            r"--num_workers \(now 2\)"):
+        prepare(pets.OxfordIiitPet(), str(raw), str(out), num_workers=2, _hook=kill_a_worker)
+    assert not is_prepared(str(out), pets.OxfordIiitPet()) and not unfinished(str(out), pets.OxfordIiitPet())

@@ -41,15 +41,35 @@ class FakeCheckpoints:
     def write_record(self, record):
         self.records.append(record)
 
+    latest_checkpoint = "/run/ckpt-4"
+
     def kept(self):
         return "The last good checkpoint, ckpt-4, is intact; ..."
 
 
 def test_stop_on_non_finite_names_the_step():
-    action = A.StopOnNonFinite(FakeCheckpoints())
+    action = A.OnNonFinite(FakeCheckpoints())
     action(_window(6, steps=3, losses=[1.0, 0.5, 0.4]))
     with pytest.raises(SegtrainError, match=r"The loss became nan at step 8\. The last good checkpoint, ckpt-4"):
         action(_window(9, steps=3, losses=[0.3, np.nan, np.inf]))
+
+
+def test_restore_on_non_finite_rewinds_the_loop_and_is_bounded(tmp_path):
+    from segtrain.train.loop import Rewind
+
+    restored = []
+    action = A.OnNonFinite(FakeCheckpoints(), "restore", max_restores=2, factor=0.5,
+                           restore=lambda path, factor: restored.append((path, factor)) or 4,
+                           record_path=str(tmp_path / "nan_restores.json"))
+    for expected in (0.5, 0.25):
+        with pytest.raises(Rewind) as rewind:
+            action(_window(6, losses=[np.nan, 1.0]))
+        assert rewind.value.step == 4 and restored[-1] == ("/run/ckpt-4", expected)
+    with pytest.raises(SegtrainError, match=r"at step 5\. The run has restored 2 time\(s\) already"):
+        action(_window(6, losses=[np.inf, 1.0]))
+    # A restarted run counts the restores recorded so far.
+    again = A.OnNonFinite(FakeCheckpoints(), "restore", 2, 0.5, record_path=str(tmp_path / "nan_restores.json"))
+    assert again.lr_factor == 0.25 and len(again.events) == 2
 
 
 def test_save_checkpoints_at_its_interval_at_the_last_step_and_at_a_stop():

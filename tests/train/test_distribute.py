@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 import pytest
 import tensorflow as tf
 
-from segtrain.errors import SegtrainError
+from segtrain.errors import SegtrainError, user_message
 from segtrain.train import distribute as D
 from segtrain.train import watchdog
 
@@ -18,7 +19,7 @@ TWO_WORKERS = {"cluster": {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]}, "tas
 @pytest.fixture(autouse=True)
 def no_cluster(monkeypatch):
     for name in ("TF_CONFIG", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
-                 "SLURM_STEP_TASKS_PER_NODE"):
+                 "SLURM_STEP_TASKS_PER_NODE", "SLURM_JOB_NUM_NODES"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -87,6 +88,53 @@ def test_inconsistent_slurm_environment(monkeypatch):
         D.detect_cluster(slurm_gpus_per_node=1)
 
 
+def test_task_type_outside_the_cluster(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps({**TWO_WORKERS, "task": {"type": "evaluator", "index": 0}}))
+    with pytest.raises(SegtrainError) as e:
+        D.cluster_from_tf_config()
+    assert str(e.value) == "TF_CONFIG task type 'evaluator' is not in its cluster (types: ['worker'])."
+
+
+def test_num_workers_must_match_the_slurm_step(monkeypatch):
+    _fake_slurm(monkeypatch, procid=0)  # 2 tasks, while the job asked for 4 workers
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    with pytest.raises(SegtrainError) as e:
+        D.detect_cluster(slurm_gpus_per_node=1, num_workers=4)
+    assert str(e.value) == (
+        "distribute.num_workers=4, but the SLURM step has 2 task(s) (SLURM_STEP_NUM_TASKS=2, "
+        "SLURM_JOB_NUM_NODES=2): ask sbatch for --nodes=4 (launch/slurm.sbatch runs one task per node), "
+        "or set distribute.num_workers = 2 (launch/slurm.sbatch: NUM_WORKERS=2).")
+    assert D.detect_cluster(slurm_gpus_per_node=1, num_workers=2).num_tasks == 2
+
+
+def test_num_workers_must_match_tf_config(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps(TWO_WORKERS))
+    with pytest.raises(SegtrainError) as e:
+        D.build_strategy("multi_worker", num_workers=3)
+    assert user_message(e.value) == (
+        "distribute.num_workers=3, but TF_CONFIG describes 2 task(s) (worker: 2): give TF_CONFIG's cluster "
+        "3 addresses (launch/local.py --num_workers=3), or set distribute.num_workers = 2.")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_workers": 2}, "distribute.num_workers=2, but no cluster is described here (TF_CONFIG is unset and "
+                         "this is not a SLURM step), so this is 1 worker"),
+    ({"num_workers": 0}, "distribute.num_workers=0: use an integer >= 1, or None"),
+    ({"heartbeat_timeout": 0}, "distribute.heartbeat_timeout=0: use a number of seconds > 0."),
+    ({"collective_timeout": -1}, "distribute.collective_timeout=-1: use a number of seconds > 0, or None"),
+])
+def test_bad_cluster_settings(kwargs, message):
+    with pytest.raises(SegtrainError) as e:
+        D.build_strategy(**kwargs)
+    assert message in str(e.value)
+
+
+def test_one_worker_without_a_cluster_is_fine():
+    assert D.build_strategy("auto", num_workers=1, gpus=[]) is tf.distribute.get_strategy()
+    # A strategy of one machine looks for no cluster (evaluating a multi-worker run does that).
+    assert isinstance(D.build_strategy("one_device", num_workers=4), tf.distribute.OneDeviceStrategy)
+
+
 def test_tf_config_wins_over_slurm(monkeypatch):
     _fake_slurm(monkeypatch, procid=0)
     monkeypatch.setenv("TF_CONFIG", json.dumps(TWO_WORKERS))
@@ -141,6 +189,23 @@ def test_chief_election(tmp_path):
     assert tmp_path.exists() and not __import__("os").path.exists(other.path)
 
 
+def test_a_killed_workers_scratch_directory_is_removed_by_the_next(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that ran and ended
+    orphan, alive = tmp_path / f"segtrain-worker1-{gone}-abc", tmp_path / f"segtrain-worker1-{os.getpid()}-def"
+    for path in (orphan, alive):
+        (path / "ckpt-4.index").parent.mkdir()
+        (path / "ckpt-4.index").write_text("x")
+    other = D.WriteDir(str(tmp_path / "run"), _FakeStrategy({"worker": ["h:1", "h:2"]}, "worker", 1))
+    assert not orphan.exists() and alive.exists()  # a running job's directory stays
+    other.cleanup()
+
+
 def test_watchdog_names_the_unreachable_peer():
     with socket.socket() as listening, socket.socket() as closed:
         listening.bind(("127.0.0.1", 0))
@@ -151,3 +216,89 @@ def test_watchdog_names_the_unreachable_peer():
         text = watchdog.message(info, 30)
     assert text.startswith(f"error: TF_CONFIG task worker 0 ({up}) could not form its cluster within 30 s")
     assert f"cannot connect to worker 2 at {down}." in text and "worker 1" not in text
+
+
+# What survivors of a lost peer got from TensorFlow 2.21 on 127.0.0.1 (trimmed): the peer's
+# process was killed (its connection closed), or stopped (no heartbeats), or the chief was.
+CLOSED = (
+    "Graph execution error:\n\n"
+    "Detected at node while/adam/CollectiveReduceV2 defined at (most recent call last):\n"
+    '  File "segtrain/train/trainer.py", line 141, in _loop\n\n'
+    "Collective ops is aborted by: Socket closed\n"
+    "Additional GRPC error information from remote target /job:worker/replica:0/task:1 while calling "
+    "/tensorflow.WorkerService/RecvBuf:\n"
+    ':UNKNOWN:Error received from peer  {grpc_status:14, grpc_message:"Socket closed"}\n'
+    "The error could be from a previous operation. Restart your program to reset.\n"
+    "\t [[{{node while/adam/CollectiveReduceV2}}]] [Op:__inference__loop_8484]"
+)
+SILENT = (
+    "Collective ops is aborted by: Error reported from /job:worker/task:1: The following tasks are "
+    "unhealthy (stopped sending heartbeats):\n"
+    "/job:worker/replica:0/task:1\n"
+    "The tasks have crashed. Check the task logs for an earlier error, or scheduler events (e.g. "
+    "preemption, eviction) to debug further."
+)
+SILENT_CHIEF = "Collective ops is aborted by: Deadline Exceeded\nRPC: /tensorflow.CoordinationService/Heartbeat"
+SPEC = {"worker": ["127.0.0.1:2222", "127.0.0.1:2223", "127.0.0.1:2224"]}
+
+
+@pytest.mark.parametrize("text, me, expected", [
+    (CLOSED, ("worker", 0), "lost worker 1 (127.0.0.1:2223) at about step 12: the connection to it failed "
+                            "(Socket closed)."),
+    (SILENT, ("worker", 0), "lost worker 1 (127.0.0.1:2223) at about step 12: it stopped sending heartbeats "
+                            "(distribute.heartbeat_timeout)."),
+    (SILENT_CHIEF, ("worker", 2), "lost worker 0 (127.0.0.1:2222), the chief (it hosts the coordination service) "
+                                  "at about step 12: it stopped answering heartbeats (distribute.heartbeat_timeout)."),
+    ("Collective ops is aborted by: Collective has timed out during execution.", ("worker", 1),
+     "lost contact with the cluster (one of worker 0 (127.0.0.1:2222), the chief (it hosts the coordination "
+     "service), worker 2 (127.0.0.1:2224)) at about step 12: a collective timed out waiting for it "
+     "(distribute.collective_timeout)."),
+    ("Collective ops is aborted by: Connection reset", ("worker", 1),
+     "lost contact with the cluster (one of worker 0 (127.0.0.1:2222), the chief (it hosts the coordination "
+     "service), worker 2 (127.0.0.1:2224)) at about step 12: Collective ops is aborted by: Connection reset."),
+])
+def test_lost_peer_message_names_the_lost_task(text, me, expected):
+    message = D.lost_peer_message(text, SPEC, me, 12, "/runs/x/ckpt-8")
+    assert message.startswith(expected), message
+    assert message.endswith(f"so worker {me[1]} stops too; the lost task's own output says why it stopped. "
+                            f"Relaunch the job: every worker resumes from the chief's last checkpoint ckpt-8.")
+    assert "no checkpoint was written yet, so it starts from step 0." in D.lost_peer_message(text, SPEC, me, 3, None)
+
+
+def test_the_one_peer_of_a_two_task_cluster_is_the_lost_one():
+    message = D.lost_peer_message("Collective ops is aborted by: Collective has timed out during execution.",
+                                  {"worker": SPEC["worker"][:2]}, ("worker", 0), 12, None)
+    assert message.startswith("lost worker 1 (127.0.0.1:2223) at about step 12: a collective timed out")
+
+
+def test_only_the_errors_of_a_lost_peer_are_converted(tmp_path):
+    lost = tf.errors.UnavailableError(None, None, CLOSED)
+    assert D.peer_error(lost) is lost
+    assert D.peer_error(tf.errors.InternalError(None, None, SILENT)) is not None
+    # A checkpoint save that failed on the lost peer reports the peer, not the save.
+    try:
+        try:
+            raise lost
+        except tf.errors.OpError:
+            raise SegtrainError("Could not write the checkpoint ckpt-8") from None
+    except SegtrainError as e:
+        assert D.peer_error(e) is lost
+    # Not a peer: a data error naming this task's device, a remote file system, a plain bug.
+    data = tf.errors.InvalidArgumentError(None, None, "bad label in /job:worker/replica:0/task:0/device:CPU:0")
+    assert D.peer_error(data) is None
+    assert D.peer_error(tf.errors.UnavailableError(None, None, "gs://bucket/x: service unavailable")) is None
+    assert D.peer_error(ValueError("x")) is None
+
+
+def test_lost_peers_raises_one_hard_exit_error_in_a_cluster_only():
+    strategy = _FakeStrategy(SPEC, "worker", 0)
+    with pytest.raises(D.LostPeer) as e:
+        with D.lost_peers(strategy, lambda: 12, lambda: "/runs/x/ckpt-8"):
+            raise tf.errors.UnavailableError(None, None, CLOSED)
+    assert e.value.hard_exit and str(e.value).startswith("lost worker 1 (127.0.0.1:2223) at about step 12")
+    with pytest.raises(tf.errors.UnavailableError):  # one process: nothing to name
+        with D.lost_peers(tf.distribute.get_strategy(), lambda: 12, lambda: None):
+            raise tf.errors.UnavailableError(None, None, CLOSED)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        with D.lost_peers(strategy, lambda: 12, lambda: None):
+            raise tf.errors.InvalidArgumentError(None, None, "bad label")

@@ -28,6 +28,9 @@ class Recorder(Action):
         self.log.append((self.name, window.step, window.last))
         return window.step == self.stop_at
 
+    def rewind(self, step):
+        self.log.append((self.name, "rewind", step))
+
     def end(self, step):
         self.log.append((self.name, "end", step))
 
@@ -70,3 +73,22 @@ def test_due_at_multiples_and_at_the_last_window():
     assert loop.due(window, 5) and loop.due(window, 10) and not loop.due(window, 4) and not loop.due(window, None)
     window.last = True
     assert loop.due(window, 4) and loop.due(window, None)
+
+
+def test_a_rewind_goes_back_skips_the_later_actions_and_tells_every_action():
+    calls, log = [], []
+
+    class RewindOnce(Recorder):
+        def __call__(self, window):
+            super().__call__(window)
+            if window.step == 6 and not any(entry == (self.name, "rewind", 2) for entry in log):
+                raise loop.Rewind(2)
+
+    end = loop.run(_window_fn(calls), [RewindOnce(log, "a"), Recorder(log, "b")], start=0, num_steps=8,
+                   steps_per_loop=2)
+    assert end == 8
+    assert calls == [(0, 2), (2, 2), (4, 2), (2, 2), (4, 2), (6, 2)]
+    assert ("a", "rewind", 2) in log and ("b", "rewind", 2) in log
+    assert [e for e in log if e[0] == "b" and isinstance(e[1], int)] == [("b", 2, False), ("b", 4, False),
+                                                                          ("b", 4, False), ("b", 6, False),
+                                                                          ("b", 8, True)]
