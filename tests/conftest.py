@@ -144,3 +144,21 @@ def assert_user_error(result, *fragments: str) -> str:
         assert fragment in error, error
     assert "Traceback" not in result.stderr
     return error
+
+
+def wait_for_line(lines: list, pattern: str, timeout: float, alive=None) -> "re.Match":
+    """The first of ``lines`` (a list another thread appends a process's output to) that
+    matches ``pattern``, waiting up to ``timeout`` s; ``alive()`` False ends the wait early."""
+    import re
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for line in list(lines):
+            match = re.search(pattern, line)
+            if match:
+                return match
+        if alive is not None and not alive():
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n" + "".join(lines[-40:]))

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, tiny_flags
+from tests.conftest import REPO, tiny_flags, wait_for_line
 
 LOCAL = os.path.join(REPO, "launch", "local.py")
 # Windows of 2 steps and a checkpoint every 4, so a kill lands mid-training after a checkpoint;
@@ -58,15 +58,7 @@ class Job:
         return "".join(self.lines)
 
     def wait_for(self, pattern: str, timeout: float = 300) -> re.Match:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            for line in list(self.lines):
-                match = re.search(pattern, line)
-                if match:
-                    return match
-            assert self.proc.poll() is None, self.output[-3000:]
-            time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} in {timeout} s: {self.output[-3000:]}")
+        return wait_for_line(self.lines, pattern, timeout, alive=lambda: self.proc.poll() is None)
 
     def worker(self, index: int) -> tuple[int, str]:
         """The pid and cluster address of worker ``index``."""

@@ -20,7 +20,7 @@ import pytest
 from segtrain.errors import Interrupted
 from segtrain.train.loop import Window
 from segtrain.train.preemption import Preemption
-from tests.conftest import REPO, segtrain_cli, tiny_flags
+from tests.conftest import REPO, segtrain_cli, tiny_flags, wait_for_line
 
 LONG = ("train.num_steps = 100000", "train.steps_per_loop = 2", "train.eval_every = 0",
         "train.checkpoint_every = 100000", "train.num_image_panels = 0")
@@ -92,14 +92,7 @@ class Lines:
             self.lines.append(line)
 
     def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            for line in list(self.lines):
-                match = re.search(pattern, line)
-                if match:
-                    return match
-            time.sleep(0.2)
-        raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n" + "".join(self.lines[-40:]))
+        return wait_for_line(self.lines, pattern, timeout)
 
     @property
     def text(self) -> str:
