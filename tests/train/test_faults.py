@@ -336,6 +336,7 @@ def test_killed_save_leftovers_are_removed_and_a_lost_latest_falls_back(tmp_path
         C.repair(model_dir)
 
 
+@pytest.mark.slow
 def test_a_run_killed_in_its_final_evaluation_evaluates_when_rerun(trained_run, tmp_path, configure, capsys):
     from segtrain.train.trainer import train
     from tests.conftest import copy_run
