@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -69,6 +70,7 @@ class Preemption(Action):
         self.signum: int | None = None
         self.received_at: float | None = None
         self._previous: dict[int, object] = {}
+        self._failing = False  # closed on an error in a cluster: SIGTERM is only noted
         self._last_call: float | None = None
         self._windows = 0
         self._warned = False
@@ -82,6 +84,9 @@ class Preemption(Action):
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self._failing and signum == signal.SIGTERM:
+            os.write(2, b"\nReceived SIGTERM while stopping on an error: exiting once it is reported.\n")
+            return
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         if self.signum is None:
@@ -91,6 +96,14 @@ class Preemption(Action):
                      f"current window of training steps, then stopping.\n").encode())
 
     def close(self) -> None:
+        if sys.exc_info()[1] is not None and len(self.names) > 1 and self._previous:
+            # A cluster worker that fails (a lost peer, mostly) reports the error and exits. The
+            # launcher SIGTERMs the survivors as soon as one worker dies: with the default
+            # handler back, that SIGTERM would kill this worker before it says what happened.
+            # The handler stays until the process exits; a second Ctrl-C still stops at once.
+            self._failing = True
+            self._previous = {}
+            return
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}

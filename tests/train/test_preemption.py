@@ -65,6 +65,42 @@ def test_a_signal_saves_at_the_window_end_and_stops(signum, code):
     assert f"resume from step 4 (exit status {code})" in str(raised.value)
 
 
+def test_a_cluster_worker_failing_outlives_the_launchers_sigterm_to_report(capfd):
+    """A worker that lost a peer is between its error and its report when the launcher SIGTERMs
+    the survivors: it must not die of that signal before it says which peer was lost."""
+    import tensorflow as tf
+
+    action = Preemption(FakeCheckpoints(), tf.distribute.get_strategy(), grace=30)
+    action.names = ["worker 0", "worker 1"]  # as in a 2-worker cluster
+    previous = signal.getsignal(signal.SIGTERM)
+    action.start(0)
+    try:
+        with pytest.raises(RuntimeError):
+            try:
+                raise RuntimeError("a lost peer")
+            finally:
+                action.close()
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line: no death
+        assert "Received SIGTERM while stopping on an error" in capfd.readouterr().err
+        assert action.signum is None  # noted only: there is no window end to save at
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_failing_single_process_run_gives_the_handlers_back():
+    import tensorflow as tf
+
+    action = Preemption(FakeCheckpoints(), tf.distribute.get_strategy(), grace=30)
+    previous = signal.getsignal(signal.SIGTERM)
+    action.start(0)
+    with pytest.raises(RuntimeError):
+        try:
+            raise RuntimeError("an error")
+        finally:
+            action.close()
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
 def test_ctrl_c_twice_stops_at_once():
     import tensorflow as tf
 
