@@ -3,13 +3,14 @@ points, and trains them (DeepLab v3 on the plugin's backbone)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO, segtrain_cli, tiny_flags
+from tests.conftest import REPO, segtrain_cli, segtrain_main, tiny_flags
 
 PLUGIN = os.path.join(REPO, "examples", "segtrain-example-plugin")
 
@@ -24,11 +25,20 @@ def test_example_plugin_installs_registers_and_trains(tmp_path):
     )
     assert install.returncode == 0, install.stderr[-3000:]
     assert list(site.glob("segtrain_example_plugin-*.dist-info/entry_points.txt"))
-    env = {"PYTHONPATH": os.pathsep.join([str(site), REPO])}  # as if installed into the environment
-    listed = segtrain_cli("list", env=env)
+    # The installed entry points, loaded here, register what `segtrain list` shows (the fresh
+    # processes below find the same entry points by themselves).
+    sys.path.insert(0, str(site))
+    try:
+        loaded = [ep.load() for ep in importlib.metadata.entry_points(group="segtrain.plugins")
+                  if ep.dist.name == "segtrain-example-plugin"]
+    finally:
+        sys.path.remove(str(site))
+    assert len(loaded) == 2
+    listed = segtrain_main("list")
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert "context_net(num_classes, width=32, rates=(1, 1, 2, 4, 8, 16, 1))" in listed.stdout
     assert "small_resnet(weights=None, freeze=False, freeze_batch_norm=False, width=32)" in listed.stdout
+    env = {"PYTHONPATH": os.pathsep.join([str(site), REPO])}  # as if installed into the environment
     trained = segtrain_cli(
         "train", f"--model_dir={tmp_path / 'run'}", "--gin_file=gin/quickstart.gin",
         f"--gin_file={os.path.join(PLUGIN, 'example.gin')}",

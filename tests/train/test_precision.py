@@ -34,7 +34,7 @@ def test_bfloat16_trains_the_quickstart_model_with_falling_loss(tmp_path, config
     # The quickstart's U-Net (depth 3, 16 filters) at a smaller crop: without AVX-512 the CPU
     # emulates bfloat16.
     configure("train.precision = 'mixed_bfloat16'", "models.unet.depth = 3", "models.unet.base_filters = 16",
-              "train.batch_size = 4", "train.num_steps = 40", "train.steps_per_loop = 10",
+              "train.batch_size = 4", "train.num_steps = 20", "train.steps_per_loop = 5",
               "train.eval_every = 0", "train.num_image_panels = 0", "pipeline.crop_size = (32, 32)",
               "learning_rate.base = 0.003")
     with warnings.catch_warnings():

@@ -1,6 +1,8 @@
-"""Data parallelism for real: MirroredStrategy over logical CPU devices, in fresh processes.
+"""Data parallelism for real: MirroredStrategy over logical CPU devices, in a fresh process.
 
-Each run is its own process because the CPU must be split before TensorFlow starts.
+The CPU must be split before TensorFlow starts, so the runs train in a process of their own,
+one after the other, with one strategy of each kind (a second MirroredStrategy in a process
+would reuse the first one's collective instance keys).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import REPO, TINY, segtrain_cli
+from tests.conftest import REPO, TINY, segtrain_cli, segtrain_main
 from tests.conftest import assert_user_error as _fails
 from tests.conftest import tiny_flags as _params
 
 SCRIPT = textwrap.dedent("""
     import json, sys
+    import gin
     import keras
     from registry import MODELS
 
@@ -37,11 +40,38 @@ SCRIPT = textwrap.dedent("""
             return self.head(x)
 
     from segtrain.commands.configure import parse_config
+    from segtrain.errors import SegtrainError
+    from segtrain.train.distribute import build_strategy
     from segtrain.train.trainer import train
-    parse_config([], json.loads(sys.argv[2]))
-    results = train(sys.argv[1])  # the strategy comes from distribute.* in gin
-    print("RESULT " + json.dumps({"loss": results["loss"]}))
+
+    spec = json.loads(sys.argv[1])
+    strategies = {}
+    for name, bindings in spec["strategies"].items():  # "two" first: it splits the CPU
+        gin.clear_config()
+        parse_config([], bindings)
+        strategies[name] = build_strategy()
+    results = {}
+    for run in spec["runs"]:
+        gin.clear_config()
+        parse_config([], run["bindings"])
+        try:
+            results[run["name"]] = {"loss": train(run["model_dir"], strategies[run["strategy"]])["loss"]}
+        except SegtrainError as e:
+            results[run["name"]] = {"error": str(e)}
+    print("RESULT " + json.dumps(results))
 """)
+
+STRATEGIES = {
+    "two": ["distribute.strategy = 'mirrored'", "distribute.cpu_replicas = 2"],
+    "one": ["distribute.strategy = 'one_device'"],
+}
+# Same seed, data order and global batch on one and two replicas. SGD, not Adam: Adam's
+# g / sqrt(v) turns summation-order noise in a near-zero gradient into a step of the full
+# learning rate, so its weights differ by whatever a data draw makes of that.
+SAME_WEIGHTS = ["learning_rate.base = 0.01", "train.clip_norm = 1.0", "pipeline.deterministic = True",
+                "optimizer.name = 'sgd'", "train.num_image_panels = 0"]
+BATCH_NORM = {"no_batch_norm": "models.unet.batch_norm = False",
+              "synchronized_batch_norm": "models.unet.synchronized_batch_norm = True"}
 
 
 def _ok(result):
@@ -49,25 +79,45 @@ def _ok(result):
     return result
 
 
-@pytest.mark.slow
-def test_subclassed_model_with_unused_weights_and_clipping_on_two_replicas(tmp_path):
-    bindings = TINY + ["distribute.cpu_replicas = 2", "train.model = 'with_unused_weights'", "train.clip_norm = 0.5"]
-    result = _ok(subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path), json.dumps(bindings)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    ))
-    assert "RESULT" in result.stdout and (tmp_path / "ckpt-6.index").exists()
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{name: (model_dir, results)} of every run, trained in one fresh process."""
+    root = tmp_path_factory.mktemp("replicas")
+    runs = [{"name": f"{strategy}-{bn}", "strategy": strategy, "bindings": TINY + SAME_WEIGHTS + [binding]}
+            for bn, binding in BATCH_NORM.items() for strategy in ("one", "two")]
+    runs += [
+        {"name": "with_unused_weights", "strategy": "two",
+         "bindings": TINY + ["train.model = 'with_unused_weights'", "train.clip_norm = 0.5"]},
+        {"name": "batch_3", "strategy": "two", "bindings": TINY + ["train.batch_size = 3"]},
+    ]
+    for run in runs:
+        run["model_dir"] = str(root / run["name"])
+    spec = {"strategies": STRATEGIES, "runs": runs}
+    result = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(spec)], cwd=REPO, capture_output=True,
+                            text=True, timeout=900, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    lines = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, (result.stdout[-2000:], result.stderr[-3000:])
+    results = json.loads(lines[-1][len("RESULT "):])
+    return {run["name"]: (root / run["name"], results[run["name"]]) for run in runs}
 
 
 @pytest.mark.slow
-def test_global_batch_must_divide_over_replicas(tmp_path):
-    _fails(segtrain_cli("train", f"--model_dir={tmp_path}", "--cpu_replicas=2", *_params("train.batch_size = 3")),
-           "train.batch_size=3 does not divide over 2 replicas: use a multiple of 2.")
+def test_subclassed_model_with_unused_weights_and_clipping_on_two_replicas(runs):
+    model_dir, results = runs["with_unused_weights"]
+    assert np.isfinite(results.get("loss", np.nan)), results
+    assert (model_dir / "ckpt-6.index").exists()
+
+
+@pytest.mark.slow
+def test_global_batch_must_divide_over_replicas(runs):
+    _, results = runs["batch_3"]
+    assert results == {"error": "train.batch_size=3 does not divide over 2 replicas: use a multiple of 2."}
 
 
 @pytest.mark.slow
 def test_cpu_replicas_with_a_one_device_strategy(tmp_path):
-    _fails(segtrain_cli("train", f"--model_dir={tmp_path}", "--strategy=one_device", "--cpu_replicas=2", *_params()),
+    # Refused before any device is split, so this process can ask.
+    _fails(segtrain_main("train", f"--model_dir={tmp_path}", "--strategy=one_device", "--cpu_replicas=2", *_params()),
            "--cpu_replicas=2 splits one machine's CPU for MirroredStrategy; it does not combine with "
            "--strategy=one_device")
 
@@ -79,41 +129,17 @@ def _variables(model_dir) -> dict[str, np.ndarray]:
             if not name.startswith(("save_counter", "_CHECKPOINTABLE_OBJECT_GRAPH"))}
 
 
-@pytest.mark.parametrize("model", [
-    ["models.unet.batch_norm = False"],
-    ["models.unet.synchronized_batch_norm = True"],
-], ids=["no_batch_norm", "synchronized_batch_norm"])
+@pytest.mark.parametrize("batch_norm", BATCH_NORM)
 @pytest.mark.slow
-def test_one_and_two_replicas_train_the_same_weights(tmp_path, model):
-    """Same seed, data order and global batch: the replicas split each batch, the gradient is
-    summed over them, so 2 replicas must land where 1 does (up to float summation order).
-
-    SGD, not Adam: Adam's g / sqrt(v) turns summation-order noise in a near-zero gradient into a
-    step of the full learning rate, so its weights differ by whatever a data draw makes of that."""
-    runs, procs = {}, {}
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    try:
-        # Side by side: each process spends most of its time tracing, on one core.
-        for name, flags in (("one", ["--strategy=one_device"]), ("two", ["--strategy=mirrored", "--cpu_replicas=2"])):
-            runs[name] = tmp_path / name
-            procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "segtrain.cli", "train", f"--model_dir={runs[name]}", *flags,
-                 *_params(*model, "learning_rate.base = 0.01", "train.clip_norm = 1.0",
-                          "pipeline.deterministic = True", "optimizer.name = 'sgd'")],
-                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for name, proc in procs.items():
-            out, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, (name, out[-2000:], err[-3000:])
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    one, two = _variables(runs["one"]), _variables(runs["two"])
+def test_one_and_two_replicas_train_the_same_weights(runs, batch_norm):
+    """The replicas split each batch and the gradient is summed over them, so 2 replicas must
+    land where 1 does (up to float summation order)."""
+    (one_dir, _), (two_dir, _) = runs[f"one-{batch_norm}"], runs[f"two-{batch_norm}"]
+    one, two = _variables(one_dir), _variables(two_dir)
     assert one.keys() == two.keys() and len(one) > 30
     for name in one:
         np.testing.assert_allclose(one[name], two[name], rtol=1e-4, atol=2e-5, err_msg=name)
-    results = [json.loads((runs[n] / "eval_results_validation.json").read_text()) for n in ("one", "two")]
+    results = [json.loads((d / "eval_results_validation.json").read_text()) for d in (one_dir, two_dir)]
     for key in ("loss", "pixel_accuracy", "mean_iou"):
         assert results[0][key] == pytest.approx(results[1][key], rel=1e-4, abs=1e-5), key
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 import os
+import types
 
 import numpy as np
 import pytest
@@ -58,19 +59,41 @@ def test_loss_falls(tmp_path, configure):
     assert np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2])
 
 
-def test_rerun_resumes_at_the_saved_step(trained_run, tmp_path, capsys, configure):
-    tmp_path = copy_run(trained_run, tmp_path / "run")
-    configure("train.num_steps = 9")
-    trainer = _trainer(tmp_path)
-    trainer.fit()
-    assert "from ckpt-6 at step 6" in capsys.readouterr().out
-    assert int(trainer.step.numpy()) == 9
-    assert int(trainer.optimizer.iterations.numpy()) == 9  # optimizer state came back too
-    steps = [s for s, _ in read_scalars(os.path.join(tmp_path, "train"))["loss"]]
+@pytest.fixture(scope="module")
+def resumed_run(trained_run, tmp_path_factory):
+    """A copy of ``trained_run`` (best checkpoint by mean_iou) trained on to step 9 with the best
+    checkpoint chosen by loss; its console output and the trainer's counters after fit()."""
+    import contextlib
+    import io
+
+    import gin
+
+    from segtrain.commands.configure import parse_config
+    from tests.conftest import TINY
+
+    path = pathlib.Path(copy_run(trained_run, tmp_path_factory.mktemp("resumed") / "run"))
+    gin.clear_config()
+    parse_config([], TINY + ["train.num_steps = 9", "train.best_metric = 'loss'"])
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            trainer = _trainer(path)
+            trainer.fit()
+    finally:
+        gin.clear_config()
+    return types.SimpleNamespace(path=path, output=out.getvalue(), step=int(trainer.step.numpy()),
+                                 iterations=int(trainer.optimizer.iterations.numpy()))
+
+
+def test_rerun_resumes_at_the_saved_step(resumed_run, capsys, configure):
+    assert "from ckpt-6 at step 6" in resumed_run.output
+    assert resumed_run.step == 9
+    assert resumed_run.iterations == 9  # optimizer state came back too
+    steps = [s for s, _ in read_scalars(str(resumed_run.path / "train"))["loss"]]
     assert steps == [3, 6, 9]
     # A run that is already done does not train again.
-    capsys.readouterr()
-    again = train(str(tmp_path))
+    configure("train.num_steps = 9", "train.best_metric = 'loss'")
+    again = train(str(resumed_run.path))
     assert "nothing to train" in capsys.readouterr().out
     assert again["step"] == 9 and "mean_iou" in again  # the last evaluation's results
 
@@ -96,14 +119,10 @@ def test_early_stopping_and_best_checkpoint(tmp_path, capsys, configure):
 
 
 @pytest.mark.slow
-def test_a_different_best_metric_starts_a_new_record(tmp_path, capsys, configure):
-    configure("train.best_metric = 'loss'")
-    train(str(tmp_path))
-    configure("train.num_steps = 9", "train.best_metric = 'mean_iou'")
-    train(str(tmp_path))
-    assert "now by mean_iou (max): starting a new record" in capsys.readouterr().out
-    best = json.loads((tmp_path / "best" / "best.json").read_text())
-    assert best["metric"] == "mean_iou" and best["step"] == 9
+def test_a_different_best_metric_starts_a_new_record(resumed_run):
+    assert "chosen by mean_iou (max); now by loss (min): starting a new record" in resumed_run.output
+    best = json.loads((resumed_run.path / "best" / "best.json").read_text())
+    assert best["metric"] == "loss" and best["mode"] == "min" and best["step"] == 9
 
 
 def test_restoring_a_checkpoint_of_another_model_is_a_clear_error(trained_run, tmp_path, configure):
