@@ -10,7 +10,7 @@ from segtrain.train.trainer import train
 
 # Flags of `segtrain train` that are gin bindings too; a flag given on the command line wins.
 FLAG_BINDINGS = {"strategy": "distribute.strategy", "cpu_replicas": "distribute.cpu_replicas",
-                 "precision": "train.precision", "xla": "train.xla"}
+                 "precision": "train.precision", "xla": "train.xla", "profile_steps": "train.profile_steps"}
 
 
 def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[str], flags: dict) -> int:
@@ -25,8 +25,25 @@ def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[st
         raise SegtrainError("--model_dir is required: the run's directory, e.g. --model_dir=runs/quickstart.")
     if not gin_files and not gin_params:
         raise SegtrainError("Nothing to train: give --gin_file (e.g. gin/quickstart.gin) and/or --gin_param.")
-    bindings = [f"{FLAG_BINDINGS[name]} = {value!r}" for name, value in flags.items()]
+    bindings = [f"{FLAG_BINDINGS[name]} = {_gin_value(name, value)!r}" for name, value in flags.items()]
     parse_config(gin_files, [*gin_params, *bindings])
     train(model_dir)
     print(f"Done. TensorBoard: tensorboard --logdir {model_dir}")
     return 0
+
+
+def _gin_value(name: str, value):
+    """A flag's value as its gin binding takes it: --profile_steps=20,30 is the tuple (20, 30).
+
+    A part that is not an integer stays text, for train.profile_steps to refuse by name.
+    """
+    if name != "profile_steps":
+        return value
+
+    def number(text: str):
+        try:
+            return int(text)
+        except ValueError:
+            return text
+
+    return tuple(number(v) for v in value)
