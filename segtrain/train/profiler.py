@@ -12,7 +12,9 @@ trace holds exactly the windows of steps A..B: at most ``steps_per_loop`` steps 
 step marker in the Profile tab, numbered by its last step (``train.steps_per_loop = 1`` marks
 every step). Ending windows there changes no result: a window's length is an argument of the
 compiled loop, not a new trace of it. An evaluation or checkpoint that falls due inside A..B
-is traced too, outside the markers.
+is traced too, outside the markers. Without a GPU the Profile tab ties no ops to the markers
+(they run inside the loop's tf.while_loop), so its step-time graph stays empty there; the
+trace viewer and the op statistics still show them.
 
 B past train.num_steps traces up to num_steps (with a warning); a resumed run that starts
 inside A..B traces from where it starts; one that starts past B traces nothing and says so.
