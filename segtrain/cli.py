@@ -2,7 +2,7 @@
 
     segtrain train --gin_file=gin/quickstart.gin [--gin_param='train.num_steps = 100'] --model_dir=D
         [--strategy=auto|one_device|mirrored|multi_worker] [--cpu_replicas=N]
-        [--precision=float32|mixed_float16|mixed_bfloat16] [--xla]
+        [--precision=float32|mixed_float16|mixed_bfloat16] [--xla] [--profile_steps=A,B]
     segtrain evaluate --model_dir=D [--split=test] [--checkpoint=best|latest] [--batch_size=N]
         [--mode=whole|slide --crop_size=H,W --stride=H,W] [--scales=0.75,1.0,1.25 --flip] [--postprocess=dense_crf]
     segtrain predict --model_dir=D --input=FILES_GLOB_OR_DIR --output=OUT [--probabilities] [--strict]
@@ -66,6 +66,12 @@ def _train(fv):
     flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
                       "Numeric precision (gin: train.precision).", flag_values=fv)
     flags.DEFINE_bool("xla", False, "Compile the per-replica step with XLA (gin: train.xla).", flag_values=fv)
+    flags.DEFINE_list("profile_steps", None, "Trace training steps A..B (1-based, inclusive, as the progress "
+                      "line counts) with the TensorFlow profiler into MODEL_DIR/train for TensorBoard's "
+                      "Profile tab (pip install 'segtrain[profile]'). Windows of train.steps_per_loop steps "
+                      "end after step A-1 and after B, so the trace holds exactly A..B, one step marker per "
+                      "window; B past train.num_steps stops there (gin: train.profile_steps = (A, B)).",
+                      flag_values=fv)
     _verbosity(fv)
 
 

@@ -89,6 +89,9 @@ class ExperimentConfig:
       nan_lr_factor: what each restore multiplies the learning rate by.
       preemption_grace: seconds the scheduler leaves between SIGTERM and SIGKILL; a run
         warns when its windows (steps_per_loop steps) take longer than that to end.
+      profile_steps: (A, B): trace training steps A..B (1-based, inclusive) with the TensorFlow
+        profiler into model_dir/train for TensorBoard's Profile tab (None: off); see
+        segtrain.train.profiler.
     """
 
     model: str = "unet"
@@ -118,6 +121,7 @@ class ExperimentConfig:
     max_nan_restores: int = 3
     nan_lr_factor: float = 0.5
     preemption_grace: float = 30.0
+    profile_steps: Sequence[int] | None = None
 
     def __post_init__(self):
         def check(field, ok, what, kinds=(int,)):
@@ -136,6 +140,16 @@ class ExperimentConfig:
         check("min_delta", lambda v: v >= 0, "a number >= 0", (int, float))
         check("nan_lr_factor", lambda v: 0 < v <= 1, "a number in (0, 1]", (int, float))
         check("preemption_grace", lambda v: v > 0, "a number of seconds > 0", (int, float))
+        if self.profile_steps is not None:
+            steps = self.profile_steps
+            if (not isinstance(steps, (list, tuple)) or len(steps) != 2
+                    or any(isinstance(s, bool) or not isinstance(s, int) for s in steps)
+                    or not 1 <= steps[0] <= steps[1]):
+                raise SegtrainError(
+                    f"--profile_steps (train.profile_steps) must be the first and last training step to "
+                    f"profile, two integers A,B with 1 <= A <= B, e.g. --profile_steps=20,30 (gin: "
+                    f"train.profile_steps = (20, 30)); got {steps!r}.")
+            self.profile_steps = tuple(steps)
         if self.on_nan not in ("stop", "restore"):
             raise SegtrainError(f"train.on_nan={self.on_nan!r}: use 'stop' or 'restore'.")
         if self.precision not in P.PRECISIONS:

@@ -160,7 +160,8 @@ def test_unknown_flag_suggests_the_closest_and_bad_values_are_named():
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("train", {"gin_file", "gin_param", "model_dir", "strategy", "cpu_replicas", "precision", "xla", "verbosity"}),
+    ("train", {"gin_file", "gin_param", "model_dir", "strategy", "cpu_replicas", "precision", "xla", "profile_steps",
+               "verbosity"}),
     ("evaluate", {"gin_file", "gin_param", "model_dir", "split", "checkpoint", "batch_size", "verbosity", "mode",
                   "crop_size", "stride", "scales", "flip", "postprocess", "cpu_replicas"}),
     ("predict", {"gin_file", "gin_param", "model_dir", "checkpoint", "input", "output", "probabilities", "strict",

@@ -29,6 +29,7 @@ from segtrain.train.hparams import HParams
 from segtrain.train.lock import run_lock
 from segtrain.train.optimizers import build_optimizer, current_learning_rate, loss_scale, loss_scaling
 from segtrain.train.preemption import Preemption
+from segtrain.train.profiler import Profiler
 
 
 # train.on_nan = 'restore': the restores so far (read by every worker, written by the chief).
@@ -287,6 +288,8 @@ class Trainer:
             self.lr_factor.assign(on_nan.lr_factor)
         evaluate = A.Evaluate(exp.evaluator(), eval_ds, cfg.eval_every or None, results_path, cfg.eval_split,
                               self.chief)
+        profiler = (Profiler(cfg.profile_steps, self.model_dir, cfg.num_steps, self.chief)
+                    if cfg.profile_steps else None)
         actions = [
             *([A.WriteConfig(self.model_dir, writers["train"])] if self.chief else []),
             on_nan,
@@ -300,10 +303,12 @@ class Trainer:
             best,
             early_stopping,
             *([HParams(self.model_dir)] if self.chief else []),
+            *([profiler] if profiler else []),
             *extra_actions,
         ]
+        window = lambda step, n: self.train_window(iterator, step, n, first=step == start)  # noqa: E731
         try:
-            step = loop.run(lambda step, n: self.train_window(iterator, step, n, first=step == start),
+            step = loop.run(profiler.marked(window) if profiler else window,
                             actions, start, cfg.num_steps, cfg.steps_per_loop)
         finally:
             for writer in writers.values():
