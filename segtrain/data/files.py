@@ -87,13 +87,18 @@ def load(source: Source, split: str, data_dir: str | None, source_dir: str | Non
         )
     info, fn = source.read_time_labels(info)
     if fn is not None:
-        decode = info.decode
+        decode, decode_window = info.decode, info.decode_window
 
         def mapped(example, decode=decode):
             example = decode(example)
             return {**example, "label": fn(example["label"])}
 
-        info = dataclasses.replace(info, decode=mapped)
+        def mapped_window(example, choose, decode_window=decode_window):
+            example = decode_window(example, choose)
+            return {**example, "label": fn(example["label"])}
+
+        info = dataclasses.replace(info, decode=mapped,
+                                   decode_window=mapped_window if decode_window else None)
     return ds, info
 
 

@@ -369,6 +369,7 @@ def load_prepared(source: Source, split: str, data_dir: str) -> tuple[tf.data.Da
         num_examples={s: splits[s].num_examples for s in splits},
         name=source.name,
         decode=decode_prepared,
+        decode_window=decode_prepared_window,
         labels_checked=True,
         # Datasets prepared before the counts were recorded have none (losses say so).
         class_pixel_counts={k: tuple(v) for k, v in meta.get("class_pixel_counts", {}).items()},
@@ -388,6 +389,26 @@ def decode_prepared(example: dict) -> dict:
     image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
     label = tf.io.decode_png(example["label"], channels=1)[..., 0]
     return {"image": image, "label": label, "key": example["key"]}
+
+
+def decode_prepared_window(example: dict, choose) -> dict:
+    """``decode_prepared`` of a window only: a JPEG decodes just the window's pixels.
+
+    The window is chosen from the label's size, which `segtrain prepare` checked is the image's.
+    """
+    label = tf.io.decode_png(example["label"], channels=1)[..., 0]
+    offset, extent = choose(tf.shape(label))
+    data = example["image"]
+
+    def jpeg():
+        return tf.io.decode_and_crop_jpeg(data, tf.concat([offset, extent], 0), channels=3)
+
+    def other():
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        return tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([extent, [3]], 0))
+
+    image = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+    return {"image": image, "label": tf.slice(label, offset, extent), "key": example["key"]}
 
 
 def read_all(ds: tf.data.Dataset, info: DatasetInfo) -> list[dict]:

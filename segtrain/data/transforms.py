@@ -4,12 +4,18 @@ Images are [H,W,3] on the [0, 255] scale, uint8 until a resize makes them float3
 transforms work on either); labels are uint8 [H,W] class ids. Every geometric transform moves
 image and label together, and labels only ever use nearest-neighbour sampling. Random transforms are stateless: they take a seed [2], so the
 pipeline gives the same augmentations for the same seed however many threads run it.
+
+Training draws its geometry once, as a window of the source image (``random_window``): the
+pixels that resize -> random_scale -> random_crop would keep, so only they are decoded and
+resized (``resize_window``); ``jitter_and_normalize`` then works on the crop alone. The
+step-by-step transforms (``random_scale``, ``random_crop``, ``random_flip``, ``colour_jitter``)
+make the same draws from the same seeds.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -42,8 +48,8 @@ def resize(image: tf.Tensor, label: tf.Tensor, size: Size) -> tuple[tf.Tensor, t
     return image, resize_nearest(label, size)
 
 
-def resize_nearest(label: tf.Tensor, size: Size) -> tf.Tensor:
-    """Nearest-neighbour resize of a [H,W] label, in its own dtype.
+def resize_nearest(label: tf.Tensor, size: Size, mirror: tf.Tensor | None = None) -> tf.Tensor:
+    """Nearest-neighbour resize of a [H,W] label, in its own dtype, mirrored left-right if ``mirror``.
 
     The same pixels as ``tf.image.resize(..., method='nearest')`` (half-pixel centres), taken with
     two gathers instead of a float resize of the whole label.
@@ -56,7 +62,12 @@ def resize_nearest(label: tf.Tensor, size: Size) -> tf.Tensor:
 
     shape = tf.shape(label)
     rows = tf.gather(label, indices(shape[0], size[0]), axis=0)
-    return tf.gather(rows, indices(shape[1], size[1]), axis=1)
+    cols = indices(shape[1], size[1])
+    if mirror is not None:
+        cols = tf.cond(mirror, lambda: tf.reverse(cols, [0]), lambda: cols)
+    # A gather along the last axis copies byte by byte, one along the first copies whole rows:
+    # with the two transposes it costs a fifth.
+    return tf.transpose(tf.gather(tf.transpose(rows), cols, axis=0))
 
 
 def random_scale(
@@ -140,9 +151,149 @@ def colour_jitter(
     return tf.clip_by_value(x, 0.0, 1.0) * 255.0
 
 
+class Window(NamedTuple):
+    """Where a training crop comes from in its source image, and what it becomes.
+
+    Attributes:
+      offset: [2] int32, top and left of the window in source pixels.
+      extent: [2] int32, its height and width in source pixels.
+      size: [2] int32, the height and width it is resized to: the crop's, less the padding
+        where the scaled image is smaller than the crop.
+    """
+
+    offset: tf.Tensor
+    extent: tf.Tensor
+    size: tf.Tensor
+
+
+def random_window(
+    image_size: tf.Tensor,
+    scale_seed: tf.Tensor,
+    crop_seed: tf.Tensor,
+    resize: Size | None = None,
+    min_scale: float = 1.0,
+    max_scale: float = 1.0,
+    crop_size: Size | None = None,
+) -> Window:
+    """The source window of ``resize`` -> ``random_scale`` -> ``random_crop``, from the sizes alone.
+
+    The draws are those of the step-by-step transforms (same seeds, same formulas), so the
+    scale and the crop offsets have the same distribution; the window is rounded to whole
+    source pixels, which moves the crop by at most half a source pixel.
+
+    Args:
+      image_size: [2] (height, width) of the source image.
+      scale_seed, crop_seed: seeds [2] of the scale factor and of the crop offset.
+      resize: (height, width) the image is first resized to, or None.
+      min_scale, max_scale: range of the random scale factor.
+      crop_size: (height, width) of the crop, or None (the whole scaled image).
+    """
+    source = tf.cast(image_size, tf.int32)[:2]
+    scaled = tf.constant(resize[:2], tf.int32) if resize else source
+    if (min_scale, max_scale) != (1.0, 1.0):
+        scale = tf.random.stateless_uniform([], scale_seed, min_scale, max_scale)
+        scaled = tf.maximum(tf.cast(tf.round(tf.cast(scaled, tf.float32) * scale), tf.int32), 1)
+    if crop_size:
+        crop = tf.constant(crop_size[:2], tf.int32)
+        room = tf.maximum(scaled - crop, 0) + 1  # possible offsets per axis (one where padded)
+        u = tf.random.stateless_uniform([2], crop_seed)
+        start = tf.minimum(tf.cast(u * tf.cast(room, tf.float32), tf.int32), room - 1)
+        size = tf.minimum(scaled, crop)
+    else:
+        start, size = tf.zeros([2], tf.int32), scaled
+    ratio = tf.cast(source, tf.float32) / tf.cast(scaled, tf.float32)  # source pixels per scaled pixel
+    begin = tf.minimum(tf.cast(tf.round(tf.cast(start, tf.float32) * ratio), tf.int32), source - 1)
+    end = tf.cast(tf.round(tf.cast(start + size, tf.float32) * ratio), tf.int32)
+    end = tf.clip_by_value(end, begin + 1, source)
+    return Window(begin, end - begin, size)
+
+
+def take_window(image: tf.Tensor, label: tf.Tensor, window: Window) -> tuple[tf.Tensor, tf.Tensor]:
+    """The window's pixels of a decoded image and label."""
+    image = tf.slice(image, tf.concat([window.offset, [0]], 0), tf.concat([window.extent, [-1]], 0))
+    return image, tf.slice(label, window.offset, window.extent)
+
+
+def resize_window(
+    image: tf.Tensor,
+    label: tf.Tensor,
+    size: tf.Tensor,
+    flip: tf.Tensor | None,
+    crop_size: Size | None,
+    ignore_label: int,
+    image_fill: float = 0.0,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """A window (``take_window``, or decoded as one) to its training crop.
+
+    Resizes to ``size`` (bilinear, float32 out; nearest for the label), mirrors both when
+    ``flip``, and pads up to ``crop_size`` (labels with the ignore label) on the side the
+    step-by-step transforms pad: bottom, and right, or left when mirrored.
+    """
+    if flip is not None:
+        # Mirroring commutes with a half-pixel-centre bilinear resize, and costs a quarter as much
+        # on the uint8 window as on the float32 crop.
+        image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+    image = tf.cast(image, tf.float32)  # float in: the resize runs faster than on uint8
+    same = tf.reduce_all(tf.equal(tf.shape(image)[:2], size))
+    image = tf.cond(same, lambda: image, lambda: tf.image.resize(image, size, method="bilinear"))
+    label = resize_nearest(label, size, flip)
+    if not crop_size:
+        return image, label
+    pad = tf.constant(crop_size[:2], tf.int32) - size
+    left = tf.where(flip, pad[1], 0) if flip is not None else 0
+    paddings = [[0, pad[0]], [left, pad[1] - left]]
+
+    def padded():
+        return (tf.pad(image, paddings + [[0, 0]], constant_values=image_fill),
+                tf.pad(label, paddings, constant_values=tf.cast(ignore_label, label.dtype)))
+
+    # Most crops need no padding, and a pad by nothing still copies the image.
+    image, label = tf.cond(tf.reduce_any(pad > 0), padded, lambda: (image, label))
+    return tf.ensure_shape(image, [crop_size[0], crop_size[1], None]), tf.ensure_shape(label, crop_size[:2])
+
+
+def jitter_and_normalize(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    normalization: "Normalization",
+    brightness: float = 0.0,
+    contrast: Sequence[float] | None = None,
+    hue: float = 0.0,
+    saturation: Sequence[float] | None = None,
+) -> tf.Tensor:
+    """``normalization(colour_jitter(image, seed, ...))`` in fewer float passes.
+
+    The same draws and the same colours: it stays on the [0, 255] scale (contrast, saturation
+    and hue do not depend on the scale; the brightness delta is scaled), and drops the final
+    clip after a hue shift, whose output is within range already.
+    """
+    x = tf.cast(image, tf.float32)
+    if brightness or contrast or saturation or hue:
+        seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+        if brightness:
+            x = x + 255.0 * tf.random.stateless_uniform([], seeds[0], -brightness, brightness)
+        if contrast:
+            factor = tf.random.stateless_uniform([], seeds[1], contrast[0], contrast[1])
+            x = tf.image.adjust_contrast(x, factor)
+        if saturation:
+            factor = tf.random.stateless_uniform([], seeds[2], saturation[0], saturation[1])
+            x = tf.image.adjust_saturation(x, factor)
+        x = tf.clip_by_value(x, 0.0, 255.0)
+        if hue:
+            x = tf.image.adjust_hue(x, tf.random.stateless_uniform([], seeds[3], -hue, hue))
+    return normalization(x)
+
+
 def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
     """(image - mean) / std per channel, with mean and std on the [0, 255] scale."""
-    return (tf.cast(image, tf.float32) - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+    image = tf.cast(image, tf.float32)
+    scale = 1.0 / np.asarray(std, np.float32)
+    offset = -np.asarray(mean, np.float32) * scale
+    if image.shape.is_fully_defined():
+        # On CPU an op that broadcasts a [3] vector over an image costs 5-10 times one between
+        # tensors of the same shape: training crops, whose size is known, get full-size constants.
+        scale, offset = (np.broadcast_to(c, image.shape).copy() for c in (scale, offset))
+    return image * scale + offset
 
 
 @dataclasses.dataclass(frozen=True)

@@ -207,3 +207,65 @@ def test_random_crop_covers_every_offset_and_keeps_image_and_label_together():
         np.testing.assert_array_equal(crop_image.numpy()[..., 0], crop_label.numpy())
         corners.add(int(crop_label[0, 0]))
     assert corners == {r * 5 + c for r in range(3) for c in range(3)}
+
+
+def _coordinates(n=4, h=45, w=60):
+    """Red is the row and green the column of each pixel; the label is f(row, column)."""
+    rows, cols = np.mgrid[:h, :w]
+    image = np.stack([rows, cols, np.full((h, w), 7)], -1).astype(np.uint8)
+    return [image] * n, [_code(rows, cols).astype(np.uint8)] * n
+
+
+def _code(rows, cols):
+    return (rows % 8) * 16 + cols % 16  # class ids 0..127
+
+
+CODED = DatasetInfo(num_classes=128, name="coded", num_examples={"train": 4})
+
+
+def _prepared_like(images, labels):
+    """Encoded like a prepared dataset (PNG image bytes: lossless, so pixels compare exactly)."""
+    from segtrain.data.prepare import decode_prepared, decode_prepared_window
+
+    info = DatasetInfo(num_classes=128, name="coded", num_examples={"train": len(images)}, decode=decode_prepared,
+                       decode_window=decode_prepared_window, labels_checked=True)
+    ds = tf.data.Dataset.from_tensor_slices({
+        "image": [tf.io.encode_png(x).numpy() for x in images],
+        "label": [tf.io.encode_png(y[..., None]).numpy() for y in labels],
+        "key": [str(i) for i in range(len(images))],
+    })
+    return ds, info
+
+
+AUGMENT = dict(crop_size=(32, 40), flip=True, min_scale=0.5, max_scale=1.5, n_batches=8)
+
+
+def test_label_is_the_image_coordinates_code_after_augmentation_on_both_paths():
+    images, labels = _coordinates()
+    decoded = tf.data.Dataset.from_tensor_slices({"image": np.stack(images), "label": np.stack(labels)})
+    runs = {"decoded": _train_batches_of(decoded, CODED), "windowed": _train_batches_of(*_prepared_like(images, labels))}
+    for path, batches in runs.items():
+        padded = mirrored = compared = 0
+        for batch in batches:
+            for image, label in zip(batch["image"], batch["label"]):
+                valid = label != 255
+                padded += (~valid).sum()
+                row, col = image[..., 0][valid], image[..., 1][valid]
+                # Bilinear sampling of the coordinates gives the source point; nearest takes the
+                # label of the pixel that point falls in (ties at exactly .5 left out).
+                clear = (np.abs(row % 1 - 0.5) > 0.01) & (np.abs(col % 1 - 0.5) > 0.01)
+                compared += clear.mean() / (2 * AUGMENT["n_batches"])
+                np.testing.assert_array_equal(label[valid][clear], _code(np.round(row), np.round(col))[clear], path)
+                assert np.all(image[..., 2][~valid] != 7)  # padding in the image where the label is ignore
+                mirrored += np.mean(np.diff(image[..., 1], axis=1)[valid[:, 1:] & valid[:, :-1]] < 0) > 0.5
+        assert padded and mirrored and compared > 0.7, path  # scales below 32/45 pad; half the crops mirrored
+    # The same draws and pixels whether the pipeline decodes whole examples or windows of them.
+    for a, b in zip(runs["decoded"], runs["windowed"]):
+        np.testing.assert_array_equal(a["label"], b["label"])
+        np.testing.assert_allclose(a["image"], b["image"], atol=1e-4)
+
+
+def _train_batches_of(ds, info, n_batches=AUGMENT["n_batches"]):
+    options = {k: v for k, v in AUGMENT.items() if k != "n_batches"}
+    pipe = build_pipeline(ds, info, "train", True, 2, 1, 0, mean=MEAN, std=STD, deterministic=True, **options)
+    return [{k: v.numpy() for k, v in b.items()} for b in pipe.take(n_batches)]
