@@ -54,6 +54,8 @@ def build_pipeline(
     [resize], random scale, random crop (labels padded with the ignore label), flip, colour
     jitter, normalise; batch with drop_remainder. Datasets that yield encoded examples (files,
     prepared datasets) are shuffled and sharded while still encoded and decoded in that map.
+    Resize, scale and crop are drawn first, as one window of the source image: only that
+    window is decoded (where the dataset's ``decode_window`` can) and resized.
     Evaluation:
     [resize the image to eval_size], normalise, pad to a multiple of the model's ``size_divisor``
     (labels padded with the ignore label), padded batch. Labels keep their original size, so
@@ -129,20 +131,34 @@ def build_pipeline(
             label = T.check_labels(label, info.num_classes, ignore, where)
         return image, label
 
+    # A window's label cannot be checked whole: labels to check are decoded whole.
+    windowed = (info.decode is not None and info.decode_window is not None
+                and (info.labels_checked or not check_labels))
+
     def augment(index, ex):
-        image, label = prepare(ex)
         seeds = tf.unstack(tf.random.experimental.stateless_split(tf.stack([tf.constant(seed, tf.int64), index]), 4))
-        if resize:
-            image, label = T.resize(image, label, resize)
-        if (min_scale, max_scale) != (1.0, 1.0):
-            image, label = T.random_scale(image, label, seeds[0], min_scale, max_scale)
-        if crop_size:
-            image, label = T.random_crop(image, label, seeds[1], crop_size, ignore, fill)
-        if flip:
-            image, label = T.random_flip(image, label, seeds[2])
-        if brightness or contrast or saturation or hue:
-            image = T.colour_jitter(image, seeds[3], brightness, contrast, hue, saturation)
-        return {"image": normalize(image), "label": tf.cast(label, tf.int32)}
+
+        def draw(image_size):  # resize, random scale and crop as one window of the source image
+            return T.random_window(image_size, seeds[0], seeds[1], resize, min_scale, max_scale, crop_size)
+
+        if windowed:
+            # Encoded examples are decoded inside the window only: what the crop keeps.
+            drawn = []
+
+            def choose(image_size):
+                drawn.append(draw(image_size))
+                return drawn[0].offset, drawn[0].extent
+
+            ex = info.decode_window(ex, choose)
+            image, label, window = ex["image"], tf.cast(ex["label"], tf.uint8), drawn[0]
+        else:
+            image, label = prepare(ex)
+            window = draw(tf.shape(image)[:2])
+            image, label = T.take_window(image, label, window)
+        mirror = tf.random.stateless_uniform([], seeds[2]) < 0.5 if flip else None
+        image, label = T.resize_window(image, label, window.size, mirror, crop_size, ignore, fill)
+        image = T.jitter_and_normalize(image, seeds[3], normalize, brightness, contrast, hue, saturation)
+        return {"image": image, "label": tf.cast(label, tf.int32)}
 
     def evaluate(ex):
         image, label = prepare(ex)
