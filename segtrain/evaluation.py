@@ -6,12 +6,19 @@ never an optimizer. The logits come from an ``Inference`` (whole images, sliding
 test-time augmentation) and are compared with the labels at the labels' own size: an image the
 pipeline resized (``pipeline.eval_size``) has its logits resized back first.
 
+With ``xla`` (``train.xla``) and images of one size in every batch (``pipeline.eval_size``), each
+replica's forward pass compiles with XLA into one program: a smaller last batch is padded to the
+full per-replica batch and the padding's logits dropped, so no batch compiles again. Mapping the
+logits back to the labels stays outside XLA, since labels keep their own sizes. Sliding windows,
+test-time augmentation and post-processors run without XLA.
+
 With a post-processor (dense CRF...) each example's probabilities are also refined on the host
 and counted in a second confusion matrix, so one pass reports the metrics with and without it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Sequence
@@ -21,7 +28,7 @@ import tensorflow as tf
 
 from segtrain import metrics as M
 from segtrain.data.info import DatasetInfo
-from segtrain.errors import SegtrainError
+from segtrain.errors import DATA_ERROR_MARKER, SegtrainError
 from segtrain.inference import Inference
 from segtrain.io import write_json
 from segtrain.progress import Progress
@@ -37,32 +44,49 @@ class Evaluator:
       strategy: the tf.distribute strategy the model lives in.
       metric_names: registered metrics to compute.
       chunk: batches per tf.function call (progress is reported between calls).
+      inference: how the model runs (default: whole images).
+      xla: compile each replica's forward pass with XLA where every batch has one image size.
     """
 
     def __init__(self, model, loss_fn, info: DatasetInfo, strategy: tf.distribute.Strategy,
                  metric_names: Sequence[str] = M.DEFAULT_METRICS, chunk: int = 16,
-                 inference: Inference | None = None):
+                 inference: Inference | None = None, xla: bool = False):
         self.model, self.loss_fn, self.info = model, loss_fn, info
         self.strategy = strategy
         self.metric_names = tuple(metric_names)
         self.chunk = chunk
         self.inference = inference or Inference(model, info.num_classes)
+        self.xla = xla
         self._run_chunk = tf.function(self._chunk)
         self._run_probabilities = None
+        # Under MirroredStrategy only the per-replica forward pass compiles (as in training), so
+        # that is what XLA gets under every strategy.
+        self._compiled_logits = tf.function(self.inference.logits, jit_compile=True)
+        self._xla_dataset, self._xla_batch, self._xla_told = None, 0, False
 
-    def _logits(self, batch):
-        """Logits at the labels' size: resized back per example where the pipeline resized the image."""
-        logits = self.inference.logits(batch["image"])
+    def _logits(self, batch, full: int = 0):
+        """Logits at the labels' size: resized back per example where the pipeline resized the image.
+
+        With ``full`` (XLA), the images are padded to ``full`` examples for the compiled forward
+        pass, and the padding's logits dropped.
+        """
+        images = batch["image"]
+        if full:
+            n = tf.shape(images)[0]
+            padded = tf.pad(images, [[0, full - n], [0, 0], [0, 0], [0, 0]])
+            logits = self._compiled_logits(tf.ensure_shape(padded, [full, *images.shape[1:]]))[:n]
+        else:
+            logits = self.inference.logits(images)
         return fit_to_labels(logits, batch, tf.shape(batch["label"])[1:3])
 
-    def _replica_step(self, batch):
-        logits = self._logits(batch)
+    def _replica_step(self, batch, full: int = 0):
+        logits = self._logits(batch, full)
         labels = batch["label"]
         cm = M.confusion_matrix(labels, tf.argmax(logits, -1), self.info.num_classes, self.info.ignore_label)
         per_example = self.loss_fn(labels, logits)
         return cm, tf.reduce_sum(per_example), tf.cast(tf.shape(per_example)[0], tf.float32)
 
-    def _chunk(self, iterator):
+    def _chunk(self, iterator, full: int = 0):
         c = self.info.num_classes
         cm, loss_sum, count = tf.zeros([c, c], tf.int64), tf.constant(0.0), tf.constant(0.0)
         batches = tf.constant(0)
@@ -70,7 +94,8 @@ class Evaluator:
             optional = iterator.get_next_as_optional()
             if not optional.has_value():
                 break
-            results = self.strategy.run(self._replica_step, args=(optional.get_value(),))
+            results = self.strategy.run(functools.partial(self._replica_step, full=full),
+                                        args=(optional.get_value(),))
             r_cm, r_loss, r_count = (self.strategy.reduce("SUM", r, axis=None) for r in results)
             cm += r_cm
             loss_sum += r_loss
@@ -92,6 +117,7 @@ class Evaluator:
         """
         if postprocessor is not None:
             return self._run_postprocessed(dataset, label, postprocessor, normalization)
+        full = self._xla_batch_size(dataset)
         num_batches = int(dataset.cardinality())
         progress = Progress(label, num_batches if num_batches > 0 else None, unit="batch")
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
@@ -99,7 +125,7 @@ class Evaluator:
         cm, loss_sum, count, done = np.zeros([c, c], np.int64), 0.0, 0.0, 0
         t0 = time.perf_counter()
         while True:
-            r_cm, r_loss, r_count, r_batches = self._run_chunk(iterator)
+            r_cm, r_loss, r_count, r_batches = self._chunk_call(iterator, full, first=not done)
             cm += r_cm.numpy()
             loss_sum += float(r_loss)
             count += float(r_count)
@@ -110,6 +136,47 @@ class Evaluator:
                 break
         progress.close()
         return self._results(label, cm, loss_sum, count), cm
+
+    def _chunk_call(self, iterator, full: int, first: bool):
+        """One call of the compiled chunk; XLA's failure to compile the model becomes one message."""
+        try:
+            return self._run_chunk(iterator, full)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.InternalError) as e:
+            if not (first and full) or DATA_ERROR_MARKER in str(e):
+                raise
+            reason = next((line.strip() for line in e.message.splitlines()
+                           if "unsupported operations" in line or "XLA" in line), e.message.strip().split("\n")[0])
+            raise SegtrainError(f"XLA could not compile the evaluation of this model: {reason[:400]}. Evaluate "
+                                f"without XLA (train.xla = False).") from None
+
+    def _xla_batch_size(self, dataset: tf.data.Dataset) -> int:
+        """The per-replica batch the compiled forward pass takes, or 0: no XLA for ``dataset``.
+
+        XLA needs one image size (static in the dataset's element_spec, as ``pipeline.eval_size``
+        makes it) and whole-image inference. The batch size is read from the dataset's first
+        batch (the largest: only the last one is smaller) once per dataset.
+        """
+        if not self.xla:
+            return 0
+        options = self.inference.options
+        shape = dataset.element_spec["image"].shape
+        why = None
+        if options.mode != "whole" or options.augmented:
+            why = f"inference is {options.describe()}, not whole images"
+        elif shape[1] is None or shape[2] is None:
+            why = "its images differ in size (pipeline.eval_size gives them one)"
+        if why:
+            if not self._xla_told:
+                print(f"Evaluation runs without XLA: {why}.")
+                self._xla_told = True
+            return 0
+        if self._xla_dataset is not dataset:
+            first = next(iter(dataset.take(1)), None)
+            global_batch = 0 if first is None else int(first["image"].shape[0])
+            # tf.distribute splits a global batch into per-replica parts of at most this many.
+            replicas = self.strategy.num_replicas_in_sync
+            self._xla_dataset, self._xla_batch = dataset, -(-global_batch // replicas)
+        return self._xla_batch
 
     def _results(self, label, cm, loss_sum, count) -> dict:
         if not count:
