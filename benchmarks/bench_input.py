@@ -52,6 +52,11 @@ time per image is compared with); decoding only the crop's window of the JPEG (a
 PNG), as build_pipeline does; the old way's resize of the whole image to 444x444;
 ``build_pipeline`` without colour jitter (crop, flip, normalisation); + brightness and contrast;
 + hue (the full pipeline). Their CPU ms/image show where the time goes.
+
+``--data_service`` also times the segtrain pipeline made by a tf.data service
+(``pipeline.data_service_address``) with 1 and 2 workers, alternating with rounds of the local
+pipeline (default allocator). Dispatcher, workers and consumer run in one process on this
+machine, so this measures the service's overhead, not the gain of workers on other machines.
 """
 
 from __future__ import annotations
@@ -98,6 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--cpu_allocators", default="default,bfc",
                    help="comma list of default / bfc (TF_CPU_ALLOCATOR_USE_BFC=true); each gets its rounds")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--data_service", action="store_true",
+                   help="also time the segtrain pipeline made by a tf.data service with 1 and 2 local workers")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one round, in its own process
     return p.parse_args(argv)
 
@@ -304,6 +311,64 @@ def stage_pipelines(data_dir: str, batch: int, seed: int) -> dict:
     }
 
 
+# ---- --data_service: the same pipeline made by a tf.data service ----------------------------
+SERVICE_ROUNDS = ("segtrain", "service:1", "service:2")
+
+
+def service_round(args, workers: int, warmup: int, batches: int) -> dict:
+    """One round of the segtrain pipeline through a dispatcher and ``workers`` workers, all in
+    this process (so on this machine's cores, like the local pipeline)."""
+    import functools
+
+    import tensorflow_datasets as tfds
+
+    from registry import DATASETS
+    from segtrain.data import prepare, service
+    from segtrain.data.pipeline import build_pipeline
+
+    # Each worker reads only the record files the dispatcher hands it, so tfds's check that
+    # one reader sees every example of the split fails with 2 workers: read without it.
+    prepare.tfds.ReadConfig = functools.partial(tfds.ReadConfig, assert_cardinality=False)
+    dispatcher, port = service.start_dispatcher()
+    servers = [service.start_worker(f"localhost:{port}")[0] for _ in range(workers)]
+    ds, info = DATASETS.original("voc2012")("train", data_dir=os.path.join(args.workdir, "prepared"))
+    ds = build_pipeline(ds, info, "train", True, args.batch, 1, args.seed, resize=RESIZE, crop_size=CROP, flip=True,
+                        hue=HUE, brightness=BRIGHTNESS, contrast=CONTRAST,
+                        data_service_address=f"grpc://localhost:{port}")
+    print("ROW " + json.dumps(time_round(ds, warmup, batches)), flush=True)
+    os._exit(0)  # the servers' shutdown can take a minute; the round is done
+
+
+def data_service_rounds(args) -> dict:
+    """Alternating rounds of the local pipeline and of the service with 1 and 2 workers."""
+    rounds = {name: [] for name in SERVICE_ROUNDS}
+    for r in range(args.rounds):
+        for name, outs in rounds.items():
+            outs.append(run_one(args, name, "default"))
+            out = outs[-1]
+            print(f"data service round {r + 1}, {name}: " + (f"failed ({out['error']})" if "error" in out else
+                  f"{out['images_per_s']:.1f} images/s, {out['cpu_ms_per_image']:.1f} CPU ms/image"),
+                  file=sys.stderr, flush=True)
+    return rounds
+
+
+def data_service_report(r: dict) -> list[str]:
+    rounds = r.get("data_service")
+    if not rounds:
+        return []
+    ok = {name: [o for o in outs if "error" not in o] for name, outs in rounds.items()}
+    best = {name: max((o["images_per_s"] for o in outs), default=None) for name, outs in ok.items()}
+    lines = ["", "tf.data service (default allocator; dispatcher, workers and consumer share this machine's cores):",
+             "", "| pipeline | img/s (best) | vs local | CPU ms/img | img/s per round |", "|---|---|---|---|---|"]
+    names = {"segtrain": "local", "service:1": "service, 1 worker", "service:2": "service, 2 workers"}
+    for name, outs in rounds.items():
+        ratio = best[name] / best["segtrain"] if best[name] and best["segtrain"] else None
+        cpu = min((o["cpu_ms_per_image"] for o in ok[name]), default=None)
+        per_round = ", ".join("failed" if "error" in o else f"{o['images_per_s']:.1f}" for o in outs)
+        lines.append(f"| {names[name]} | {_num(best[name], 1)} | {_num(ratio, 2)}x | {_num(cpu, 1)} | {per_round} |")
+    return lines
+
+
 # ---- timing, one round per process ---------------------------------------------------------
 def batch_images(element) -> int:
     first = element[0] if isinstance(element, tuple) else next(iter(element.values()))
@@ -341,6 +406,8 @@ def one(args) -> dict:
     def batches(epochs):
         return -(-epochs * len(pairs) // args.batch)
 
+    if args.one.startswith("service:"):
+        return service_round(args, int(args.one.split(":")[1]), batches(args.warmup_epochs), batches(args.epochs))
     if args.one == "stages":
         return {name: time_round(ds, batches(args.warmup_epochs), batches(args.epochs))
                 for name, ds in stage_pipelines(data_dir, args.batch, args.seed).items()}
@@ -450,6 +517,9 @@ def main(argv=None) -> int:
             failed |= "error" in stages
             result["stages"] = stages
             result["stages_allocator"] = allocators[0]
+        if args.data_service:
+            result["data_service"] = data_service_rounds(args)
+            failed |= any("error" in o for outs in result["data_service"].values() for o in outs)
     finally:
         if not keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
@@ -508,6 +578,7 @@ def report(r: dict) -> str:
                           + ", ".join(f"segtrain {row['allocator']} {row['segtrain_cpu_ms_per_image'] / floor:.2f}x"
                                       for row in r["rows"] if row["segtrain_cpu_ms_per_image"])
                           + f", full-pipeline stage {list(stages.values())[-1]['cpu_ms_per_image'] / floor:.2f}x"]
+    lines += data_service_report(r)
     return "\n".join(lines)
 
 

@@ -167,7 +167,7 @@ def test_the_trainer_reads_its_batches_from_the_service(configure, tmp_path):
         del trainer, iterator
 
 
-@pytest.mark.slow  # a TensorFlow process of its own: 15 s here
+@pytest.mark.slow  # a TensorFlow process of its own: 10-15 s on two busy cores
 def test_the_command_serves_a_worker_until_sigterm():
     # Its own dispatcher: the stopped worker stays registered for minutes, and jobs of the
     # other tests would get tasks on it.
@@ -190,3 +190,15 @@ def test_the_command_serves_a_worker_until_sigterm():
         if proc.poll() is None:
             proc.kill()
         dispatcher.stop()
+
+
+def test_the_command_names_its_flags_and_needs_a_port():
+    from tests.conftest import assert_user_error, segtrain_main
+
+    result = segtrain_main("data-service", "--help")
+    assert result.returncode == 0
+    for flag in ("--port", "--dispatcher", "--host", "--verbosity"):
+        assert flag in result.stdout
+    assert_user_error(segtrain_main("data-service"), "--port is required")
+    assert_user_error(segtrain_main("data-service", "--port=0", "--dispatcher=nowhere"),
+                      "--dispatcher='nowhere' is not a dispatcher address")
