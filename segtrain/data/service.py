@@ -44,6 +44,7 @@ DISPATCHER_WAIT_S = 60.0
 def python_functions(dataset: tf.data.Dataset) -> list[str]:
     """The Python-calling constructs (e.g. 'tf.numpy_function') in ``dataset``'s graph, nested
     functions included; empty when a service worker can run it."""
+    # The graph the service itself would send to its workers (TensorFlow has no public API for it).
     graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())
     ops = {node.op for node in graph.node}
     for function in graph.library.function:
