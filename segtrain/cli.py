@@ -12,6 +12,7 @@
         [--output=O] [--checkpoint=best|latest]
     segtrain prepare --dataset=voc2012 --source_dir=RAW --data_dir=OUT [--num_workers=K] [--splits=train,val]
         [--skip_bad_examples] [--overwrite] [--gin_param='datasets.voc2012_aug.sbd_dir = "..."']
+    segtrain data-service --port=P [--dispatcher=HOST:PORT] [--host=NAME]
     segtrain list [--models [--details]]
 
 A flag belongs to the commands that use it: given to another command it is an error that says
@@ -36,10 +37,11 @@ COMMANDS = {
     "export": "write a trained run as a TF SavedModel for serving (uint8 images or encoded bytes in)",
     "explain": "Grad-CAM heat maps of a class (and a layer's activations) on your images",
     "prepare": "check a dataset's raw files once and store them for fast reading",
+    "data-service": "a tf.data service dispatcher (or, with --dispatcher, a worker) that makes training input",
     "list": "show every registered plugin and its arguments",
 }
 USAGE = (f"usage: segtrain {{{'|'.join(COMMANDS)}}} [flags]\n"
-         + "".join(f"  {name:<9} {what}\n" for name, what in COMMANDS.items())
+         + "".join(f"  {name:<13} {what}\n" for name, what in COMMANDS.items())
          + "`segtrain <command> --help` lists a command's flags.")
 
 
@@ -164,6 +166,17 @@ def _prepare(fv):
     _verbosity(fv)
 
 
+def _data_service(fv):
+    flags.DEFINE_integer("port", None, "The port to serve on (0: any free port; the address is printed).",
+                         lower_bound=0, flag_values=fv)
+    flags.DEFINE_string("dispatcher", None, "Serve as a worker of the dispatcher at HOST:PORT (without it: be "
+                        "the dispatcher that training jobs name in pipeline.data_service_address).",
+                        flag_values=fv)
+    flags.DEFINE_string("host", None, "The name or IP the training jobs reach this machine by (default: its "
+                        "hostname); a worker's batches are fetched from it.", flag_values=fv)
+    _verbosity(fv)
+
+
 def _list(fv):
     flags.DEFINE_bool("models", False, "Only the models.", flag_values=fv)
     flags.DEFINE_bool("details", False, "With --models: a markdown table of parameters, GFLOPs at 512x512 with 21 "
@@ -174,7 +187,8 @@ def flag_sets() -> dict[str, flags.FlagValues]:
     """A fresh absl FlagValues per command."""
     sets = {}
     for name, define in (("train", _train), ("evaluate", _evaluate), ("predict", _predict), ("export", _export),
-                         ("explain", _explain), ("prepare", _prepare), ("list", _list)):
+                         ("explain", _explain), ("prepare", _prepare), ("data-service", _data_service),
+                         ("list", _list)):
         sets[name] = flags.FlagValues()
         define(sets[name])
     return sets
@@ -290,6 +304,10 @@ def _run(command: str, fv: flags.FlagValues) -> int:
 
         return prepare.run(fv.dataset, fv.source_dir, fv.data_dir, fv.gin_file, fv.gin_param, fv.num_workers,
                            fv.skip_bad_examples, fv.overwrite, fv.splits)
+    if command == "data-service":
+        from segtrain.commands import data_service
+
+        return data_service.run(fv.port, fv.dispatcher, fv.host)
     from segtrain.commands import listing
 
     print(listing.text(models_only=fv.models, details=fv.details))

@@ -121,7 +121,7 @@ def test_unknown_dataset(tmp_path):
 def test_unknown_command_and_no_command():
     for args in (("fit",), ()):
         result = segtrain_main(*args)
-        assert result.returncode == 2 and "usage: segtrain {train|evaluate|predict|export|explain|prepare|list}" in result.stderr
+        assert result.returncode == 2 and "usage: segtrain {train|evaluate|predict|export|explain|prepare|data-service|list}" in result.stderr
 
 
 def test_gin_file_with_a_failing_import(tmp_path):

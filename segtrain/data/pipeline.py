@@ -11,13 +11,14 @@ from typing import Sequence
 
 import tensorflow as tf
 
+from segtrain.data import service
 from segtrain.data import transforms as T
 from segtrain.data.info import DatasetInfo
 from segtrain.errors import SegtrainError
 
 # The arguments the experiment passes; the rest are the user's settings (gin: pipeline.*).
 PASSED_ARGS = ("dataset", "info", "split", "training", "batch_size", "size_divisor", "seed", "input_context",
-               "normalization")
+               "normalization", "run")
 
 
 def build_pipeline(
@@ -30,6 +31,7 @@ def build_pipeline(
     seed: int = 0,
     input_context: tf.distribute.InputContext | None = None,
     normalization: T.Normalization | None = None,
+    run: str | None = None,
     *,
     resize: Sequence[int] | None = None,
     min_scale: float = 1.0,
@@ -47,6 +49,7 @@ def build_pipeline(
     cache: bool = False,
     check_labels: bool = True,
     deterministic: bool = False,
+    data_service_address: str | None = None,
 ) -> tf.data.Dataset:
     """Turns a plugin's dataset into batches of {'image': float32, 'label': int32}.
 
@@ -72,6 +75,7 @@ def build_pipeline(
         pipeline reads only its shard of the examples, and batches per replica.
       normalization: what the model expects (its backbone weights' preprocessing); default:
         ImageNet mean and std in RGB order.
+      run: the training run (its model_dir), which names its tf.data service job.
       resize: (height, width) every image is resized to first, or None.
       min_scale, max_scale: random rescaling range (training).
       crop_size: (height, width) of training crops; needed unless ``resize`` fixes the size.
@@ -89,6 +93,8 @@ def build_pipeline(
       deterministic: keep the training examples' order fixed for a seed. Off by default: the
         parallel map then hands on whichever example is ready first, which keeps the cores busy.
         The augmentation of each example is the same either way.
+      data_service_address: 'grpc://host:port' of a tf.data service dispatcher (`segtrain
+        data-service`): its workers make the training batches (segtrain.data.service).
 
     Raises:
       SegtrainError: sizes that cannot work with the model or the batch size.
@@ -101,9 +107,10 @@ def build_pipeline(
 
     global_batch, pipelines, pipeline_id = batch_size, 1, 0
     if training and input_context is not None:
-        pipelines, pipeline_id = input_context.num_input_pipelines, input_context.input_pipeline_id
         batch_size = input_context.get_per_replica_batch_size(batch_size)
-        seed = seed + 7919 * pipeline_id  # every worker its own shuffling and augmentation draws
+        if not data_service_address:  # with the service, every worker builds one job's pipeline
+            pipelines, pipeline_id = input_context.num_input_pipelines, input_context.input_pipeline_id
+            seed = seed + 7919 * pipeline_id  # every worker its own shuffling and augmentation draws
     if training:
         if num_examples is not None and num_examples < global_batch:
             raise SegtrainError(
@@ -195,6 +202,9 @@ def build_pipeline(
         ds = ds.repeat().enumerate()
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
         ds = ds.batch(batch_size, drop_remainder=True)
+        if data_service_address:
+            job = service.job_name(info.name, split, global_batch, batch_size, seed, run)
+            ds = service.distribute(ds, data_service_address, job, where)
     else:
         ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.padded_batch(batch_size, padding_values={"image": 0.0, "label": ignore, "image_size": 0,
