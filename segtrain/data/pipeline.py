@@ -206,6 +206,8 @@ def build_pipeline(
             job = service.job_name(info.name, split, global_batch, batch_size, seed, run)
             ds = service.distribute(ds, data_service_address, job, where)
     else:
+        if num_examples and ds.cardinality() == tf.data.UNKNOWN_CARDINALITY:  # for the progress line
+            ds = ds.apply(tf.data.experimental.assert_cardinality(num_examples))
         ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.padded_batch(batch_size, padding_values={"image": 0.0, "label": ignore, "image_size": 0,
                                                          "label_size": 0})

@@ -379,7 +379,10 @@ def load_prepared(source: Source, split: str, data_dir: str) -> tuple[tf.data.Da
         split=split,
         shuffle_files=False,
         decoders={"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(try_autocache=False),
+        # No cardinality assertion: a tf.data service worker in a distributed_epoch job reads
+        # only the record files the dispatcher hands it, fewer than the split's examples.
+        # Evaluation, which counts batches, states the cardinality again (build_pipeline).
+        read_config=tfds.ReadConfig(try_autocache=False, assert_cardinality=False),
     )
     return ds, info
 

@@ -150,6 +150,31 @@ def test_no_dispatcher_or_a_bad_address_is_one_clear_error():
         _pipeline("localhost")
 
 
+def test_a_prepared_dataset_is_served_by_two_workers(tmp_path):
+    """Each worker of a distributed_epoch job reads only the record files handed to it (here: one
+    worker all, the other none), so the prepared dataset must not assert its full cardinality."""
+    from segtrain.data import pets
+    from segtrain.data.prepare import load_prepared, prepare
+    from tests.data import fabricate as F
+
+    raw, out = tmp_path / "raw", tmp_path / "prepared"
+    F.pets(str(raw), {"trainval": [f"cat_{i}" for i in range(4)], "test": ["dog_1"]}, size=(24, 20))
+    prepare(pets.OxfordIiitPet(), str(raw), str(out), num_workers=1)
+    ds, info = load_prepared(pets.OxfordIiitPet(), "trainval", str(out))
+    with _servers() as (address, dispatcher, _):
+        second, _ = service.start_worker(f"localhost:{service.split_address(dispatcher.target)[2]}")
+        try:
+            batches = _batches(build_pipeline(ds, info, "trainval", True, 2, 1, 0, run=str(tmp_path),
+                                              crop_size=(16, 16), data_service_address=address), 6)
+            assert all(b["image"].shape == (2, 16, 16, 3) for b in batches)
+            assert second._num_tasks() == 1  # both workers took part in the job
+        finally:
+            gc.collect()
+            second.stop()
+    evaluation = build_pipeline(*load_prepared(pets.OxfordIiitPet(), "test", str(out)), "test", False, 2)
+    assert int(evaluation.cardinality()) == 1  # the evaluation's progress line still knows its batches
+
+
 def test_the_trainer_reads_its_batches_from_the_service(configure, tmp_path):
     from segtrain.experiment import Experiment, ExperimentConfig
     from segtrain.train.trainer import Trainer
