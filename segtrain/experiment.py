@@ -264,9 +264,11 @@ class Experiment:
         return pipeline(ds, info, split, False, batch_size, self.facts.size_divisor, self.config.seed,
                         normalization=self.normalization)
 
-    def train_dataset(self, seed: int, input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+    def train_dataset(self, seed: int, input_context: tf.distribute.InputContext | None = None,
+                      run: str | None = None) -> tf.data.Dataset:
         """The training pipeline: global batches, or with ``input_context`` (from
-        ``distribute_datasets_from_function``) this worker's shard in per-replica batches."""
+        ``distribute_datasets_from_function``) this worker's shard in per-replica batches.
+        ``run`` (the model_dir) names the tf.data service job when pipeline.data_service_address is set."""
         cfg = self.config
         replicas = self.strategy.num_replicas_in_sync
         if cfg.batch_size % replicas:
@@ -284,7 +286,7 @@ class Experiment:
             )
         ds, info = self.read(cfg.train_split)
         return pipeline(ds, info, cfg.train_split, True, cfg.batch_size, self.facts.size_divisor, seed,
-                        input_context, normalization=self.normalization)
+                        input_context, normalization=self.normalization, run=run)
 
     def inference(self, **overrides) -> Inference:
         """The model's Inference: gin's ``inference.*`` settings, then ``overrides`` that are not None."""
@@ -294,7 +296,7 @@ class Experiment:
     def evaluator(self, inference: Inference | None = None) -> Evaluator:
         """The evaluation loop, with ``inference`` (default: ``self.inference()``)."""
         return Evaluator(self.model, self.loss_fn, self.info, self.strategy, self.metric_names,
-                         inference=inference or self.inference())
+                         inference=inference or self.inference(), xla=self.config.xla)
 
     def restore(self, model_dir: str, checkpoint: str = "best") -> tuple[str, int]:
         """Restores the model's weights, and nothing else, from a run's checkpoint.

@@ -239,7 +239,7 @@ class Trainer:
         specs = []
 
         def dataset_fn(context):
-            ds = self.experiment.train_dataset(seed, context)
+            ds = self.experiment.train_dataset(seed, context, run=self.model_dir)
             specs.append(ds.element_spec)
             return ds
 
