@@ -14,10 +14,20 @@ needs one) times three loops on the same model, optimizer, batch and data:
   fit       keras Model.fit with the same steps_per_execution (1 with several replicas, where
             Keras 3.15's multi-step fit fails under MirroredStrategy)
 
-Each loop sees one fixed batch from memory, so the input pipeline is not measured here. The
-rounds interleave the three (A B C A B C ...) and the median round counts, so a noisy neighbour
-hurts all three alike. It prints images/s, the ratios segtrain/minimal and segtrain/fit, and the
-model-FLOP utilisation: achieved FLOP/s (3 x the forward FLOPs counted by TensorFlow's profiler,
+``--input`` says where the batches come from: ``memory``, one fixed batch (the input pipeline
+is not measured), or ``pipeline``, the training pipeline (segtrain.data: decode, random scale,
+crop, flip, colour jitter) over a prepared Pascal VOC 2012 that ``benchmarks/bench_input.py``
+fabricates (``--workdir`` keeps it for the next run), each loop with its own iterator. Both
+losses skip the ignore label, as segtrain's does. fit runs once, one epoch per round, so its
+input is not restarted between rounds; at each timed epoch's end the other two run a round.
+The rounds so interleave the three (fit, segtrain, minimal, fit, ...) and the median round
+counts, so a noisy neighbour hurts all three alike.
+
+A size the model cannot take (its size divisor) is rounded to the nearest one it takes, and the
+table says so: ``--models=unet:572`` trains the U-Net at 576.
+
+It prints images/s, the ratios segtrain/minimal and segtrain/fit, and the model-FLOP
+utilisation: achieved FLOP/s (3 x the forward FLOPs counted by TensorFlow's profiler,
 per image) over the peak FLOP/s of a large matmul in the compute dtype, measured in the same
 process.
 """
@@ -43,7 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--gin_file", action="append", default=None,
                    help="gin files of the model (default: gin/quickstart.gin)")
     p.add_argument("--gin_param", action="append", default=[], help="extra gin bindings")
-    p.add_argument("--models", default="", help="comma list of registry names (default: the gin file's model)")
+    p.add_argument("--models", default="",
+                   help="comma list of registry names, each with its size if not --size: unet:576,deeplabv3:513 "
+                        "(default: the gin file's model)")
     p.add_argument("--size", type=int, default=64, help="image height and width")
     p.add_argument("--batch", type=int, default=16, help="global batch size")
     p.add_argument("--steps", type=int, default=20, help="steps per timed round (one compiled call)")
@@ -52,6 +64,13 @@ def parse_args(argv=None):
     p.add_argument("--xla", default="off,on", help="comma list of off/on")
     p.add_argument("--replicas", default="1,2",
                    help="comma list; >1 mirrors over that many GPUs, or CPU devices without GPUs")
+    p.add_argument("--input", default="memory",
+                   help="comma list of memory (one batch in memory) / pipeline (the training input pipeline "
+                        "over a fabricated, prepared VOC dataset)")
+    p.add_argument("--data_dir", default=None,
+                   help="--input=pipeline: a prepared voc2012 directory (default: fabricate one in --workdir)")
+    p.add_argument("--workdir", default=None, help="where the fabricated VOC dataset is kept (reused when there)")
+    p.add_argument("--voc_images", type=int, default=200, help="training images of the fabricated VOC dataset")
     p.add_argument("--matmul", type=int, default=None, help="peak-FLOP matmul size (default 2048 CPU, 8192 GPU)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one setting
@@ -59,7 +78,14 @@ def parse_args(argv=None):
 
 
 # ---- one setting, in its own process -------------------------------------------------------
-def measure(args, model: str, precision: str, xla: bool, replicas: int) -> dict:
+def nearest_size(size: int, divisor: int) -> int:
+    """The multiple of ``divisor`` nearest to ``size`` (the larger one on a tie)."""
+    lower = size // divisor * divisor
+    return lower if lower and size - lower < lower + divisor - size else lower + divisor
+
+
+def measure(args, model: str, size: int, precision: str, xla: bool, replicas: int, source: str) -> dict:
+    import gin
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -80,8 +106,13 @@ def measure(args, model: str, precision: str, xla: bool, replicas: int) -> dict:
     else:
         strategy = tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
 
-    size, batch, steps = args.size, args.batch, args.steps
-    bindings = list(args.gin_param) + [
+    requested, batch, steps = size, args.batch, args.steps
+    files = list(args.gin_file or [os.path.join(REPO, "gin", "quickstart.gin")])
+    bindings = list(args.gin_param)
+    if source == "pipeline":  # VOC's training augmentation (random scale 0.5-2, crop, flip, colour)
+        files.append(os.path.join(REPO, "gin", "datasets", "voc2012.gin"))
+        bindings.append(f"DATA_DIR = {args.data_dir!r}")
+    bindings += [
         f"train.batch_size = {batch}", f"train.steps_per_loop = {steps}", f"train.precision = '{precision}'",
         f"train.xla = {xla}", f"pipeline.crop_size = ({size}, {size})", "train.num_image_panels = 0",
     ]
@@ -90,16 +121,26 @@ def measure(args, model: str, precision: str, xla: bool, replicas: int) -> dict:
     import warnings
 
     warnings.simplefilter("ignore")  # the CPU speed warnings: this is what is measured
-    parse_config(args.gin_file or [os.path.join(REPO, "gin", "quickstart.gin")], bindings)
+    parse_config(files, bindings)
 
     config = ExperimentConfig()
-    trainer = Trainer(Experiment(config, strategy, split=config.train_split), tempfile.mkdtemp(prefix="segtrain-bench-"))
-    num_classes = trainer.experiment.info.num_classes
-    rng = tf.random.Generator.from_seed(0)
-    images = rng.normal([batch, size, size, 3])
-    labels = rng.uniform([batch, size, size], 0, num_classes, dtype=tf.int32)
-    data = tf.data.Dataset.from_tensors({"image": images, "label": labels}).repeat()
-    dist = strategy.experimental_distribute_dataset(data)
+    experiment = Experiment(config, strategy, split=config.train_split)
+    size = nearest_size(requested, experiment.facts.size_divisor)
+    gin.bind_parameter("pipeline.crop_size", (size, size))
+    trainer = Trainer(experiment, tempfile.mkdtemp(prefix="segtrain-bench-"))
+    num_classes, ignore = experiment.info.num_classes, experiment.info.ignore_label
+    if source == "pipeline":
+        segtrain_it, _ = trainer.iterator(config.seed)
+        minimal_it, _ = trainer.iterator(config.seed + 1)
+        fit_data = experiment.train_dataset(config.seed + 2).map(lambda b: (b["image"], b["label"]))
+    else:
+        rng = tf.random.Generator.from_seed(0)
+        images = rng.normal([batch, size, size, 3])
+        labels = rng.uniform([batch, size, size], 0, num_classes, dtype=tf.int32)
+        data = tf.data.Dataset.from_tensors({"image": images, "label": labels}).repeat()
+        dist = strategy.experimental_distribute_dataset(data)
+        minimal_it, segtrain_it = iter(dist), iter(dist)
+        fit_data = tf.data.Dataset.from_tensors((images, labels)).repeat()
 
     # The baselines: a fresh model of the same architecture, the same optimizer configuration.
     model_fn = MODELS.get(config.model)
@@ -113,7 +154,7 @@ def measure(args, model: str, precision: str, xla: bool, replicas: int) -> dict:
         fit_steps_per_execution = steps if replicas == 1 else 1
         fit_model.compile(
             optimizer=build_optimizer(config.num_steps, precision),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=ignore),
             steps_per_execution=fit_steps_per_execution, jit_compile=xla,
         )
         fit_model.optimizer.build(fit_model.trainable_variables)  # in scope, as MirroredStrategy needs
@@ -122,7 +163,9 @@ def measure(args, model: str, precision: str, xla: bool, replicas: int) -> dict:
     def loss_and_grads(x, y):
         with tf.GradientTape() as tape:
             logits = minimal_model(x, training=True)
-            loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)) / (batch * size * size)
+            labelled = tf.not_equal(y, ignore)
+            per_pixel = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.where(labelled, y, 0), logits)
+            loss = tf.reduce_sum(tf.where(labelled, per_pixel, 0.0)) / (batch * size * size)
             scaled = minimal_opt.scale_loss(loss) if scaling else loss
         return loss, tape.gradient(scaled, minimal_model.trainable_variables)
 
@@ -140,42 +183,48 @@ def measure(args, model: str, precision: str, xla: bool, replicas: int) -> dict:
             total += strategy.reduce("SUM", strategy.run(minimal_step, args=(next(iterator),)), axis=None)
         return total
 
-    minimal_it = iter(dist)
-    segtrain_it = iter(dist)
-    fit_data = tf.data.Dataset.from_tensors((images, labels)).repeat()
-
     def run_segtrain(first=False):
         trainer.train_window(segtrain_it, 0, steps, first=first)
 
     def run_minimal(first=False):
         float(minimal_loop(minimal_it, tf.constant(steps)))
 
-    def run_fit(first=False):
-        fit_model.fit(fit_data, steps_per_epoch=steps, epochs=1, verbose=0)
-
-    loops = {"segtrain": run_segtrain, "minimal": run_minimal, "fit": run_fit}
-    fit_error = None
-    for name, fn in list(loops.items()):  # trace / compile, then one untimed warm round
-        try:
-            fn(first=True)
-        except tf.errors.OpError as e:
-            if name != "fit":
-                raise
-            # Keras compiles fit's whole step; with XLA that fails under MirroredStrategy over
-            # logical CPU devices ("Trying to access resource ... located in device CPU:1").
-            lines = [x.strip() for x in e.message.splitlines() if x.strip()]
-            fit_error = next((x for x in lines if "Trying to access resource" in x), lines[-1] if lines else "")[:200]
-            del loops["fit"]
-            continue
+    loops = {"segtrain": run_segtrain, "minimal": run_minimal}
+    for fn in loops.values():  # trace / compile, then one untimed warm round
+        fn(first=True)
         fn()
-    times = {name: [] for name in loops}
-    for _ in range(args.rounds):
+    times = {"fit": [], **{name: [] for name in loops}}
+
+    def other_round():
         for name, fn in loops.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    images_per_s = {name: batch * steps / statistics.median(t) for name, t in times.items()}
-    images_per_s.setdefault("fit", None)
+
+    class Rounds(keras.callbacks.Callback):
+        """fit's epochs 0 (tracing) and 1 (warm) untimed, then one timed epoch per round, each
+        followed by a round of the other loops."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            float((logs or {}).get("loss", 0.0))  # the epoch's last step has finished
+            if epoch >= 2:
+                times["fit"].append(time.perf_counter() - self.t0)
+                other_round()
+
+    fit_error = None
+    try:
+        fit_model.fit(fit_data, steps_per_epoch=steps, epochs=args.rounds + 2, verbose=0, callbacks=[Rounds()])
+    except tf.errors.OpError as e:
+        # Keras compiles fit's whole step; with XLA that fails under MirroredStrategy over
+        # logical CPU devices ("Trying to access resource ... located in device CPU:1").
+        lines = [x.strip() for x in e.message.splitlines() if x.strip()]
+        fit_error = next((x for x in lines if "Trying to access resource" in x), lines[-1] if lines else "")[:200]
+    while len(times["segtrain"]) < args.rounds:  # the rounds a failed fit did not drive
+        other_round()
+    images_per_s = {name: batch * steps / statistics.median(t) if t else None for name, t in times.items()}
 
     from segtrain.models.zoo import forward_flops
 
@@ -183,8 +232,9 @@ def measure(args, model: str, precision: str, xla: bool, replicas: int) -> dict:
     dtype = {"float32": tf.float32, "mixed_float16": tf.float16, "mixed_bfloat16": tf.bfloat16}[precision]
     peak = peak_flops(dtype, args.matmul or (8192 if gpus else 2048)) * max(1, replicas if gpus else 1)
     return {
-        "precision": precision, "xla": xla, "replicas": replicas, "model": config.model,
-        "size": size, "batch": batch, "steps": steps, "rounds": args.rounds,
+        "precision": precision, "xla": xla, "replicas": replicas, "model": config.model, "input": source,
+        "size": size, "size_requested": requested, "size_divisor": experiment.facts.size_divisor,
+        "batch": batch, "steps": steps, "rounds": args.rounds,
         "fit_steps_per_execution": fit_steps_per_execution,
         **{f"{k}_images_per_s": v for k, v in images_per_s.items()},
         "segtrain_vs_minimal": images_per_s["segtrain"] / images_per_s["minimal"],
@@ -232,29 +282,40 @@ def gpu_name(gpus) -> str | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.one:
-        model, precision, xla, replicas = args.one.split(":")
-        row = measure(args, model, precision, xla == "on", int(replicas))
+        model, size, precision, xla, replicas, source = args.one.split(":")
+        row = measure(args, model, int(size), precision, xla == "on", int(replicas), source)
         print("ROW " + json.dumps(row), flush=True)
         return 0
+    sources = args.input.split(",")
+    unknown = sorted(set(sources) - {"memory", "pipeline"})
+    if unknown:
+        raise SystemExit(f"bench_train: --input={args.input}: use memory and/or pipeline, not {', '.join(unknown)}.")
+    if "pipeline" in sources and not args.data_dir:
+        args.data_dir = prepared_voc(args)
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])
-                   if not a.startswith(("--models", "--precisions", "--xla", "--replicas", "--json"))]
+                   if not a.startswith(("--models", "--precisions", "--xla", "--replicas", "--json", "--input",
+                                        "--data_dir"))]
+    if args.data_dir:
+        passthrough.append(f"--data_dir={args.data_dir}")
     rows = []
-    grid = [(m, p, x, r) for m in args.models.split(",") for p in args.precisions.split(",")
+    models = [(m.partition(":")[0], int(m.partition(":")[2] or args.size)) for m in args.models.split(",")]
+    grid = [(m, z, p, x, r, i) for m, z in models for i in sources for p in args.precisions.split(",")
             for x in args.xla.split(",") for r in args.replicas.split(",")]
-    for i, (model, precision, xla, replicas) in enumerate(grid):
-        print(f"[{i + 1}/{len(grid)}] model={model or '(gin)'} precision={precision} xla={xla} replicas={replicas}",
-              file=sys.stderr, flush=True)
+    for n, (model, size, precision, xla, replicas, source) in enumerate(grid):
+        print(f"[{n + 1}/{len(grid)}] model={model or '(gin)'} size={size} input={source} precision={precision} "
+              f"xla={xla} replicas={replicas}", file=sys.stderr, flush=True)
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
         result = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), *passthrough, f"--one={model}:{precision}:{xla}:{replicas}"],
+            [sys.executable, os.path.abspath(__file__), *passthrough,
+             f"--one={model}:{size}:{precision}:{xla}:{replicas}:{source}"],
             capture_output=True, text=True, env=env, cwd=REPO,
         )
         line = next((x for x in result.stdout.splitlines() if x.startswith("ROW ")), None)
         if result.returncode or line is None:
             tail = "\n".join(result.stderr.strip().splitlines()[-5:])
             print(f"  failed (exit {result.returncode}):\n{tail}", file=sys.stderr)
-            rows.append({"model": model, "precision": precision, "xla": xla == "on", "replicas": int(replicas),
-                         "error": tail})
+            rows.append({"model": model, "size": size, "input": source, "precision": precision, "xla": xla == "on",
+                         "replicas": int(replicas), "error": tail})
             continue
         rows.append(json.loads(line[4:]))
     print(table(rows, args))
@@ -264,30 +325,55 @@ def main(argv=None) -> int:
     return 0 if all("error" not in r for r in rows) else 1
 
 
+def prepared_voc(args) -> str:
+    """A prepared voc2012 directory of ``--voc_images`` fabricated training images (in --workdir,
+    reused when already there), made as benchmarks/bench_input.py makes its own."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, REPO)
+    import bench_input
+
+    from segtrain.data.prepare import prepare
+    from segtrain.data.voc import Voc2012
+
+    workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="segtrain-bench-train-"))
+    source_dir, data_dir = os.path.join(workdir, "raw"), os.path.join(workdir, "prepared")
+    listed = os.path.join(source_dir, "VOCdevkit", "VOC2012", "ImageSets", "Segmentation", "trainval.txt")
+    if not os.path.isfile(listed):
+        t0 = time.perf_counter()
+        made = bench_input.fabricate(source_dir, args.voc_images, 0)
+        print(f"Fabricated {made['images']} VOC-like images in {time.perf_counter() - t0:.1f} s.", file=sys.stderr)
+    prepare(Voc2012(), source_dir, data_dir, stream=sys.stderr)
+    return data_dir
+
+
 def table(rows: list[dict], args) -> str:
     ok = [r for r in rows if "error" not in r]
     head = ok[0] if ok else {}
     lines = [
-        f"# bench_train  {datetime.date.today()}  size={args.size} batch={args.batch} "
+        f"# bench_train  {datetime.date.today()}  batch={args.batch} "
         f"steps/call={args.steps} rounds={args.rounds}  device={head.get('device', '?')}",
         "",
-        "| model | precision | xla | replicas | segtrain img/s | minimal img/s | fit img/s | segtrain/minimal "
-        "| segtrain/fit | GFLOP/img (train) | peak GFLOP/s | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | size | input | precision | xla | replicas | segtrain img/s | minimal img/s | fit img/s "
+        "| segtrain/minimal | segtrain/fit | GFLOP/img (train) | peak GFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model'] or '(gin)'} | {r['precision']} | {'on' if r['xla'] else 'off'} "
-                         f"| {r['replicas']} | failed: "
+            lines.append(f"| {r['model'] or '(gin)'} | {r.get('size', '')} | {r.get('input', '')} | {r['precision']} "
+                         f"| {'on' if r['xla'] else 'off'} | {r['replicas']} | failed: "
                          f"{r['error'].splitlines()[-1][:80] if r['error'] else '?'} ||||||||")
             continue
         lines.append(
-            f"| {r['model']} | {r['precision']} | {'on' if r['xla'] else 'off'} | {r['replicas']} "
+            f"| {r['model']} | {r['size']} | {r['input']} | {r['precision']} | {'on' if r['xla'] else 'off'} "
+            f"| {r['replicas']} "
             f"| {r['segtrain_images_per_s']:.1f} | {r['minimal_images_per_s']:.1f} | {_num(r['fit_images_per_s'], 1)} "
             f"| {r['segtrain_vs_minimal']:.3f} | {_num(r['segtrain_vs_fit'], 3)} | {r['train_gflop_per_image']:.3f} "
             f"| {r['peak_gflop_per_s']:.0f} | {100 * r['mfu']:.1f}% |"
         )
-    notes = [f"- fit n/a ({r['precision']}, xla {'on' if r['xla'] else 'off'}, {r['replicas']} replicas): "
+    notes = sorted({f"- {r['model']} at {r['size']}x{r['size']}, not the {r['size_requested']} asked for: its "
+                    f"input sides must be multiples of {r['size_divisor']}." for r in ok
+                    if r["size"] != r["size_requested"]})
+    notes += [f"- fit n/a ({r['precision']}, xla {'on' if r['xla'] else 'off'}, {r['replicas']} replicas): "
              f"{r['fit_error']}" for r in ok if r.get("fit_error")]
     if any(r.get("fit_steps_per_execution") == 1 and r["steps"] > 1 for r in ok):
         notes.append("- fit with several replicas runs 1 step per call: Keras 3.15's multi-step fit fails "
