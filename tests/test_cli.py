@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import TINY, copy_run, segtrain_cli, segtrain_main
 from tests.conftest import assert_user_error as _fails
 from tests.conftest import tiny_flags as _params
+from tests.train.test_profiler import _step_markers, _traces, assert_profiler_stopped
 
 
 def test_evaluate_writes_every_metric(trained_run, tmp_path):
@@ -37,10 +38,17 @@ def test_train_in_process_with_a_gin_file_and_includes(tmp_path):
     (conf / "models" / "small.gin").write_text("models.unet.depth = 2\nmodels.unet.base_filters = 4\n")
     (conf / "exp.gin").write_text("include 'models/small.gin'\n" + "\n".join(TINY[3:]) + "\n")
     result = segtrain_main("train", f"--gin_file={conf / 'exp.gin'}", f"--model_dir={tmp_path / 'run'}",
-                           "--gin_param=train.num_steps = 3", "--gin_param=train.num_image_panels = 0")
+                           "--gin_param=train.num_steps = 3", "--gin_param=train.num_image_panels = 0",
+                           "--profile_steps=2,3")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "unet.base_filters = 4" in (tmp_path / "run" / "operative_config.gin").read_text()
+    config = (tmp_path / "run" / "operative_config.gin").read_text()
+    assert "unet.base_filters = 4" in config and "train.profile_steps = (2, 3)" in config
     assert "train step 3/3" in result.stdout and "tensorboard --logdir" in result.stdout
+    # --profile_steps: a trace of steps 2..3 under the run's TensorBoard directory.
+    [trace] = _traces(tmp_path / "run")
+    assert _step_markers(trace) == [3]  # windows: step 1, then steps 2..3 traced
+    assert "Profiled steps 2..3" in result.stdout
+    assert_profiler_stopped(tmp_path)
 
 
 @pytest.mark.slow

@@ -172,17 +172,3 @@ def test_a_bad_flag_value_is_one_error(tmp_path):
     assert_user_error(result, "--profile_steps (train.profile_steps)", "got (5, 3)")
     result = segtrain_main("train", *tiny_flags(), f"--model_dir={tmp_path}", "--profile_steps=5,x")
     assert_user_error(result, "--profile_steps (train.profile_steps)", "got (5, 'x')")
-
-
-@pytest.mark.slow
-def test_train_with_the_flag_writes_a_trace_under_the_runs_tensorboard_dir(tmp_path):
-    model_dir = tmp_path / "run"
-    result = segtrain_main("train", *tiny_flags("train.num_steps = 3", "train.eval_every = 0",
-                                                "train.num_image_panels = 0"),
-                           f"--model_dir={model_dir}", "--profile_steps=2,3")
-    assert result.returncode == 0, result.stderr[-3000:]
-    [trace] = _traces(model_dir)
-    assert _step_markers(trace) == [3]  # windows: step 1, then steps 2..3 traced
-    assert "Profiled steps 2..3" in result.stdout
-    assert "train.profile_steps = (2, 3)" in (model_dir / "operative_config.gin").read_text()
-    assert_profiler_stopped(tmp_path)
