@@ -13,6 +13,7 @@ from tests.conftest import tiny_flags as _params
 from tests.train.test_profiler import _step_markers, _traces, assert_profiler_stopped
 
 
+@pytest.mark.slow  # trains or evaluates a run end to end: the full tier
 def test_evaluate_writes_every_metric(trained_run, tmp_path):
     model_dir = copy_run(trained_run, tmp_path / "run")
     evaluated = segtrain_main("evaluate", f"--model_dir={model_dir}", "--split=test")

@@ -42,6 +42,7 @@ def test_one_scale_without_flip_is_plain_evaluation(evaluated):
     assert same["mean_iou"] == results["mean_iou"]
 
 
+@pytest.mark.slow  # trains or evaluates a run end to end: the full tier
 def test_slide_and_test_time_augmentation_run_and_say_so(evaluated):
     model_dir, results, _ = evaluated
     result = segtrain_main("evaluate", f"--model_dir={model_dir}", "--mode=slide", "--crop_size=32,32",

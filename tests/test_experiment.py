@@ -95,6 +95,7 @@ def test_restore_picks_best_or_latest(trained_run, configure):
     assert step == 6 and path.endswith("ckpt-6")
 
 
+@pytest.mark.slow  # trains or evaluates a run end to end: the full tier
 def test_pipeline_applies_the_preprocessing_the_backbone_weights_expect(tmp_path, configure):
     path = str(tmp_path / "resnet_tiny.weights.h5")
     tiny.resnet_tiny((None, None, 3)).save_weights(path)

@@ -80,6 +80,7 @@ def test_strict_stops_at_the_unreadable_file_and_writes_nothing(trained_run, pho
     assert not out.exists()
 
 
+@pytest.mark.slow  # trains or evaluates a run end to end: the full tier
 def test_globs_lists_and_slide_with_test_time_augmentation(trained_run, photos, tmp_path):
     out = tmp_path / "out"
     result = segtrain_main("predict", f"--model_dir={trained_run}", f"--input={photos}/same*.png,{photos}/rgb.jpg",

@@ -168,6 +168,7 @@ def test_summaries_and_panels_write_tensorboard_events(tmp_path):
     assert read_scalars(str(tmp_path / "eval"))["mean_iou"] == [(4, 0.5)]
 
 
+@pytest.mark.slow  # trains or evaluates a run end to end: the full tier
 def test_a_new_action_joins_a_run_without_touching_the_loop(tmp_path, configure):
     """What a preemption or profiler action will do: see every window, stop the run."""
     from segtrain.train.trainer import train
