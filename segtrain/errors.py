@@ -1,5 +1,6 @@
 """The one error type a user can cause: its message says what is wrong and what to do."""
 
+import re
 import warnings
 
 
@@ -77,3 +78,12 @@ class data_errors:  # noqa: N801 (used as a context manager, reads like a statem
                 message = message.replace("\\'", "'").replace('\\"', '"')
                 raise SegtrainError(message[0].upper() + message[1:]) from None
         return False
+
+
+def xla_reason(message: str) -> str:
+    """The line of a TensorFlow error that says why XLA failed, without node decorations."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Graph execution error", "Detected at node", "<stack"))]
+    reason = next((line for line in useful if "unsupported operations" in line or "XLA" in line),
+                  useful[0] if useful else "unknown error")
+    return re.sub(r"\{\{node [^}]*\}\}", "", reason).strip()[:400]

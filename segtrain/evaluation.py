@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from segtrain import metrics as M
 from segtrain.data.info import DatasetInfo
-from segtrain.errors import DATA_ERROR_MARKER, SegtrainError
+from segtrain.errors import DATA_ERROR_MARKER, SegtrainError, xla_reason
 from segtrain.inference import Inference
 from segtrain.io import write_json
 from segtrain.progress import Progress
@@ -144,10 +144,8 @@ class Evaluator:
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.InternalError) as e:
             if not (first and full) or DATA_ERROR_MARKER in str(e):
                 raise
-            reason = next((line.strip() for line in e.message.splitlines()
-                           if "unsupported operations" in line or "XLA" in line), e.message.strip().split("\n")[0])
-            raise SegtrainError(f"XLA could not compile the evaluation of this model: {reason[:400]}. Evaluate "
-                                f"without XLA (train.xla = False).") from None
+            raise SegtrainError(f"XLA could not compile the evaluation of this model: {xla_reason(e.message)}. "
+                                f"Evaluate without XLA (train.xla = False).") from None
 
     def _xla_batch_size(self, dataset: tf.data.Dataset) -> int:
         """The per-replica batch the compiled forward pass takes, or 0: no XLA for ``dataset``.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import time
 from typing import Sequence
 
@@ -18,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from segtrain import metrics as M
-from segtrain.errors import DATA_ERROR_MARKER, SegtrainError, data_errors, warn
+from segtrain.errors import DATA_ERROR_MARKER, SegtrainError, data_errors, warn, xla_reason
 from segtrain.experiment import Experiment, ExperimentConfig, restore_checkpoint
 from segtrain.io import read_json
 from segtrain.train import actions as A
@@ -227,7 +226,7 @@ class Trainer:
                 raise
             raise SegtrainError(
                 f"XLA could not compile model '{self.config.model}' with loss '{self.config.loss}' at "
-                f"precision {self.config.precision}: {_xla_reason(e.message)}. Train without XLA (drop --xla, or "
+                f"precision {self.config.precision}: {xla_reason(e.message)}. Train without XLA (drop --xla, or "
                 f"train.xla = False)."
             ) from None
 
@@ -376,12 +375,3 @@ def weights_fingerprint(model: keras.Model) -> str:
     for v in model.weights:
         digest.update(np.asarray(v.numpy()).tobytes())
     return digest.hexdigest()[:16]
-
-
-def _xla_reason(message: str) -> str:
-    """The line of a TensorFlow error that says why XLA failed, without node decorations."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("Graph execution error", "Detected at node", "<stack"))]
-    reason = next((line for line in useful if "unsupported operations" in line or "XLA" in line),
-                  useful[0] if useful else "unknown error")
-    return re.sub(r"\{\{node [^}]*\}\}", "", reason).strip()[:400]
