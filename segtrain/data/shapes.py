@@ -35,6 +35,7 @@ def shapes(
     colour_jitter: float = 0.3,
     noise: float = 0.05,
     outline_width: int = 0,
+    random_colours: bool = False,
     seed: int = 0,
 ) -> tuple[tf.data.Dataset, DatasetInfo]:
     """Filled circles, rectangles and triangles over a noisy, textured background.
@@ -47,6 +48,9 @@ def shapes(
       colour_jitter: how far a shape's colour strays from its class colour (0 = a pure colour cue).
       noise: standard deviation of the per-pixel Gaussian noise, images in [0, 1].
       outline_width: if > 0, pixels this close to a class boundary get the ignore label 255.
+      random_colours: paint every shape in a colour drawn uniformly at random, independent of
+        its class (colour_jitter is then unused), so only geometry tells the classes apart.
+        Shapes, positions, labels and background are those the same seed gives without it.
       seed: the dataset seed; the same seed gives the same images everywhere.
 
     Returns:
@@ -82,6 +86,7 @@ def shapes(
             colour_jitter=colour_jitter,
             noise=noise,
             outline_width=outline_width,
+            random_colours=random_colours,
         )
 
     ds = tf.data.Dataset.range(sizes[split]).map(
@@ -99,9 +104,15 @@ def draw_example(
     colour_jitter: float,
     noise: float,
     outline_width: int,
+    random_colours: bool = False,
 ) -> dict[str, tf.Tensor]:
     """Draws one example from a stateless seed [2]."""
-    seeds = iter(tf.unstack(tf.random.experimental.stateless_split(seed, 8 + 3 * max_shapes)))
+    streams = tf.unstack(tf.random.experimental.stateless_split(seed, 8 + 3 * max_shapes))
+    seeds = iter(streams)
+    # The draws below use the first 6 + 3 * max_shapes streams; the random colours come from
+    # the last one, so switching them on leaves every other draw (geometry, labels) as it was.
+    colour_seeds = (tf.unstack(tf.random.experimental.stateless_split(streams[-1], max_shapes))
+                    if random_colours else None)
     hw = tf.random.stateless_uniform([2], next(seeds), min_size, max_size + 1, tf.int32)
     h, w = hw[0], hw[1]
     y, x = tf.meshgrid(tf.range(h, dtype=tf.float32), tf.range(w, dtype=tf.float32), indexing="ij")
@@ -136,6 +147,8 @@ def draw_example(
         colour = tf.gather(class_colours, cls - 1) + colour_jitter * (
             tf.random.stateless_uniform([3], next(seeds)) - 0.5
         ) * 2
+        if random_colours:
+            colour = tf.random.stateless_uniform([3], colour_seeds[k])
         image = tf.where(mask[..., None], colour * (0.9 + 0.2 * p[6]), image)
         label = tf.where(mask, tf.cast(cls, tf.uint8), label)
 

@@ -85,3 +85,42 @@ def test_outlines_get_the_ignore_label():
 def test_unknown_split_is_a_clear_error():
     with pytest.raises(SegtrainError, match="no split 'val'.*train, validation, test"):
         DATASETS.get("shapes")(split="val")
+
+
+def _colour_samples(examples):
+    """(mean colour, class) of every shape class present in an example (a few pixels at least)."""
+    colours, classes = [], []
+    for ex in examples:
+        for c in (1, 2, 3):
+            mask = ex["label"] == c
+            if mask.sum() > 4:
+                colours.append(ex["image"][mask].astype(float).mean(0))
+                classes.append(c)
+    return np.array(colours), np.array(classes)
+
+
+def _nearest_class_mean_accuracy(colours, classes):
+    """How often an example's class colour is nearest its own class's mean colour."""
+    means = np.stack([colours[classes == c].mean(0) for c in (1, 2, 3)])
+    nearest = 1 + np.argmin(((colours[:, None] - means[None]) ** 2).sum(-1), axis=1)
+    return float((nearest == classes).mean())
+
+
+def test_random_colours_keep_the_geometry_and_break_the_colour_cue():
+    config = dict(split="test", n=40, min_size=32, max_size=40, seed=2)
+    plain, _ = _examples(**config)
+    random, _ = _examples(**config, random_colours=True)
+    for p, r in zip(plain, random):
+        # The same shapes and labels, the same background: only the shapes' colours change.
+        assert np.array_equal(p["label"], r["label"])
+        background = p["label"] == 0
+        assert np.array_equal(p["image"][background], r["image"][background])
+    assert any(not np.array_equal(p["image"], r["image"]) for p, r in zip(plain, random))
+    # By default a shape's colour gives its class away; with random colours it does not.
+    plain_colours, classes = _colour_samples(plain)
+    random_colours, random_classes = _colour_samples(random)
+    assert np.array_equal(classes, random_classes) and set(classes) == {1, 2, 3}
+    assert _nearest_class_mean_accuracy(plain_colours, classes) >= 0.9
+    assert _nearest_class_mean_accuracy(random_colours, classes) <= 0.65
+    spread = lambda colours: np.mean([colours[classes == c].std(0).mean() for c in (1, 2, 3)])  # noqa: E731
+    assert spread(random_colours) > 1.4 * spread(plain_colours)
