@@ -24,6 +24,32 @@ def up_block(x, skip, filters: int, name: str, batch_norm: bool, synchronized: b
     return double_conv(x, filters, name, batch_norm, synchronized)
 
 
+def dilated_context(x, filters: int, rates, name: str, batch_norm: bool, synchronized: bool):
+    """One 3x3 conv + BN + ReLU per rate, at that dilation, each added to its input.
+
+    The residual sums keep the plain bottleneck's features reachable, so the extra layers start
+    as a refinement rather than a detour the first steps must learn through.
+    """
+    for i, rate in enumerate(rates, start=1):
+        y = conv_bn_relu(x, filters, f"{name}.dilated{i}", batch_norm=batch_norm, synchronized=synchronized,
+                         dilation_rate=rate)
+        x = keras.layers.Add(name=f"{name}.dilated{i}.add")([x, y])
+    return x
+
+
+def check_dilations(rates, model: str) -> tuple[int, ...]:
+    """``rates`` as a tuple of ints >= 1, or a SegtrainError naming the binding and the bad value."""
+    binding = f"models.{model}.bottleneck_dilations"
+    if not isinstance(rates, (tuple, list)):
+        raise SegtrainError(f"{binding}={rates!r}: give a tuple of dilation rates, e.g. (2, 4, 8), or () for none.")
+    for rate in rates:
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
+            raise SegtrainError(
+                f"{binding}={tuple(rates)!r}: every dilation rate must be an integer >= 1, got {rate!r}."
+            )
+    return tuple(rates)
+
+
 @MODELS.register("unet")
 def unet(
     num_classes: int,
@@ -32,9 +58,15 @@ def unet(
     batch_norm: bool = True,
     dropout: float = 0.0,
     synchronized_batch_norm: bool = False,
+    bottleneck_dilations: tuple[int, ...] = (),
     input_shape=None,
 ) -> keras.Model:
     """U-Net: `depth` down/up levels, filters doubling per level, same padding, batch norm.
+
+    With ``bottleneck_dilations`` the bottleneck also sees context beyond its 3x3 windows, as the
+    dilated convolutions of DeepLab do, at the cost of a few small convolutions at the lowest
+    resolution: after its double conv, one 3x3 conv + BN + ReLU per rate, at that dilation,
+    each added to its input (layers ``bottleneck.dilated1``, ``bottleneck.dilated2``, ...).
 
     Source: Ronneberger et al. 2015, with same padding and batch norm.
 
@@ -45,15 +77,22 @@ def unet(
       batch_norm: batch norm after every convolution.
       dropout: dropout rate at the bottleneck.
       synchronized_batch_norm: batch statistics across replicas.
+      bottleneck_dilations: dilation rates of the extra bottleneck convolutions, e.g. (2, 4, 8);
+        () for none (the plain U-Net).
       input_shape: (H, W, 3) to fix the input size, or None for any size.
 
     Returns:
       A keras.Model mapping [B,H,W,3] images to [B,H,W,num_classes] float32 logits.
+
+    Raises:
+      SegtrainError: depth or base_filters below 1, a dilation rate that is not an integer >= 1,
+        or a fixed input size not divisible by 2**depth.
     """
     if depth < 1 or base_filters < 1:
         raise SegtrainError(
             f"models.unet needs depth >= 1 and base_filters >= 1, got {depth} and {base_filters}."
         )
+    dilations = check_dilations(bottleneck_dilations, "unet")
     check_divisible(input_shape, 2**depth, "unet")
     inputs = image_input(input_shape)
     x, skips = inputs, []
@@ -62,6 +101,7 @@ def unet(
         skips.append(x)
         x = keras.layers.MaxPooling2D(2, name=f"encoder.level{level}.pool")(x)
     x = double_conv(x, base_filters * 2**depth, "bottleneck", batch_norm, synchronized_batch_norm)
+    x = dilated_context(x, base_filters * 2**depth, dilations, "bottleneck", batch_norm, synchronized_batch_norm)
     if dropout:
         x = keras.layers.Dropout(dropout, name="bottleneck.dropout")(x)
     for level in reversed(range(depth)):
