@@ -26,7 +26,15 @@ import os
 import sys
 import warnings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# Set before TensorFlow loads; a value already in the environment wins.
+#   TF_CPP_MIN_LOG_LEVEL      TensorFlow's C++ INFO lines are noise on a console (--verbosity=0 brings them back).
+#   TF_CPU_ALLOCATOR_USE_BFC  TensorFlow's default CPU allocator maps fresh pages for each large tensor:
+#                             under a tf.distribute strategy (one_device, mirrored, multi_worker) a CPU
+#                             training step spent half its time in the kernel's page faults. The BFC
+#                             allocator keeps its memory and reuses it (benchmarks/RESULTS.md).
+TF_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "1", "TF_CPU_ALLOCATOR_USE_BFC": "true"}
+for _name, _value in TF_ENVIRONMENT.items():
+    os.environ.setdefault(_name, _value)
 
 from absl import flags  # noqa: E402
 

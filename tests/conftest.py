@@ -11,6 +11,7 @@ import gin
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import segtrain.cli  # noqa: E402,F401  TensorFlow's environment as the segtrain command sets it (CPU allocator)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,6 +4,9 @@ belong to their subcommand."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -204,3 +207,25 @@ def test_includes_do_not_log_false_errors(tmp_path, caplog):
     import gin
 
     assert gin.query_parameter("unet.depth") == 2
+
+
+_ALLOCATOR_PROBE = """
+import segtrain.cli  # sets TensorFlow's environment defaults, as the segtrain command does
+import tensorflow as tf
+x = tf.ones([256, 256])
+float(tf.reduce_sum(x @ x))
+try:
+    print("stats", tf.config.experimental.get_memory_info("CPU:0")["peak"] > 0)
+except ValueError:  # only the BFC allocator keeps statistics
+    print("no stats")
+"""
+
+
+@pytest.mark.parametrize("user_value, uses_bfc", [(None, True), ("false", False)])
+def test_the_command_runs_tensorflow_with_the_bfc_cpu_allocator_unless_the_user_chose(user_value, uses_bfc):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+    if user_value is not None:
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = user_value
+    out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert ("stats True" if uses_bfc else "no stats") in out, out
