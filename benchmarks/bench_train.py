@@ -26,10 +26,15 @@ counts, so a noisy neighbour hurts all three alike.
 A size the model cannot take (its size divisor) is rounded to the nearest one it takes, and the
 table says so: ``--models=unet:572`` trains the U-Net at 576.
 
-It prints images/s, the ratios segtrain/minimal and segtrain/fit, and the model-FLOP
-utilisation: achieved FLOP/s (3 x the forward FLOPs counted by TensorFlow's profiler,
-per image) over the peak FLOP/s of a large matmul in the compute dtype, measured in the same
-process.
+One replica runs under the default strategy, as ``segtrain train`` does on one device; more
+mirror over GPUs, or over logical CPU devices without GPUs. Each process runs with the CPU
+allocator of ``--cpu_allocators``: ``bfc``, what the ``segtrain`` command sets, or TensorFlow's
+``default``, which made every strategy but the default one about 2x slower on a CPU.
+
+It prints images/s, the ratios segtrain/minimal and segtrain/fit, each loop's spread over its
+rounds, and the model-FLOP utilisation: achieved FLOP/s (3 x the forward FLOPs counted by
+TensorFlow's profiler, per image) over the peak: the best sustained rate of large matmuls in the
+compute dtype (several sizes, plain and XLA; one process per dtype in the same run).
 """
 
 from __future__ import annotations
@@ -71,9 +76,17 @@ def parse_args(argv=None):
                    help="--input=pipeline: a prepared voc2012 directory (default: fabricate one in --workdir)")
     p.add_argument("--workdir", default=None, help="where the fabricated VOC dataset is kept (reused when there)")
     p.add_argument("--voc_images", type=int, default=200, help="training images of the fabricated VOC dataset")
-    p.add_argument("--matmul", type=int, default=None, help="peak-FLOP matmul size (default 2048 CPU, 8192 GPU)")
+    p.add_argument("--cpu_allocators", default="bfc",
+                   help="comma list of bfc (TF_CPU_ALLOCATOR_USE_BFC=true, what the segtrain command runs with) / "
+                        "default (TensorFlow's malloc-based CPU allocator)")
+    p.add_argument("--matmul", default=None,
+                   help="comma list of peak-FLOP matmul sizes; the largest sustained rate counts "
+                        "(default 1024,2048,4096 on a CPU, 4096,8192 on a GPU)")
+    p.add_argument("--fit", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time Model.fit (--no-fit: only segtrain and the minimal loop, for large models)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one setting
+    p.add_argument("--peak", type=float, default=None, help=argparse.SUPPRESS)  # internal: the measured peak
     return p.parse_args(argv)
 
 
@@ -103,8 +116,8 @@ def measure(args, model: str, size: int, precision: str, xla: bool, replicas: in
     if replicas > 1:
         devices = [f"/gpu:{i}" for i in range(replicas)] if gpus else [f"/cpu:{i}" for i in range(replicas)]
         strategy = tf.distribute.MirroredStrategy(devices)
-    else:
-        strategy = tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    else:  # what `segtrain train --strategy=auto` runs on one GPU or a CPU: the default strategy
+        strategy = tf.distribute.get_strategy()
 
     requested, batch, steps = size, args.batch, args.steps
     files = list(args.gin_file or [os.path.join(REPO, "gin", "quickstart.gin")])
@@ -148,16 +161,17 @@ def measure(args, model: str, size: int, precision: str, xla: bool, replicas: in
         minimal_model = model_fn(num_classes=num_classes)
         minimal_opt = build_optimizer(config.num_steps, precision)
         minimal_opt.build(minimal_model.trainable_variables)
-        fit_model = model_fn(num_classes=num_classes)
+        fit_model = model_fn(num_classes=num_classes) if args.fit else None
         # Keras 3.15's multi-step fit fails under MirroredStrategy ("You must feed a value for
         # placeholder tensor 'while/cond/...'"), so with replicas it runs one step per call.
         fit_steps_per_execution = steps if replicas == 1 else 1
-        fit_model.compile(
-            optimizer=build_optimizer(config.num_steps, precision),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=ignore),
-            steps_per_execution=fit_steps_per_execution, jit_compile=xla,
-        )
-        fit_model.optimizer.build(fit_model.trainable_variables)  # in scope, as MirroredStrategy needs
+        if fit_model is not None:
+            fit_model.compile(
+                optimizer=build_optimizer(config.num_steps, precision),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=ignore),
+                steps_per_execution=fit_steps_per_execution, jit_compile=xla,
+            )
+            fit_model.optimizer.build(fit_model.trainable_variables)  # in scope, as MirroredStrategy needs
     scaling = loss_scaling(minimal_opt)
 
     def loss_and_grads(x, y):
@@ -216,7 +230,9 @@ def measure(args, model: str, size: int, precision: str, xla: bool, replicas: in
 
     fit_error = None
     try:
-        fit_model.fit(fit_data, steps_per_epoch=steps, epochs=args.rounds + 2, verbose=0, callbacks=[Rounds()])
+        if args.fit:
+            fit_model.fit(fit_data, steps_per_epoch=steps, epochs=args.rounds + 2, verbose=0,
+                          callbacks=[Rounds()])
     except tf.errors.OpError as e:
         # Keras compiles fit's whole step; with XLA that fails under MirroredStrategy over
         # logical CPU devices ("Trying to access resource ... located in device CPU:1").
@@ -229,8 +245,11 @@ def measure(args, model: str, size: int, precision: str, xla: bool, replicas: in
     from segtrain.models.zoo import forward_flops
 
     flops_per_image = 3 * forward_flops(trainer.model, size)
-    dtype = {"float32": tf.float32, "mixed_float16": tf.float16, "mixed_bfloat16": tf.bfloat16}[precision]
-    peak = peak_flops(dtype, args.matmul or (8192 if gpus else 2048)) * max(1, replicas if gpus else 1)
+    # the peak of one device (measured in its own process), times the GPUs used; CPU replicas share one CPU
+    peak = args.peak * max(1, replicas if gpus else 1)
+
+    def spread(t):  # how far a loop's rounds scatter: (slowest - fastest) / median
+        return (max(t) - min(t)) / statistics.median(t) if t else None
     return {
         "precision": precision, "xla": xla, "replicas": replicas, "model": config.model, "input": source,
         "size": size, "size_requested": requested, "size_divisor": experiment.facts.size_divisor,
@@ -240,6 +259,11 @@ def measure(args, model: str, size: int, precision: str, xla: bool, replicas: in
         "segtrain_vs_minimal": images_per_s["segtrain"] / images_per_s["minimal"],
         "segtrain_vs_fit": images_per_s["segtrain"] / images_per_s["fit"] if images_per_s["fit"] else None,
         "fit_error": fit_error,
+        "round_seconds": times, **{f"{k}_spread": spread(t) for k, t in times.items()},
+        # in each round segtrain and minimal run back to back: a drift of the machine's speed
+        # cancels in their ratio
+        "round_ratios": [m / s for s, m in zip(times["segtrain"], times["minimal"])],
+        "cpu_allocator": "bfc" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() in ("1", "true") else "default",
         "train_gflop_per_image": flops_per_image / 1e9,
         "peak_gflop_per_s": peak / 1e9,
         "mfu": images_per_s["segtrain"] * flops_per_image / peak,
@@ -247,27 +271,45 @@ def measure(args, model: str, size: int, precision: str, xla: bool, replicas: in
     }
 
 
-def peak_flops(dtype, n: int, repeats: int = 5) -> float:
-    """FLOP/s of the best of ``repeats`` n x n matmuls (in a loop of 4) in ``dtype``."""
+def peak_flops(dtype, sizes, seconds: float = 1.0, windows: int = 3) -> tuple[float, str]:
+    """The largest sustained matmul rate in ``dtype``: FLOP/s and how it was reached.
+
+    Every size in ``sizes`` (n x n by n x n), as a plain and as an XLA-compiled tf.function, runs
+    for ``windows`` windows of at least ``seconds`` each after one warm call; the best window of
+    all counts. A matmul uses every core (TensorFlow's intra-op thread pool), so this is the
+    machine's attainable peak for the dense work a convolution network is made of.
+    """
     import tensorflow as tf
 
-    a = tf.random.normal([n, n], dtype=tf.float32)
-    a, b = tf.cast(a, dtype), tf.cast(tf.transpose(a), dtype)
+    best, how = 0.0, ""
+    for n in sizes:
+        a = tf.random.normal([n, n], dtype=tf.float32)
+        a, b = tf.cast(a, dtype), tf.cast(tf.transpose(a), dtype)
+        for jit in (False, True):
+            fn = tf.function(lambda a, b: tf.cast(tf.matmul(a, b)[0, 0], tf.float32), jit_compile=jit)
+            float(fn(a, b))
+            for _ in range(windows):
+                calls, t0 = 0, time.perf_counter()
+                while True:
+                    float(fn(a, b))
+                    calls += 1
+                    elapsed = time.perf_counter() - t0
+                    if elapsed >= seconds:
+                        break
+                rate = calls * 2 * n**3 / elapsed
+                if rate > best:
+                    best, how = rate, f"{n}x{n} matmul{', XLA' if jit else ''}"
+    return best, how
 
-    @tf.function
-    def matmuls(a, b):
-        out = tf.zeros([n, n], dtype)
-        for _ in tf.range(4):
-            out += tf.matmul(a, b)
-        return tf.reduce_sum(tf.cast(out[:1, :1], tf.float32))
 
-    float(matmuls(a, b))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        float(matmuls(a, b))
-        best = min(best, time.perf_counter() - t0)
-    return 4 * 2 * n**3 / best
+def measure_peak(args, precision: str) -> dict:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    dtype = {"float32": tf.float32, "mixed_float16": tf.float16, "mixed_bfloat16": tf.bfloat16}[precision]
+    sizes = [int(x) for x in args.matmul.split(",")] if args.matmul else ([4096, 8192] if gpus else [1024, 2048, 4096])
+    rate, how = peak_flops(dtype, sizes)
+    return {"precision": precision, "peak_flops": rate, "peak_how": how, "gpus": len(gpus)}
 
 
 def gpu_name(gpus) -> str | None:
@@ -282,6 +324,9 @@ def gpu_name(gpus) -> str | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.one:
+        if args.one.startswith("peak:"):
+            print("PEAK " + json.dumps(measure_peak(args, args.one.partition(":")[2])), flush=True)
+            return 0
         model, size, precision, xla, replicas, source = args.one.split(":")
         row = measure(args, model, int(size), precision, xla == "on", int(replicas), source)
         print("ROW " + json.dumps(row), flush=True)
@@ -290,39 +335,67 @@ def main(argv=None) -> int:
     unknown = sorted(set(sources) - {"memory", "pipeline"})
     if unknown:
         raise SystemExit(f"bench_train: --input={args.input}: use memory and/or pipeline, not {', '.join(unknown)}.")
+    allocators = args.cpu_allocators.split(",")
+    unknown = sorted(set(allocators) - set(ALLOCATORS))
+    if unknown:
+        raise SystemExit(f"bench_train: --cpu_allocators={args.cpu_allocators}: use bfc and/or default, "
+                         f"not {', '.join(unknown)}.")
     if "pipeline" in sources and not args.data_dir:
         args.data_dir = prepared_voc(args)
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])
                    if not a.startswith(("--models", "--precisions", "--xla", "--replicas", "--json", "--input",
-                                        "--data_dir"))]
+                                        "--data_dir", "--cpu_allocators", "--peak"))]
     if args.data_dir:
         passthrough.append(f"--data_dir={args.data_dir}")
-    rows = []
-    models = [(m.partition(":")[0], int(m.partition(":")[2] or args.size)) for m in args.models.split(",")]
-    grid = [(m, z, p, x, r, i) for m, z in models for i in sources for p in args.precisions.split(",")
-            for x in args.xla.split(",") for r in args.replicas.split(",")]
-    for n, (model, size, precision, xla, replicas, source) in enumerate(grid):
-        print(f"[{n + 1}/{len(grid)}] model={model or '(gin)'} size={size} input={source} precision={precision} "
-              f"xla={xla} replicas={replicas}", file=sys.stderr, flush=True)
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-        result = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), *passthrough,
-             f"--one={model}:{size}:{precision}:{xla}:{replicas}:{source}"],
-            capture_output=True, text=True, env=env, cwd=REPO,
-        )
-        line = next((x for x in result.stdout.splitlines() if x.startswith("ROW ")), None)
+
+    def child(one: str, allocator: str, tag: str):
+        """Runs ``--one=...`` in a fresh process; its tagged JSON line, or the error's last lines."""
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+                   TF_CPU_ALLOCATOR_USE_BFC=ALLOCATORS[allocator])
+        result = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough, *extra, f"--one={one}"],
+                                capture_output=True, text=True, env=env, cwd=REPO)
+        line = next((x for x in result.stdout.splitlines() if x.startswith(tag + " ")), None)
         if result.returncode or line is None:
             tail = "\n".join(result.stderr.strip().splitlines()[-5:])
             print(f"  failed (exit {result.returncode}):\n{tail}", file=sys.stderr)
+            return None, tail
+        return json.loads(line[len(tag) + 1:]), None
+
+    extra: list[str] = []
+    precisions = args.precisions.split(",")
+    peaks = {}
+    for precision in precisions:  # once per dtype, in its own process, before the rows
+        print(f"peak FLOP/s, {precision} ...", file=sys.stderr, flush=True)
+        peak, error = child(f"peak:{precision}", allocators[0], "PEAK")
+        if peak is None:
+            raise SystemExit(f"bench_train: the peak-FLOP measurement failed:\n{error}")
+        peaks[precision] = peak
+        print(f"  {peak['peak_flops'] / 1e9:.0f} GFLOP/s ({peak['peak_how']})", file=sys.stderr, flush=True)
+    rows = []
+    models = [(m.partition(":")[0], int(m.partition(":")[2] or args.size)) for m in args.models.split(",")]
+    grid = [(m, z, p, x, r, i, c) for m, z in models for i in sources for p in precisions
+            for x in args.xla.split(",") for r in args.replicas.split(",") for c in allocators]
+    for n, (model, size, precision, xla, replicas, source, allocator) in enumerate(grid):
+        print(f"[{n + 1}/{len(grid)}] model={model or '(gin)'} size={size} input={source} precision={precision} "
+              f"xla={xla} replicas={replicas} cpu_allocator={allocator}", file=sys.stderr, flush=True)
+        extra = [f"--peak={peaks[precision]['peak_flops']}"]
+        row, error = child(f"{model}:{size}:{precision}:{xla}:{replicas}:{source}", allocator, "ROW")
+        if row is None:
             rows.append({"model": model, "size": size, "input": source, "precision": precision, "xla": xla == "on",
-                         "replicas": int(replicas), "error": tail})
+                         "replicas": int(replicas), "cpu_allocator": allocator, "error": error})
             continue
-        rows.append(json.loads(line[4:]))
+        row["peak_how"] = peaks[precision]["peak_how"]
+        rows.append(row)
+        print(f"  segtrain {row['segtrain_images_per_s']:.1f} img/s, minimal {row['minimal_images_per_s']:.1f}, "
+              f"ratio {row['segtrain_vs_minimal']:.3f}", file=sys.stderr, flush=True)
     print(table(rows, args))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
     return 0 if all("error" not in r for r in rows) else 1
+
+
+ALLOCATORS = {"bfc": "true", "default": "false"}
 
 
 def prepared_voc(args) -> str:
@@ -351,34 +424,48 @@ def table(rows: list[dict], args) -> str:
     head = ok[0] if ok else {}
     lines = [
         f"# bench_train  {datetime.date.today()}  batch={args.batch} "
-        f"steps/call={args.steps} rounds={args.rounds}  device={head.get('device', '?')}",
+        f"steps/call={args.steps} rounds={args.rounds}  device={head.get('device', '?')} ({os.cpu_count()} cores)",
         "",
-        "| model | size | input | precision | xla | replicas | segtrain img/s | minimal img/s | fit img/s "
-        "| segtrain/minimal | segtrain/fit | GFLOP/img (train) | peak GFLOP/s | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | size | input | precision | xla | replicas | CPU allocator | segtrain img/s | minimal img/s "
+        "| fit img/s | segtrain/minimal | spread segtrain / minimal | segtrain/fit | GFLOP/img (train) "
+        "| peak GFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model'] or '(gin)'} | {r.get('size', '')} | {r.get('input', '')} | {r['precision']} "
-                         f"| {'on' if r['xla'] else 'off'} | {r['replicas']} | failed: "
+                         f"| {'on' if r['xla'] else 'off'} | {r['replicas']} | {r.get('cpu_allocator', '')} | failed: "
                          f"{r['error'].splitlines()[-1][:80] if r['error'] else '?'} ||||||||")
             continue
         lines.append(
             f"| {r['model']} | {r['size']} | {r['input']} | {r['precision']} | {'on' if r['xla'] else 'off'} "
-            f"| {r['replicas']} "
+            f"| {r['replicas']} | {r['cpu_allocator']} "
             f"| {r['segtrain_images_per_s']:.1f} | {r['minimal_images_per_s']:.1f} | {_num(r['fit_images_per_s'], 1)} "
-            f"| {r['segtrain_vs_minimal']:.3f} | {_num(r['segtrain_vs_fit'], 3)} | {r['train_gflop_per_image']:.3f} "
+            f"| {r['segtrain_vs_minimal']:.3f} ({min(r['round_ratios']):.3f}-{max(r['round_ratios']):.3f}) "
+            f"| {_pct(r['segtrain_spread'])} / {_pct(r['minimal_spread'])} "
+            f"| {_num(r['segtrain_vs_fit'], 3)} | {r['train_gflop_per_image']:.3f} "
             f"| {r['peak_gflop_per_s']:.0f} | {100 * r['mfu']:.1f}% |"
         )
     notes = sorted({f"- {r['model']} at {r['size']}x{r['size']}, not the {r['size_requested']} asked for: its "
                     f"input sides must be multiples of {r['size_divisor']}." for r in ok
                     if r["size"] != r["size_requested"]})
+    notes += sorted({f"- peak {r['precision']}: {r['peak_gflop_per_s']:.0f} GFLOP/s, the best sustained "
+                     f"rate ({r['peak_how']}) over 1 s windows." for r in ok if r["replicas"] == 1})
     notes += [f"- fit n/a ({r['precision']}, xla {'on' if r['xla'] else 'off'}, {r['replicas']} replicas): "
              f"{r['fit_error']}" for r in ok if r.get("fit_error")]
     if any(r.get("fit_steps_per_execution") == 1 and r["steps"] > 1 for r in ok):
         notes.append("- fit with several replicas runs 1 step per call: Keras 3.15's multi-step fit fails "
                      "under MirroredStrategy.")
+    if any(r["fit_images_per_s"] is None and not r.get("fit_error") for r in ok):
+        notes.append("- fit n/a where it was not run (--no-fit).")
+    notes.append("- segtrain/minimal: the ratio of the median rounds, and in brackets the range of the "
+                 "per-round ratios (each segtrain round against the minimal round next to it).")
+    notes.append("- spread: (slowest round - fastest round) / median round, of each loop.")
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def _num(value, digits: int) -> str:
