@@ -62,6 +62,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+import segtrain.cli  # noqa: E402,F401  the runs get the segtrain command's TensorFlow environment (CPU allocator)
 QUICKSTART = os.path.join(REPO, "gin", "quickstart.gin")
 VARIANTS = {"shapes": [], "colour_free": ["datasets.shapes.random_colours = True"]}
 PROGRESS = "[run "  # the children's progress lines start so; the parent passes them on

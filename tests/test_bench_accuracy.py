@@ -22,6 +22,7 @@ def _bench():
     return module
 
 
+@pytest.mark.slow  # trains and evaluates in a subprocess: the full tier
 def test_a_tiny_run_end_to_end_writes_a_curve_without_evaluation_time(tmp_path):
     out = tmp_path / "accuracy.json"
     tiny = ["datasets.shapes.num_train=32", "datasets.shapes.num_validation=4", "datasets.shapes.num_test=4",
