@@ -36,11 +36,13 @@ class AccumulationTestNet(keras.Model):
     """Two convolutions, which trace in a fraction of U-Net's time, one with a weight penalty
     (a regularization loss), and a layer the loss never reaches (its variables get no gradient).
     No batch norm: its statistics are per micro-batch by design, which would make the weights
-    differ for a reason of its own."""
+    differ for a reason of its own. No ReLU either: oneDNN's fused convolution + bias + ReLU
+    (TensorFlow's CPU kernels on AVX-512 machines) maps a NaN to 0, and the NaN test needs its
+    NaN pixel to reach the loss."""
 
     def __init__(self, num_classes: int):
         super().__init__()
-        self.hidden = keras.layers.Conv2D(8, 3, padding="same", activation="relu",
+        self.hidden = keras.layers.Conv2D(8, 3, padding="same",
                                           kernel_regularizer=keras.regularizers.L2(0.01))
         self.head = keras.layers.Conv2D(num_classes, 1, dtype="float32")
         self.unused = keras.layers.Dense(2)
