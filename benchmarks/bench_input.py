@@ -51,7 +51,9 @@ above 1 the input pipeline keeps up with training on the same machine.
 time per image is compared with); decoding only the crop's window of the JPEG (and the whole
 PNG), as build_pipeline does; the old way's resize of the whole image to 444x444;
 ``build_pipeline`` without colour jitter (crop, flip, normalisation); + brightness and contrast;
-+ hue (the full pipeline). Their CPU ms/image show where the time goes.
++ hue (the full pipeline); the full pipeline with ``pipeline.colour_on_device`` (uint8 crops and
+each image's colour draws; the training step jitters and normalises). Their CPU ms/image show
+where the time goes. ``--colour_on_device`` runs segtrain's rounds (and the service's) that way.
 
 ``--data_service`` also times the segtrain pipeline made by a tf.data service
 (``pipeline.data_service_address``) with 1 and 2 workers, alternating with rounds of the local
@@ -80,6 +82,8 @@ RESIZE = (444, 444)
 CROP = (384, 384)
 HUE, BRIGHTNESS, CONTRAST = 0.1, 0.1, (0.8, 1.2)
 DECODE_STAGE = "+ decode JPEG and PNG"  # the floor: segtrain's CPU time per image is compared with it
+FULL_STAGE = "build_pipeline, full (+ hue)"
+DEVICE_STAGE = "build_pipeline, full, colour on device (uint8 out)"
 SIZES = ((375, 500), (500, 375), (333, 500), (375, 500), (366, 500), (500, 333))  # (height, width), VOC-like
 
 
@@ -105,6 +109,9 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--data_service", action="store_true",
                    help="also time the segtrain pipeline made by a tf.data service with 1 and 2 local workers")
+    p.add_argument("--colour_on_device", action="store_true",
+                   help="segtrain's pipeline (and the service's) with pipeline.colour_on_device: uint8 crops, "
+                        "colour jitter and normalisation left to the training step")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one round, in its own process
     return p.parse_args(argv)
 
@@ -198,13 +205,13 @@ def train_pairs(root: str) -> list[tuple[str, str]]:
 
 
 # ---- the two pipelines ----------------------------------------------------------------------
-def segtrain_pipeline(data_dir: str, batch: int, seed: int):
+def segtrain_pipeline(data_dir: str, batch: int, seed: int, colour_on_device: bool = False):
     from registry import DATASETS
     from segtrain.data.pipeline import build_pipeline
 
     ds, info = DATASETS.original("voc2012")("train", data_dir=data_dir)
     return build_pipeline(ds, info, "train", True, batch, 1, seed, resize=RESIZE, crop_size=CROP, flip=True,
-                          hue=HUE, brightness=BRIGHTNESS, contrast=CONTRAST)
+                          hue=HUE, brightness=BRIGHTNESS, contrast=CONTRAST, colour_on_device=colour_on_device)
 
 
 def baseline_pipeline(pairs: list[tuple[str, str]], batch: int):
@@ -307,7 +314,8 @@ def stage_pipelines(data_dir: str, batch: int, seed: int) -> dict:
         "+ cast, resize image and label to 444": parallel(resized),
         "build_pipeline, no colour jitter": segtrain(),
         "build_pipeline, brightness + contrast": segtrain(brightness=BRIGHTNESS, contrast=CONTRAST),
-        "build_pipeline, full (+ hue)": segtrain(hue=HUE, brightness=BRIGHTNESS, contrast=CONTRAST),
+        FULL_STAGE: segtrain(hue=HUE, brightness=BRIGHTNESS, contrast=CONTRAST),
+        DEVICE_STAGE: segtrain(hue=HUE, brightness=BRIGHTNESS, contrast=CONTRAST, colour_on_device=True),
     }
 
 
@@ -334,7 +342,7 @@ def service_round(args, workers: int, warmup: int, batches: int) -> dict:
     ds, info = DATASETS.original("voc2012")("train", data_dir=os.path.join(args.workdir, "prepared"))
     ds = build_pipeline(ds, info, "train", True, args.batch, 1, args.seed, resize=RESIZE, crop_size=CROP, flip=True,
                         hue=HUE, brightness=BRIGHTNESS, contrast=CONTRAST,
-                        data_service_address=f"grpc://localhost:{port}")
+                        data_service_address=f"grpc://localhost:{port}", colour_on_device=args.colour_on_device)
     print("ROW " + json.dumps(time_round(ds, warmup, batches)), flush=True)
     os._exit(0)  # the servers' shutdown can take a minute; the round is done
 
@@ -412,7 +420,7 @@ def one(args) -> dict:
         return {name: time_round(ds, batches(args.warmup_epochs), batches(args.epochs))
                 for name, ds in stage_pipelines(data_dir, args.batch, args.seed).items()}
     if args.one == "segtrain":
-        ds = segtrain_pipeline(data_dir, args.batch, args.seed)
+        ds = segtrain_pipeline(data_dir, args.batch, args.seed, args.colour_on_device)
         return time_round(ds, batches(args.warmup_epochs), batches(args.epochs))
     per_epoch = -(-len(pairs) // args.batch)
     ds = baseline_pipeline(pairs, args.batch)
@@ -427,6 +435,8 @@ def run_one(args, what: str, allocator: str) -> dict:
         env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
     flags = [f"--batch={args.batch}", f"--epochs={args.epochs}", f"--warmup_epochs={args.warmup_epochs}",
              f"--seed={args.seed}", f"--workdir={args.workdir}", f"--one={what}"]
+    if args.colour_on_device:
+        flags.append("--colour_on_device")
     result = subprocess.run([sys.executable, os.path.abspath(__file__), *flags], capture_output=True, text=True,
                             env=env, cwd=REPO, check=False)
     line = next((x for x in result.stdout.splitlines() if x.startswith("ROW ")), None)
@@ -577,7 +587,8 @@ def report(r: dict) -> str:
                 lines += ["", f"CPU time per image over decoding alone ({floor:.1f} ms, same run): "
                           + ", ".join(f"segtrain {row['allocator']} {row['segtrain_cpu_ms_per_image'] / floor:.2f}x"
                                       for row in r["rows"] if row["segtrain_cpu_ms_per_image"])
-                          + f", full-pipeline stage {list(stages.values())[-1]['cpu_ms_per_image'] / floor:.2f}x"]
+                          + f", full-pipeline stage {stages[FULL_STAGE]['cpu_ms_per_image'] / floor:.2f}x"
+                          + f", colour on device {stages[DEVICE_STAGE]['cpu_ms_per_image'] / floor:.2f}x"]
     lines += data_service_report(r)
     return "\n".join(lines)
 

@@ -17,7 +17,9 @@ needs one) times three loops on the same model, optimizer, batch and data:
 ``--input`` says where the batches come from: ``memory``, one fixed batch (the input pipeline
 is not measured), or ``pipeline``, the training pipeline (segtrain.data: decode, random scale,
 crop, flip, colour jitter) over a prepared Pascal VOC 2012 that ``benchmarks/bench_input.py``
-fabricates (``--workdir`` keeps it for the next run), each loop with its own iterator. Both
+fabricates (``--workdir`` keeps it for the next run), each loop with its own iterator, or
+``pipeline_on_device``, the same with ``pipeline.colour_on_device`` (uint8 crops; every loop
+jitters and normalises them in its step, compiled with it under XLA). Both
 losses skip the ignore label, as segtrain's does. fit runs once, one epoch per round, so its
 input is not restarted between rounds; at each timed epoch's end the other two run a round.
 The rounds so interleave the three (fit, segtrain, minimal, fit, ...) and the median round
@@ -71,7 +73,8 @@ def parse_args(argv=None):
                    help="comma list; >1 mirrors over that many GPUs, or CPU devices without GPUs")
     p.add_argument("--input", default="memory",
                    help="comma list of memory (one batch in memory) / pipeline (the training input pipeline "
-                        "over a fabricated, prepared VOC dataset)")
+                        "over a fabricated, prepared VOC dataset) / pipeline_on_device (the same with "
+                        "pipeline.colour_on_device: colour jitter and normalisation in the training step)")
     p.add_argument("--data_dir", default=None,
                    help="--input=pipeline: a prepared voc2012 directory (default: fabricate one in --workdir)")
     p.add_argument("--workdir", default=None, help="where the fabricated VOC dataset is kept (reused when there)")
@@ -122,9 +125,10 @@ def measure(args, model: str, size: int, precision: str, xla: bool, replicas: in
     requested, batch, steps = size, args.batch, args.steps
     files = list(args.gin_file or [os.path.join(REPO, "gin", "quickstart.gin")])
     bindings = list(args.gin_param)
-    if source == "pipeline":  # VOC's training augmentation (random scale 0.5-2, crop, flip, colour)
+    if source != "memory":  # VOC's training augmentation (random scale 0.5-2, crop, flip, colour)
         files.append(os.path.join(REPO, "gin", "datasets", "voc2012.gin"))
         bindings.append(f"DATA_DIR = {args.data_dir!r}")
+        bindings.append(f"pipeline.colour_on_device = {source == 'pipeline_on_device'}")
     bindings += [
         f"train.batch_size = {batch}", f"train.steps_per_loop = {steps}", f"train.precision = '{precision}'",
         f"train.xla = {xla}", f"pipeline.crop_size = ({size}, {size})", "train.num_image_panels = 0",
@@ -142,10 +146,10 @@ def measure(args, model: str, size: int, precision: str, xla: bool, replicas: in
     gin.bind_parameter("pipeline.crop_size", (size, size))
     trainer = Trainer(experiment, tempfile.mkdtemp(prefix="segtrain-bench-"))
     num_classes, ignore = experiment.info.num_classes, experiment.info.ignore_label
-    if source == "pipeline":
+    if source != "memory":
         segtrain_it, _ = trainer.iterator(config.seed)
         minimal_it, _ = trainer.iterator(config.seed + 1)
-        fit_data = experiment.train_dataset(config.seed + 2).map(lambda b: (b["image"], b["label"]))
+        fit_data = experiment.train_dataset(config.seed + 2).map(experiment.finish_batch)
     else:
         rng = tf.random.Generator.from_seed(0)
         images = rng.normal([batch, size, size, 3])
@@ -185,8 +189,11 @@ def measure(args, model: str, size: int, precision: str, xla: bool, replicas: in
 
     compiled = tf.function(loss_and_grads, jit_compile=True) if xla else loss_and_grads
 
+    # pipeline.colour_on_device: the baselines finish their uint8 batches in the step, as segtrain does.
+    finish = tf.function(experiment.finish_batch, jit_compile=True) if xla else experiment.finish_batch
+
     def minimal_step(b):
-        loss, grads = compiled(b["image"], b["label"])
+        loss, grads = compiled(*(finish(b) if b["image"].dtype == tf.uint8 else (b["image"], b["label"])))
         minimal_opt.apply_gradients(zip(grads, minimal_model.trainable_variables))
         return loss
 
@@ -332,15 +339,16 @@ def main(argv=None) -> int:
         print("ROW " + json.dumps(row), flush=True)
         return 0
     sources = args.input.split(",")
-    unknown = sorted(set(sources) - {"memory", "pipeline"})
+    unknown = sorted(set(sources) - {"memory", "pipeline", "pipeline_on_device"})
     if unknown:
-        raise SystemExit(f"bench_train: --input={args.input}: use memory and/or pipeline, not {', '.join(unknown)}.")
+        raise SystemExit(f"bench_train: --input={args.input}: use memory, pipeline and/or pipeline_on_device, "
+                         f"not {', '.join(unknown)}.")
     allocators = args.cpu_allocators.split(",")
     unknown = sorted(set(allocators) - set(ALLOCATORS))
     if unknown:
         raise SystemExit(f"bench_train: --cpu_allocators={args.cpu_allocators}: use bfc and/or default, "
                          f"not {', '.join(unknown)}.")
-    if "pipeline" in sources and not args.data_dir:
+    if set(sources) - {"memory"} and not args.data_dir:
         args.data_dir = prepared_voc(args)
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])
                    if not a.startswith(("--models", "--precisions", "--xla", "--replicas", "--json", "--input",

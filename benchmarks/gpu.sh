@@ -19,7 +19,9 @@
 #
 # Settings (environment): VENV, INSTALL=0 (use VENV as it is), STEPS (20), ROUNDS (5),
 # BATCH (8), MODELS ("unet:572,deeplabv3:513"), PRECISIONS, XLA ("off,on"), INPUTS
-# ("memory,pipeline"), VOC_IMAGES (200), WORKDIR (the fabricated dataset, reused), OUT.
+# ("memory,pipeline"; add pipeline_on_device for the pipeline with pipeline.colour_on_device,
+# colour jitter and normalisation in the GPU step), VOC_IMAGES (200), WORKDIR (the fabricated
+# dataset, reused), OUT.
 #
 # DRY_RUN=1 runs the same path on a CPU at toy sizes (no GPU check; the 2-replica rows split the
 # CPU into 2 logical devices), to check the script end to end:

@@ -25,7 +25,7 @@ from segtrain import metrics as M
 from segtrain import precision as P
 from segtrain.data.info import DatasetInfo
 from segtrain.data.pipeline import PASSED_ARGS, build_pipeline, resolve_normalization
-from segtrain.data.transforms import Normalization, preprocessing
+from segtrain.data.transforms import Normalization, finish_batch, preprocessing
 from segtrain.errors import SegtrainError, warn
 from segtrain.evaluation import Evaluator
 from segtrain.inference import Inference, InferenceOptions
@@ -287,6 +287,11 @@ class Experiment:
         ds, info = self.read(cfg.train_split)
         return pipeline(ds, info, cfg.train_split, True, cfg.batch_size, self.facts.size_divisor, seed,
                         input_context, normalization=self.normalization, run=run)
+
+    def finish_batch(self, batch: dict) -> tuple[tf.Tensor, tf.Tensor]:
+        """A training batch's (model input, int32 labels): what ``pipeline.colour_on_device``
+        leaves to the training step (colour jitter, normalisation), inside that step."""
+        return finish_batch(batch, self.normalization)
 
     def inference(self, **overrides) -> Inference:
         """The model's Inference: gin's ``inference.*`` settings, then ``overrides`` that are not None."""

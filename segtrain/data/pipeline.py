@@ -50,8 +50,12 @@ def build_pipeline(
     check_labels: bool = True,
     deterministic: bool = False,
     data_service_address: str | None = None,
+    colour_on_device: bool = False,
 ) -> tf.data.Dataset:
     """Turns a plugin's dataset into batches of {'image': float32, 'label': int32}.
+
+    (With ``colour_on_device``, training batches are {'image': uint8, 'label': uint8,
+    'colour': {name: [batch] float32}} for ``transforms.finish_batch``.)
 
     Training: [shard per worker], shuffle, repeat forever, then one parallel map: [decode],
     [resize], random scale, random crop (labels padded with the ignore label), flip, colour
@@ -95,6 +99,10 @@ def build_pipeline(
         The augmentation of each example is the same either way.
       data_service_address: 'grpc://host:port' of a tf.data service dispatcher (`segtrain
         data-service`): its workers make the training batches (segtrain.data.service).
+      colour_on_device: leave colour jitter and normalisation of training batches to the
+        training step (``transforms.finish_batch``), on the accelerator: the pipeline then hands
+        over uint8 crops and labels (a quarter of the bytes; the resized crop is rounded to whole
+        levels) and each image's colour draws under 'colour'. Evaluation is unchanged.
 
     Raises:
       SegtrainError: sizes that cannot work with the model or the batch size.
@@ -164,6 +172,10 @@ def build_pipeline(
             image, label = T.take_window(image, label, window)
         mirror = tf.random.stateless_uniform([], seeds[2]) < 0.5 if flip else None
         image, label = T.resize_window(image, label, window.size, mirror, crop_size, ignore, fill)
+        if colour_on_device:  # the training step jitters and normalises (T.finish_batch)
+            out = {"image": tf.cast(tf.round(image), tf.uint8), "label": label}
+            draws = T.colour_draws(seeds[3], brightness, contrast, hue, saturation)
+            return {**out, "colour": draws} if draws else out
         image = T.jitter_and_normalize(image, seeds[3], normalize, brightness, contrast, hue, saturation)
         return {"image": image, "label": tf.cast(label, tf.int32)}
 

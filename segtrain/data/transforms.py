@@ -7,7 +7,8 @@ pipeline gives the same augmentations for the same seed however many threads run
 
 Training draws its geometry once, as a window of the source image (``random_window``): the
 pixels that resize -> random_scale -> random_crop would keep, so only they are decoded and
-resized (``resize_window``); ``jitter_and_normalize`` then works on the crop alone. The
+resized (``resize_window``); ``jitter_and_normalize`` then works on the crop alone, or
+``finish_batch`` on a whole batch inside the training step (``pipeline.colour_on_device``). The
 step-by-step transforms (``random_scale``, ``random_crop``, ``random_flip``, ``colour_jitter``)
 make the same draws from the same seeds.
 """
@@ -252,6 +253,35 @@ def resize_window(
     return tf.ensure_shape(image, [crop_size[0], crop_size[1], None]), tf.ensure_shape(label, crop_size[:2])
 
 
+COLOUR_DRAWS = ("brightness", "contrast", "saturation", "hue")  # in the order they are applied
+
+
+def colour_draws(
+    seed: tf.Tensor,
+    brightness: float = 0.0,
+    contrast: Sequence[float] | None = None,
+    hue: float = 0.0,
+    saturation: Sequence[float] | None = None,
+) -> dict[str, tf.Tensor]:
+    """The random colour changes of one image, by name, for the jitter steps that are on.
+
+    'brightness' is the delta on the [0, 255] scale, 'contrast' and 'saturation' the factors,
+    'hue' the shift: what ``colour_jitter`` draws from the same seed (its brightness delta is on
+    the [0, 1] scale).
+    """
+    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+    draws = {}
+    if brightness:
+        draws["brightness"] = 255.0 * tf.random.stateless_uniform([], seeds[0], -brightness, brightness)
+    if contrast:
+        draws["contrast"] = tf.random.stateless_uniform([], seeds[1], contrast[0], contrast[1])
+    if saturation:
+        draws["saturation"] = tf.random.stateless_uniform([], seeds[2], saturation[0], saturation[1])
+    if hue:
+        draws["hue"] = tf.random.stateless_uniform([], seeds[3], -hue, hue)
+    return draws
+
+
 def jitter_and_normalize(
     image: tf.Tensor,
     seed: tf.Tensor,
@@ -268,20 +298,53 @@ def jitter_and_normalize(
     clip after a hue shift, whose output is within range already.
     """
     x = tf.cast(image, tf.float32)
-    if brightness or contrast or saturation or hue:
-        seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
-        if brightness:
-            x = x + 255.0 * tf.random.stateless_uniform([], seeds[0], -brightness, brightness)
-        if contrast:
-            factor = tf.random.stateless_uniform([], seeds[1], contrast[0], contrast[1])
-            x = tf.image.adjust_contrast(x, factor)
-        if saturation:
-            factor = tf.random.stateless_uniform([], seeds[2], saturation[0], saturation[1])
-            x = tf.image.adjust_saturation(x, factor)
+    draws = colour_draws(seed, brightness, contrast, hue, saturation)
+    if draws:
+        if "brightness" in draws:
+            x = x + draws["brightness"]
+        if "contrast" in draws:
+            x = tf.image.adjust_contrast(x, draws["contrast"])
+        if "saturation" in draws:
+            x = tf.image.adjust_saturation(x, draws["saturation"])
         x = tf.clip_by_value(x, 0.0, 255.0)
-        if hue:
-            x = tf.image.adjust_hue(x, tf.random.stateless_uniform([], seeds[3], -hue, hue))
+        if "hue" in draws:
+            x = tf.image.adjust_hue(x, draws["hue"])
     return normalization(x)
+
+
+def finish_batch(batch: dict, normalization: "Normalization") -> tuple[tf.Tensor, tf.Tensor]:
+    """A training batch's model input and int32 labels, on the device that trains.
+
+    A batch of ``pipeline.colour_on_device`` holds uint8 crops and labels and, under 'colour',
+    each image's draws (``colour_draws``, batched): its colour jitter and normalisation happen
+    here, the same steps as ``jitter_and_normalize`` with one draw per image. Any other batch
+    is finished already (float32 images) and only its labels are cast.
+    """
+    image, label = batch["image"], tf.cast(batch["label"], tf.int32)
+    if image.dtype.is_floating:
+        return image, label
+    x = tf.cast(image, tf.float32)
+    draws = batch.get("colour", {})
+
+    def per_image(name):  # [B] -> [B, 1, 1, 1]
+        return tf.reshape(tf.cast(draws[name], tf.float32), [-1, 1, 1, 1])
+
+    if draws:
+        if "brightness" in draws:
+            x = x + per_image("brightness")
+        if "contrast" in draws:  # adjust_contrast: each channel's mean over the image stays
+            mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+            x = (x - mean) * per_image("contrast") + mean
+        if "saturation" in draws:  # adjust_saturation: the HSV saturation scaled, clipped to [0, 1]
+            h, s, v = tf.unstack(tf.image.rgb_to_hsv(x), axis=-1)
+            s = tf.clip_by_value(s * per_image("saturation")[..., 0], 0.0, 1.0)
+            x = tf.image.hsv_to_rgb(tf.stack([h, s, v], -1))
+        x = tf.clip_by_value(x, 0.0, 255.0)
+        if "hue" in draws:  # adjust_hue: the HSV hue shifted, modulo one turn
+            h, s, v = tf.unstack(tf.image.rgb_to_hsv(x), axis=-1)
+            h = tf.math.floormod(h + per_image("hue")[..., 0], 1.0)
+            x = tf.image.hsv_to_rgb(tf.stack([h, s, v], -1))
+    return normalization(x), label
 
 
 def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
@@ -289,10 +352,11 @@ def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     image = tf.cast(image, tf.float32)
     scale = 1.0 / np.asarray(std, np.float32)
     offset = -np.asarray(mean, np.float32) * scale
-    if image.shape.is_fully_defined():
+    if image.shape.rank and image.shape[-3:].is_fully_defined():
         # On CPU an op that broadcasts a [3] vector over an image costs 5-10 times one between
-        # tensors of the same shape: training crops, whose size is known, get full-size constants.
-        scale, offset = (np.broadcast_to(c, image.shape).copy() for c in (scale, offset))
+        # tensors of the same shape: training crops, whose size is known, get constants of an
+        # image's size (a batch of them broadcasts over its first axis alone).
+        scale, offset = (np.broadcast_to(c, image.shape[-3:]).copy() for c in (scale, offset))
     return image * scale + offset
 
 

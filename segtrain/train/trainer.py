@@ -99,6 +99,9 @@ class Trainer:
         # Under MirroredStrategy only the loss-and-gradient part compiles (apply_gradients on
         # mirrored variables does not), so that part is what XLA gets under every strategy.
         self._forward_backward = tf.function(self._loss_and_grads, jit_compile=True) if cfg.xla else self._loss_and_grads
+        # pipeline.colour_on_device: the batch's colour jitter and normalisation, compiled too.
+        self._finish_batch = (tf.function(experiment.finish_batch, jit_compile=True) if cfg.xla
+                              else experiment.finish_batch)
 
     # ---- the compiled part -------------------------------------------------------------
     def _loss_and_grads(self, images, labels):
@@ -119,10 +122,14 @@ class Trainer:
         return loss, grads, cm
 
     def _replica_step(self, batch):
-        if self.config.accumulation_steps > 1:
-            loss, grads, cm = self._accumulate(batch["image"], batch["label"])
+        if batch["image"].dtype.is_floating:  # finished by the pipeline
+            images, labels = batch["image"], batch["label"]
         else:
-            loss, grads, cm = self._forward_backward(batch["image"], batch["label"])
+            images, labels = self._finish_batch(batch)
+        if self.config.accumulation_steps > 1:
+            loss, grads, cm = self._accumulate(images, labels)
+        else:
+            loss, grads, cm = self._forward_backward(images, labels)
         if self.config.clip_norm:
             # Clip the true gradient: unscale first, scale back after (powers of two: exact).
             scale = tf.cast(self.optimizer.dynamic_scale, tf.float32) if loss_scaling(self.optimizer) else None

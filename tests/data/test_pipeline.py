@@ -31,7 +31,7 @@ def _coded(n=6, h=37, w=45, seed=0):
 def _train_batches(ds, n_batches=3, batch_size=2, **options):
     options.setdefault("deterministic", True)  # tests compare runs batch by batch
     pipe = build_pipeline(ds, INFO, "train", True, batch_size, 1, 0, mean=MEAN, std=STD, **options)
-    return [{k: v.numpy() for k, v in b.items()} for b in pipe.take(n_batches)]
+    return [tf.nest.map_structure(lambda v: v.numpy(), b) for b in pipe.take(n_batches)]
 
 
 def test_crop_flip_scale_keep_image_and_label_aligned():
@@ -269,3 +269,28 @@ def _train_batches_of(ds, info, n_batches=AUGMENT["n_batches"]):
     options = {k: v for k, v in AUGMENT.items() if k != "n_batches"}
     pipe = build_pipeline(ds, info, "train", True, 2, 1, 0, mean=MEAN, std=STD, deterministic=True, **options)
     return [{k: v.numpy() for k, v in b.items()} for b in pipe.take(n_batches)]
+
+
+def test_colour_on_device_hands_over_uint8_crops_that_finish_as_the_pipeline_would():
+    from segtrain.data import transforms as T
+
+    colour = dict(brightness=0.1, contrast=(0.8, 1.2), hue=0.1, saturation=(0.7, 1.3))
+    options = dict(crop_size=(24, 24), flip=True, min_scale=0.6, max_scale=1.5, n_batches=4, **colour)
+    host = _train_batches(_coded(), **options)
+    device = _train_batches(_coded(), colour_on_device=True, **options)
+    normalization = T.Normalization(MEAN, STD)
+    for h, d in zip(host, device):
+        assert d["image"].dtype == np.uint8 and d["label"].dtype == np.uint8
+        assert set(d["colour"]) == {"brightness", "contrast", "hue", "saturation"}
+        assert d["colour"]["contrast"].shape == (2,)
+        np.testing.assert_array_equal(d["label"], h["label"])
+        image, label = T.finish_batch(tf.nest.map_structure(tf.constant, d), normalization)
+        np.testing.assert_array_equal(label.numpy(), h["label"])
+        # The same draws; the crop is rounded to whole levels before the jitter, not after.
+        difference = np.abs(image.numpy() - h["image"])
+        assert difference.max() < 2.0 and difference.mean() < 0.5
+
+
+def test_colour_on_device_without_jitter_has_no_draws():
+    batch = _train_batches(_coded(), crop_size=(16, 16), colour_on_device=True, n_batches=1)[0]
+    assert set(batch) == {"image", "label"} and batch["image"].dtype == np.uint8

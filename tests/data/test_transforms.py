@@ -113,6 +113,42 @@ def test_jitter_and_normalize_equals_jitter_then_normalize(colour):
         np.testing.assert_allclose(fused, normalization(stepwise).numpy(), atol=2e-3, rtol=1e-5)
 
 
+COLOURS = [
+    dict(brightness=0.1, contrast=(0.8, 1.2), hue=0.1),
+    dict(brightness=0.2, saturation=(0.5, 1.5), hue=0.3),
+    dict(contrast=(0.5, 1.5)),
+    dict(),
+]
+
+
+@pytest.mark.parametrize("xla", [False, True])
+@pytest.mark.parametrize("colour", COLOURS)
+def test_a_batch_finished_on_device_is_jitter_and_normalize_of_each_image(colour, xla):
+    images = np.random.default_rng(3).integers(0, 256, (4, 16, 24, 3)).astype(np.uint8)
+    images[0, :4] = [0, 0, 0]  # grey and black pixels: hue and saturation have edge cases there
+    images[1, :4] = [90, 90, 90]
+    normalization = T.PREPROCESSING["caffe"]  # per-channel statistics and a channel swap
+    seeds = [tf.constant([i, 9], tf.int64) for i in range(4)]
+    draws = [T.colour_draws(seed, **colour) for seed in seeds]
+    assert sorted(draws[0]) == sorted(k for k in T.COLOUR_DRAWS if colour.get(k))
+    batch = {"image": tf.constant(images), "label": tf.constant(images[..., 0])}
+    if draws[0]:
+        batch["colour"] = {k: tf.stack([d[k] for d in draws]) for k in draws[0]}
+    finish = tf.function(lambda b: T.finish_batch(b, normalization), jit_compile=xla)
+    finished, labels = finish(batch)
+    assert finished.dtype == tf.float32 and labels.dtype == tf.int32
+    np.testing.assert_array_equal(labels.numpy(), images[..., 0])
+    for i, seed in enumerate(seeds):
+        expected = T.jitter_and_normalize(tf.constant(images[i]), seed, normalization, **colour).numpy()
+        np.testing.assert_allclose(finished[i].numpy(), expected, atol=2e-3, rtol=1e-5)
+
+
+def test_a_finished_batch_is_left_as_it_is():
+    image = tf.random.uniform([2, 4, 4, 3])
+    finished, labels = T.finish_batch({"image": image, "label": tf.ones([2, 4, 4], tf.uint8)}, T.Normalization())
+    assert finished is image and labels.dtype == tf.int32
+
+
 def test_normalize_is_the_same_for_known_and_unknown_shapes():
     image = tf.constant(np.random.default_rng(2).uniform(0, 255, (8, 6, 3)).astype(np.float32))
     dynamic = tf.function(lambda x: T.normalize(x, T.IMAGENET_MEAN, T.IMAGENET_STD),
@@ -120,6 +156,9 @@ def test_normalize_is_the_same_for_known_and_unknown_shapes():
     expected = (image.numpy() - np.array(T.IMAGENET_MEAN)) / np.array(T.IMAGENET_STD)
     np.testing.assert_allclose(T.normalize(image, T.IMAGENET_MEAN, T.IMAGENET_STD).numpy(), expected, atol=1e-5)
     np.testing.assert_allclose(dynamic(image).numpy(), expected, atol=1e-5)
+    batch = tf.stack([image, 255.0 - image])  # a batch of known shape: constants of one image
+    np.testing.assert_allclose(T.normalize(batch, T.IMAGENET_MEAN, T.IMAGENET_STD).numpy()[1],
+                               (255.0 - image.numpy() - np.array(T.IMAGENET_MEAN)) / np.array(T.IMAGENET_STD), atol=1e-5)
 
 
 def _encoded(pixels, fmt):

@@ -89,6 +89,8 @@ def runs(tmp_path_factory):
         {"name": "with_unused_weights", "strategy": "two",
          "bindings": TINY + ["train.model = 'with_unused_weights'", "train.clip_norm = 0.5"]},
         {"name": "batch_3", "strategy": "two", "bindings": TINY + ["train.batch_size = 3"]},
+        {"name": "two-colour_on_device", "strategy": "two",
+         "bindings": TINY + SAME_WEIGHTS + [BATCH_NORM["no_batch_norm"], "pipeline.colour_on_device = True"]},
     ]
     for run in runs:
         run["model_dir"] = str(root / run["name"])
@@ -145,9 +147,23 @@ def test_one_and_two_replicas_train_the_same_weights(runs, batch_norm):
 
 
 @pytest.mark.slow
+def test_each_replica_finishes_its_uint8_batch_as_the_pipeline_would(runs):
+    """pipeline.colour_on_device: the replicas normalise their own uint8 crops in the step."""
+    (host_dir, _), (device_dir, _) = runs["two-no_batch_norm"], runs["two-colour_on_device"]
+    host, device = _variables(host_dir), _variables(device_dir)
+    assert host.keys() == device.keys()
+    for name in host:  # the crops are rounded to whole levels first: close, not equal
+        np.testing.assert_allclose(device[name], host[name], rtol=2e-2, atol=2e-3, err_msg=name)
+
+
+@pytest.mark.slow
 def test_xla_with_bfloat16_on_two_replicas(tmp_path):
+    # The colour jitter and normalisation of the uint8 batches compile with the step.
     result = _ok(segtrain_cli("train", f"--model_dir={tmp_path}", "--cpu_replicas=2", "--xla",
-                              "--precision=mixed_bfloat16", *_params("train.num_image_panels = 0")))
+                              "--precision=mixed_bfloat16",
+                              *_params("train.num_image_panels = 0", "pipeline.colour_on_device = True",
+                                       "pipeline.brightness = 0.1", "pipeline.hue = 0.05",
+                                       "pipeline.saturation = (0.8, 1.2)")))
     assert "warning: --xla without a GPU: XLA's speed-up is on GPUs." in result.stderr
     results = json.loads((tmp_path / "eval_results_validation.json").read_text())
     assert np.isfinite(results["loss"]) and (tmp_path / "ckpt-6.index").exists()

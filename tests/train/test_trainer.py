@@ -241,3 +241,23 @@ def test_bad_train_settings(configure, binding, message):
     configure(binding)
     with pytest.raises(SegtrainError, match=message):
         ExperimentConfig()
+
+
+def _first_losses(model_dir, configure, *bindings):
+    """The per-step losses of one 3-step window of a deterministic SGD run, with colour jitter."""
+    configure("pipeline.deterministic = True", "optimizer.name = 'sgd'", "learning_rate.base = 0.01",
+              "train.num_image_panels = 0", "pipeline.brightness = 0.1", "pipeline.contrast = (0.8, 1.2)",
+              "pipeline.hue = 0.05", *bindings)
+    trainer = _trainer(model_dir)
+    iterator, _ = trainer.iterator(trainer.config.seed)
+    return trainer, trainer.train_window(iterator, 0, 3, first=True).losses
+
+
+def test_colour_on_device_trains_as_the_pipeline_finished_batches_do(tmp_path, configure):
+    _, host = _first_losses(tmp_path / "host", configure)
+    trainer, device = _first_losses(tmp_path / "device", configure, "pipeline.colour_on_device = True")
+    spec = trainer.strategy.distribute_datasets_from_function(
+        lambda c: trainer.experiment.train_dataset(0, c)).element_spec
+    assert spec["image"].dtype == tf.uint8 and set(spec["colour"]) == {"brightness", "contrast", "hue"}
+    # The same crops and draws: only the crops' rounding to whole levels differs.
+    np.testing.assert_allclose(device, host, rtol=2e-3)
