@@ -18,8 +18,9 @@ needs one) times three loops on the same model, optimizer, batch and data:
 is not measured), or ``pipeline``, the training pipeline (segtrain.data: decode, random scale,
 crop, flip, colour jitter) over a prepared Pascal VOC 2012 that ``benchmarks/bench_input.py``
 fabricates (``--workdir`` keeps it for the next run), each loop with its own iterator, or
-``pipeline_on_device``, the same with ``pipeline.colour_on_device`` (uint8 crops; every loop
-jitters and normalises them in its step, compiled with it under XLA). Both
+``pipeline_on_device``, the same with ``pipeline.colour_on_device`` (uint8 crops; segtrain and
+the minimal loop jitter and normalise them in their step, compiled with it under XLA; fit, which
+takes (image, label) pairs, in its input map). Both
 losses skip the ignore label, as segtrain's does. fit runs once, one epoch per round, so its
 input is not restarted between rounds; at each timed epoch's end the other two run a round.
 The rounds so interleave the three (fit, segtrain, minimal, fit, ...) and the median round

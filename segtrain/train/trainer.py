@@ -122,7 +122,7 @@ class Trainer:
         return loss, grads, cm
 
     def _replica_step(self, batch):
-        if batch["image"].dtype.is_floating:  # finished by the pipeline
+        if batch["image"].dtype.is_floating:  # finished by the pipeline: no (compiled) finish_batch call
             images, labels = batch["image"], batch["label"]
         else:
             images, labels = self._finish_batch(batch)
