@@ -45,8 +45,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -67,7 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=64, help="image height and width")
     p.add_argument("--batch", type=int, default=16, help="global batch size")
     p.add_argument("--steps", type=int, default=20, help="steps per timed round (one compiled call)")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds per loop (median counts)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed rounds per loop (median counts; the ratio's 95%% interval narrows as 1/sqrt(rounds))")
+    p.add_argument("--target", type=float, default=0.97,
+                   help="segtrain/minimal to check each row against: met, below or unsettled at 95%%")
     p.add_argument("--precisions", default="float32,mixed_bfloat16")
     p.add_argument("--xla", default="off,on", help="comma list of off/on")
     p.add_argument("--replicas", default="1,2",
@@ -218,7 +223,10 @@ def measure(args, model: str, size: int, precision: str, xla: bool, replicas: in
     times = {"fit": [], **{name: [] for name in loops}}
 
     def other_round():
-        for name, fn in loops.items():
+        # segtrain first in even rounds, the minimal loop first in odd ones, so what runs first in
+        # a round (a warmer cache, a neighbour's burst) does not favour one loop throughout
+        order = list(loops.items())
+        for name, fn in order if len(times["segtrain"]) % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -256,6 +264,10 @@ def measure(args, model: str, size: int, precision: str, xla: bool, replicas: in
     # the peak of one device (measured in its own process), times the GPUs used; CPU replicas share one CPU
     peak = args.peak * max(1, replicas if gpus else 1)
 
+    # in each round segtrain and minimal run back to back: a drift of the machine's speed
+    # cancels in their ratio
+    ratios = [m / s for s, m in zip(times["segtrain"], times["minimal"])]
+
     def spread(t):  # how far a loop's rounds scatter: (slowest - fastest) / median
         return (max(t) - min(t)) / statistics.median(t) if t else None
     return {
@@ -268,15 +280,45 @@ def measure(args, model: str, size: int, precision: str, xla: bool, replicas: in
         "segtrain_vs_fit": images_per_s["segtrain"] / images_per_s["fit"] if images_per_s["fit"] else None,
         "fit_error": fit_error,
         "round_seconds": times, **{f"{k}_spread": spread(t) for k, t in times.items()},
-        # in each round segtrain and minimal run back to back: a drift of the machine's speed
-        # cancels in their ratio
-        "round_ratios": [m / s for s, m in zip(times["segtrain"], times["minimal"])],
+        "round_ratios": ratios,
+        "ratio_interval": paired_interval(ratios),
         "cpu_allocator": "bfc" if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() in ("1", "true") else "default",
         "train_gflop_per_image": flops_per_image / 1e9,
         "peak_gflop_per_s": peak / 1e9,
         "mfu": images_per_s["segtrain"] * flops_per_image / peak,
         "device": gpu_name(gpus) or platform.processor() or platform.machine(),
     }
+
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal 1.96).
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+
+def paired_interval(ratios) -> tuple[float, float, float] | None:
+    """(geometric mean, low, high): a 95% confidence interval of segtrain/minimal from per-round ratios.
+
+    Each round times both loops back to back, so a drift of the machine's speed cancels in the
+    round's ratio; what is left scatters round to round. The interval is Student's t over the
+    log ratios (a ratio's errors multiply), so it narrows as 1/sqrt(rounds) and says when enough
+    rounds were run: a target is shown when the low end clears it, refuted when the high end
+    does not reach it. None for fewer than 2 rounds.
+    """
+    logs = [math.log(r) for r in ratios]
+    if len(logs) < 2:
+        return None
+    mean, sem = statistics.fmean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
+    t = _T95[len(logs) - 2] if len(logs) - 1 <= len(_T95) else 1.96
+    return math.exp(mean), math.exp(mean - t * sem), math.exp(mean + t * sem)
+
+
+def verdict(interval, target: float) -> str:
+    """'met', 'below' or 'unsettled': where a 95% interval lies against ``target``."""
+    if interval is None:
+        return "unsettled"
+    _, low, high = interval
+    return "met" if low >= target else "below" if high < target else "unsettled"
 
 
 def peak_flops(dtype, sizes, seconds: float = 1.0, windows: int = 3) -> tuple[float, str]:
@@ -366,6 +408,8 @@ def main(argv=None) -> int:
         line = next((x for x in result.stdout.splitlines() if x.startswith(tag + " ")), None)
         if result.returncode or line is None:
             tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+            if result.returncode < 0:  # the table's cell shows the last line: say how it ended
+                tail += f"\nkilled by signal {-result.returncode} ({signal.Signals(-result.returncode).name})"
             print(f"  failed (exit {result.returncode}):\n{tail}", file=sys.stderr)
             return None, tail
         return json.loads(line[len(tag) + 1:]), None
@@ -436,21 +480,22 @@ def table(rows: list[dict], args) -> str:
         f"steps/call={args.steps} rounds={args.rounds}  device={head.get('device', '?')} ({os.cpu_count()} cores)",
         "",
         "| model | size | input | precision | xla | replicas | CPU allocator | segtrain img/s | minimal img/s "
-        "| fit img/s | segtrain/minimal | spread segtrain / minimal | segtrain/fit | GFLOP/img (train) "
-        "| peak GFLOP/s | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| fit img/s | segtrain/minimal | paired ratio, 95% interval | vs {args.target:g} "
+        "| spread segtrain / minimal | segtrain/fit | GFLOP/img (train) | peak GFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model'] or '(gin)'} | {r.get('size', '')} | {r.get('input', '')} | {r['precision']} "
                          f"| {'on' if r['xla'] else 'off'} | {r['replicas']} | {r.get('cpu_allocator', '')} | failed: "
-                         f"{r['error'].splitlines()[-1][:80] if r['error'] else '?'} ||||||||")
+                         f"{r['error'].splitlines()[-1][:80] if r['error'] else '?'} ||||||||||")
             continue
         lines.append(
             f"| {r['model']} | {r['size']} | {r['input']} | {r['precision']} | {'on' if r['xla'] else 'off'} "
             f"| {r['replicas']} | {r['cpu_allocator']} "
             f"| {r['segtrain_images_per_s']:.1f} | {r['minimal_images_per_s']:.1f} | {_num(r['fit_images_per_s'], 1)} "
             f"| {r['segtrain_vs_minimal']:.3f} ({min(r['round_ratios']):.3f}-{max(r['round_ratios']):.3f}) "
+            f"| {_interval(r.get('ratio_interval'))} | {verdict(r.get('ratio_interval'), args.target)} "
             f"| {_pct(r['segtrain_spread'])} / {_pct(r['minimal_spread'])} "
             f"| {_num(r['segtrain_vs_fit'], 3)} | {r['train_gflop_per_image']:.3f} "
             f"| {r['peak_gflop_per_s']:.0f} | {100 * r['mfu']:.1f}% |"
@@ -469,12 +514,19 @@ def table(rows: list[dict], args) -> str:
         notes.append("- fit n/a where it was not run (--no-fit).")
     notes.append("- segtrain/minimal: the ratio of the median rounds, and in brackets the range of the "
                  "per-round ratios (each segtrain round against the minimal round next to it).")
+    notes.append("- paired ratio: the geometric mean of the per-round ratios and its 95% interval (Student's t "
+                 "over their logs; the loops alternate which runs first in a round). vs the target: met when "
+                 "the interval lies above it, below when under it, else unsettled (run more rounds).")
     notes.append("- spread: (slowest round - fastest round) / median round, of each loop.")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _interval(interval) -> str:
+    return "n/a" if interval is None else f"{interval[0]:.3f} ({interval[1]:.3f}-{interval[2]:.3f})"
 
 
 def _num(value, digits: int) -> str:
