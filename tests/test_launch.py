@@ -230,7 +230,8 @@ def test_slurm_script():
     subprocess.run(["bash", "-n", path], check=True)  # it parses
     text = open(path).read()
     assert "#SBATCH --ntasks-per-node=1" in text and "srun " in text
-    assert "--strategy=multi_worker" in text and "distribute.slurm_gpus_per_node" in text
+    # auto: a one-node job just trains (mirrored), several nodes form a cluster
+    assert "--strategy=auto" in text and "distribute.slurm_gpus_per_node" in text
     assert 'distribute.num_workers = ${NUM_WORKERS:-${SLURM_JOB_NUM_NODES:-1}}' in text
     result = subprocess.run(["bash", path], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "usage: sbatch" in result.stderr
@@ -250,3 +251,18 @@ def test_kubernetes_tfjob():
     volumes = {v["name"] for v in worker["template"]["spec"]["volumes"]}
     assert mounts == {"runs": "/runs"} and volumes == {"runs"}
     assert "nvidia.com/gpu" in container["resources"]["limits"]
+
+
+def test_a_port_in_use_is_one_error_before_any_server_starts(tmp_path):
+    import socket
+
+    (peer,) = local.free_ports(1)
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        tf_config = json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}", f"127.0.0.1:{peer}"]},
+                                "task": {"type": "worker", "index": 0}})
+        result = segtrain_cli("train", f"--model_dir={tmp_path}", *tiny_flags(), env={"TF_CONFIG": tf_config})
+    assert_user_error(result, f"worker 0 (from TF_CONFIG) cannot listen on 127.0.0.1:{port}: port {port} is in use")
+    assert not (tmp_path / "checkpoint").exists()

@@ -14,10 +14,12 @@ is noticed, and turns the error a lost peer causes into one message (``lost_peer
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -312,6 +314,76 @@ def build_strategy(
     return tf.distribute.MirroredStrategy()
 
 
+def check_addresses(cluster: Cluster) -> None:
+    """Refuses the cluster mistakes TensorFlow would report late, or as a traceback.
+
+    Before this task's gRPC server starts: every task's host must resolve (else each worker
+    waits ``connect_timeout`` for a peer it can never reach), no two tasks may share one
+    address (two node entries on one host with the same port), and this task's port must be
+    free on this machine (else TensorFlow fails with "Could not start gRPC server").
+    Each is one message naming the task, its host and port, and the setting that changes it.
+
+    Raises:
+      SegtrainError: an unresolvable host, two tasks at one address, or this task's port in use.
+    """
+    where = f"(from {cluster.source})"
+    seen: dict[tuple[str, int], tuple[str, str]] = {}
+    for kind, addrs in cluster.spec.items():
+        for i, addr in enumerate(addrs):
+            host, _, port = addr.rpartition(":")
+            try:
+                infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+            except (socket.gaierror, UnicodeError) as e:
+                raise SegtrainError(
+                    f"Cluster {where}: the host of {kind} {i}, {host!r} in {addr}, does not resolve "
+                    f"({getattr(e, 'strerror', None) or e}). {_host_fix(cluster.source)}"
+                ) from None
+            keys = {(info[4][0], int(port)) for info in infos}
+            for key in sorted(keys & seen.keys()):
+                other, other_addr = seen[key]
+                raise SegtrainError(
+                    f"Cluster {where}: {other} ({other_addr}) and {kind} {i} ({addr}) are the same address "
+                    f"{key[0]}:{key[1]}, where only one task can listen. {_port_fix(cluster.source)}"
+                )
+            seen.update(dict.fromkeys(keys, (f"{kind} {i}", addr)))
+    host, _, port = cluster.address.rpartition(":")
+    me = f"{cluster.task_type} {cluster.task_id}"
+    # TensorFlow's server listens on 0.0.0.0:port. SO_REUSEADDR as gRPC sets it: a previous
+    # run's connections in TIME_WAIT do not block a relaunch, a live listener does.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", int(port)))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise SegtrainError(
+                    f"{me} {where} cannot listen on {cluster.address}: port {port} is in use on this machine "
+                    f"({socket.gethostname()}), by another job or process. {_port_fix(cluster.source)}"
+                ) from None
+            if e.errno == errno.EACCES:
+                raise SegtrainError(
+                    f"{me} {where} cannot listen on {cluster.address}: ports below 1024 need root. "
+                    f"{_port_fix(cluster.source)}"
+                ) from None
+            raise SegtrainError(f"{me} {where} cannot listen on {cluster.address}: {e.strerror}.") from None
+
+
+def _port_fix(source: str) -> str:
+    if source == "SLURM":
+        return ("Pick another first port with SEGTRAIN_PORT=P (launch/slurm.sbatch; in gin, distribute."
+                "slurm_port_base): the tasks of one node listen on P, P+1, ...; two node entries on one "
+                "host need distinct ports or addresses.")
+    return ("Give every task its own free host:port in TF_CONFIG's cluster (launch/local.py picks free "
+            "ports itself).")
+
+
+def _host_fix(source: str) -> str:
+    if source == "SLURM":
+        return ("SLURM's node names must resolve on every node (DNS or /etc/hosts): check the step's "
+                "SLURM_STEP_NODELIST and `getent hosts <name>`.")
+    return "Use host names that resolve on every machine, or IP addresses, in TF_CONFIG's cluster."
+
+
 def _multi_worker(cluster: Cluster, timeout: float, heartbeat_timeout: float,
                   collective_timeout: float | None) -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy, with a bounded wait for the peers and a set heartbeat.
@@ -320,6 +392,7 @@ def _multi_worker(cluster: Cluster, timeout: float, heartbeat_timeout: float,
     process can interrupt it: a watchdog process (segtrain.train.watchdog) ends the task with a
     message naming the unreachable peers when the wait runs out.
     """
+    check_addresses(cluster)
     _configure_coordination_service(cluster, heartbeat_timeout)
     info = {"task": f"{cluster.task_type} {cluster.task_id} ({cluster.address})", "source": cluster.source,
             "peers": cluster.peers()}
@@ -331,6 +404,14 @@ def _multi_worker(cluster: Cluster, timeout: float, heartbeat_timeout: float,
     try:
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=cluster.resolver,
                                                          communication_options=options)
+    except tf.errors.UnknownError as e:
+        if "Could not start gRPC server" not in str(e):
+            raise
+        # The port was taken between check_addresses and the server's start.
+        raise SegtrainError(
+            f"{cluster.task_type} {cluster.task_id} (from {cluster.source}) could not start its gRPC server "
+            f"on {cluster.address}: the port is in use. {_port_fix(cluster.source)}"
+        ) from None
     finally:
         watchdog.kill()
         watchdog.wait()

@@ -302,3 +302,67 @@ def test_lost_peers_raises_one_hard_exit_error_in_a_cluster_only():
     with pytest.raises(tf.errors.InvalidArgumentError):
         with D.lost_peers(strategy, lambda: 12, lambda: None):
             raise tf.errors.InvalidArgumentError(None, None, "bad label")
+
+
+# ---- cluster mistakes caught before the gRPC server starts ----------------------------------
+def _cluster(addrs, index=0, source="TF_CONFIG"):
+    return D.Cluster({"worker": list(addrs)}, "worker", index, source, resolver=None)
+
+
+def _free_ports(n):
+    return _launch_local().free_ports(n)
+
+
+def _launch_local():
+    """launch/local.py (scripts, not a package), for its free_ports."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "launch", "local.py")
+    spec = importlib.util.spec_from_file_location("launch_local", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_cluster_of_free_resolvable_addresses_passes():
+    a, b = _free_ports(2)
+    D.check_addresses(_cluster([f"127.0.0.1:{a}", f"localhost:{b}"]))
+
+
+@pytest.mark.parametrize("source, setting", [("TF_CONFIG", "TF_CONFIG's cluster"), ("SLURM", "SEGTRAIN_PORT=P")])
+def test_a_port_in_use_names_the_task_address_and_the_setting(source, setting):
+    (peer,) = _free_ports(1)
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(SegtrainError) as e:
+            D.check_addresses(_cluster([f"127.0.0.1:{peer}", f"127.0.0.1:{port}"], index=1, source=source))
+    message = str(e.value)
+    assert message.startswith(f"worker 1 (from {source}) cannot listen on 127.0.0.1:{port}: port {port} is in use")
+    assert setting in message
+
+
+def test_an_unresolvable_host_is_named_with_its_task():
+    a, b = _free_ports(2)
+    with pytest.raises(SegtrainError) as e:
+        D.check_addresses(_cluster([f"127.0.0.1:{a}", f"no-such-node.invalid:{b}"], source="SLURM"))
+    assert str(e.value).startswith(
+        f"Cluster (from SLURM): the host of worker 1, 'no-such-node.invalid' in no-such-node.invalid:{b}, does not resolve")
+    assert "getent hosts" in str(e.value)
+
+
+def test_two_tasks_at_one_address_are_refused_even_under_two_names():
+    (port,) = _free_ports(1)
+    # two node entries on one host with the same port: what SLURM gives each node's first task
+    with pytest.raises(SegtrainError) as e:
+        D.check_addresses(_cluster([f"127.0.0.1:{port}", f"localhost:{port}"], source="SLURM"))
+    assert str(e.value).startswith(
+        f"Cluster (from SLURM): worker 0 (127.0.0.1:{port}) and worker 1 (localhost:{port}) are the same "
+        f"address 127.0.0.1:{port}, where only one task can listen.")
+
+
+def test_a_one_node_slurm_job_trains_without_a_cluster(monkeypatch):
+    # sbatch --nodes=1 launch/slurm.sbatch: one task, --strategy=auto, NUM_WORKERS = 1 node
+    _fake_slurm(monkeypatch, procid=0, nodes="gpu07", tasks="1", num_tasks=1)
+    assert D.build_strategy("auto", num_workers=1, gpus=[]) is tf.distribute.get_strategy()
