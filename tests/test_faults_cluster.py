@@ -8,7 +8,6 @@ resumes from the checkpoint the message names.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -89,9 +88,16 @@ def kill_after_checkpoint(job: Job, model_dir, index: int, after_step: int) -> t
     the worker's address and the time of the kill."""
     pid, address = job.worker(index)
     job.pids = [job.worker(0)[0], job.worker(1)[0]]
+    from segtrain.train.checkpoints import latest_complete
+
+    def saved() -> int:
+        # Complete, and named by the state file: an ``.index`` alone can be a save in progress,
+        # and a kill then leaves the survivor naming the checkpoint before it.
+        path = latest_complete(str(model_dir))
+        return int(re.search(r"ckpt-(\d+)$", path).group(1)) if path else -1
+
     end = time.monotonic() + 300
-    while not any(int(re.search(r"ckpt-(\d+)", p).group(1)) > after_step
-                  for p in glob.glob(os.path.join(model_dir, "ckpt-*.index"))):
+    while saved() <= after_step:
         assert job.proc.poll() is None and time.monotonic() < end, job.output[-3000:]
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
