@@ -27,35 +27,20 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
+from segtrain.train.cluster import free_ports, local_tf_configs  # noqa: F401 (free_ports: tests)
+
 GRACE_SECONDS = 30.0
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports that are free now (held open together while picked)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def tf_configs(num_workers: int, host: str = "127.0.0.1") -> list[str]:
-    """One TF_CONFIG per worker of a cluster of ``num_workers`` workers on ``host``."""
-    workers = [f"{host}:{port}" for port in free_ports(num_workers, host)]
-    return [json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
-            for i in range(num_workers)]
+    """One TF_CONFIG per worker (segtrain's cluster module: the one place clusters are made)."""
+    return local_tf_configs(num_workers, host)
 
 
 def exit_status(returncode: int) -> int:

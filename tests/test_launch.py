@@ -232,7 +232,10 @@ def test_slurm_script():
     assert "#SBATCH --ntasks-per-node=1" in text and "srun " in text
     # auto: a one-node job just trains (mirrored), several nodes form a cluster
     assert "--strategy=auto" in text and "distribute.slurm_gpus_per_node" in text
-    assert 'distribute.num_workers = ${NUM_WORKERS:-${SLURM_JOB_NUM_NODES:-1}}' in text
+    # every task of the job (nodes x tasks per node), not one per node: the per-GPU layout
+    assert 'distribute.num_workers = ${NUM_WORKERS:-${SLURM_NTASKS:-1}}' in text
+    assert "distribute.slurm_ports = '${SEGTRAIN_PORTS:-node}'" in text
+    assert "srun --kill-on-bad-exit=1 " in text  # the job's own --ntasks-per-node
     result = subprocess.run(["bash", path], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "usage: sbatch" in result.stderr
 
@@ -251,6 +254,38 @@ def test_kubernetes_tfjob():
     volumes = {v["name"] for v in worker["template"]["spec"]["volumes"]}
     assert mounts == {"runs": "/runs"} and volumes == {"runs"}
     assert "nvidia.com/gpu" in container["resources"]["limits"]
+    # The image is launch/Dockerfile's, and what the args name is in it.
+    assert container["image"] == "segtrain:latest" and container["imagePullPolicy"] == "IfNotPresent"
+    assert job["spec"]["runPolicy"]["cleanPodPolicy"] in ("Running", "All", "None")
+    gin_files = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--gin_file=")]
+    assert gin_files and all(f.startswith("/app/") and os.path.isfile(os.path.join(REPO, f[len("/app/"):]))
+                             for f in gin_files), gin_files
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """launch/Dockerfile as (instruction, arguments), continuation lines joined."""
+    with open(os.path.join(REPO, "launch", "Dockerfile")) as f:
+        text = re.sub(r"\\\n", " ", f.read())
+    return [tuple(line.split(None, 1)) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_dockerfile_installs_segtrain_on_tensorflow_2_21_gpu():
+    steps = _dockerfile()
+    args = dict(a.split("=", 1) for kind, a in steps if kind == "ARG")
+    assert re.fullmatch(r"tensorflow/tensorflow:2\.(2[1-9]|[3-9]\d)\.\d+-gpu", args["TF_IMAGE"])
+    assert ("FROM", "${TF_IMAGE}") in steps and ("WORKDIR", "/app") in steps
+    copied = {source.rstrip("/") for kind, a in steps if kind == "COPY" for source in a.split()[:-1]}
+    # what setup.cfg installs, and the paths the launchers name (/app/gin, /app/launch)
+    assert {"registry", "segtrain", "gin", "launch", "setup.cfg", "pyproject.toml", "README.md"} <= copied
+    for path in copied:
+        assert os.path.exists(os.path.join(REPO, path)), path
+    installs = [a for kind, a in steps if kind == "RUN" and "pip install" in a]
+    assert installs and "/app" in installs[0]
+    assert ("ENTRYPOINT", '["segtrain"]') in steps
+    # The build context is the repository: what the image copies is not ignored.
+    with open(os.path.join(REPO, "launch", "Dockerfile.dockerignore")) as f:
+        kept = {line[1:].rstrip("/") for line in f.read().splitlines() if line.startswith("!")}
+    assert copied <= kept, copied - kept
 
 
 def test_a_port_in_use_is_one_error_before_any_server_starts(tmp_path):

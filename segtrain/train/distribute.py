@@ -7,202 +7,31 @@
     mirrored      MirroredStrategy over all local GPUs, or ``cpu_replicas`` CPU devices.
     multi_worker  MultiWorkerMirroredStrategy; the cluster comes from TF_CONFIG or SLURM.
 
-The cluster engine is tf.distribute's own (collective all-reduce over gRPC); this module only
-finds the cluster description, checks it, bounds the wait for peers, sets how soon a lost peer
-is noticed, and turns the error a lost peer causes into one message (``lost_peers``).
+The cluster engine is tf.distribute's own (collective all-reduce over gRPC). Where the cluster
+comes from, and what is wrong with it, is segtrain.train.cluster's; this module bounds the wait
+for peers, sets how soon a lost peer is noticed, and turns the error a lost peer causes into one
+message (``lost_peers``).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from typing import Callable
 
 import gin
 import tensorflow as tf
 
 from segtrain.errors import SegtrainError
+from segtrain.train.cluster import (PORT_LAYOUTS, Cluster, check_addresses, chief_task, detect_cluster,
+                                    pin_slurm_task_gpus, port_fix)
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """Where this process stands in a cluster.
-
-    Attributes:
-      spec: {task_type: ["host:port", ...]}.
-      task_type, task_id: this process's task.
-      source: 'TF_CONFIG' or 'SLURM' (for messages).
-      resolver: the tf.distribute cluster resolver that describes it.
-    """
-
-    spec: dict
-    task_type: str
-    task_id: int
-    source: str
-    resolver: tf.distribute.cluster_resolver.ClusterResolver
-
-    @property
-    def num_tasks(self) -> int:
-        return sum(len(v) for v in self.spec.values())
-
-    @property
-    def address(self) -> str:
-        return self.spec[self.task_type][self.task_id]
-
-    @property
-    def is_chief(self) -> bool:
-        """The task that writes: the chief, else worker 0 when the cluster has no chief."""
-        return chief_task(self.task_type, self.task_id, self.spec)
-
-    def peers(self) -> list[tuple[str, str]]:
-        """[(name, "host:port")] of every other task."""
-        return [(f"{kind} {i}", addr) for kind, addrs in self.spec.items() for i, addr in enumerate(addrs)
-                if (kind, i) != (self.task_type, self.task_id)]
-
-
-def cluster_from_tf_config() -> Cluster | None:
-    """The cluster TF_CONFIG describes, or None when TF_CONFIG is unset or empty.
-
-    Raises:
-      SegtrainError: TF_CONFIG is not JSON, lacks 'cluster' or 'task', or names a task
-        outside its cluster.
-    """
-    raw = os.environ.get("TF_CONFIG", "").strip()
-    if not raw:
-        return None
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise SegtrainError(f"TF_CONFIG is not valid JSON ({e}): {raw[:200]!r}") from None
-    example = ('{"cluster": {"worker": ["host0:port", "host1:port"]}, '
-               '"task": {"type": "worker", "index": 0}}')
-    if not isinstance(config, dict) or not isinstance(config.get("cluster"), dict) or not config["cluster"]:
-        raise SegtrainError(f"TF_CONFIG has no 'cluster' mapping of task types to addresses; expected e.g. {example}")
-    spec = config["cluster"]
-    for kind, addrs in spec.items():
-        if not isinstance(addrs, list) or not addrs or not all(_is_address(a) for a in addrs):
-            raise SegtrainError(
-                f"TF_CONFIG cluster[{kind!r}] = {addrs!r}: expected a non-empty list of 'host:port' strings."
-            )
-        if kind not in ("chief", "worker"):
-            raise SegtrainError(
-                f"TF_CONFIG cluster has task type {kind!r}: MultiWorkerMirroredStrategy uses 'chief' "
-                f"and 'worker' tasks only."
-            )
-    task = config.get("task")
-    if not isinstance(task, dict) or "type" not in task:
-        raise SegtrainError(f"TF_CONFIG has no 'task' with a 'type' and an 'index'; expected e.g. {example}")
-    kind, index = task["type"], task.get("index", 0)
-    if kind not in spec:
-        raise SegtrainError(
-            f"TF_CONFIG task type {kind!r} is not in its cluster (types: {sorted(spec)})."
-        )
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(spec[kind]):
-        raise SegtrainError(
-            f"TF_CONFIG task index {index!r} is outside cluster[{kind!r}], which has "
-            f"{len(spec[kind])} address(es): use 0..{len(spec[kind]) - 1}."
-        )
-    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    return Cluster(spec, kind, index, "TF_CONFIG", resolver)
-
-
-def _is_address(value) -> bool:
-    if not isinstance(value, str) or ":" not in value:
-        return False
-    host, _, port = value.rpartition(":")
-    return bool(host) and port.isdigit() and 0 < int(port) < 65536
-
-
-def cluster_from_slurm(gpus_per_node: int | None = None, port_base: int = 8888) -> Cluster | None:
-    """The cluster of the SLURM job step this process runs in, or None outside SLURM.
-
-    One task per node is the intended layout (launch/slurm.sbatch): each task drives all the
-    GPUs of its node with one MultiWorkerMirroredStrategy worker.
-
-    Raises:
-      SegtrainError: the SLURM variables are incomplete or inconsistent.
-    """
-    if "SLURM_PROCID" not in os.environ or "SLURM_STEP_NUM_TASKS" not in os.environ:
-        return None
-    if gpus_per_node is None:
-        gpus_per_node = len(tf.config.list_physical_devices("GPU"))
-    try:
-        counts = [int(part.split("(")[0]) for part in os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1").split(",")]
-        most = max(counts)
-        # SlurmClusterResolver assigns GPUs to tasks; on CPU nodes it gets one placeholder per
-        # task (auto_set_gpu is off, so it changes nothing) and the strategy is told the truth.
-        per_node = max(gpus_per_node, most)
-        slurm = tf.distribute.cluster_resolver.SlurmClusterResolver(
-            port_base=port_base, gpus_per_node=per_node, gpus_per_task=per_node // most, auto_set_gpu=False
-        )
-        spec = slurm.cluster_spec()
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise SegtrainError(f"Could not resolve the SLURM cluster from the SLURM_* variables: {e}") from None
-    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
-        spec, task_type=slurm.task_type, task_id=slurm.task_id, rpc_layer="grpc",
-        num_accelerators={"GPU": gpus_per_node // most} if gpus_per_node else None,
-    )
-    return Cluster(spec.as_dict(), slurm.task_type, int(slurm.task_id), "SLURM", resolver)
-
-
-def detect_cluster(slurm_gpus_per_node: int | None = None, slurm_port_base: int = 8888,
-                   num_workers: int | None = None) -> Cluster | None:
-    """A cluster of two or more tasks from TF_CONFIG (first) or SLURM, else None.
-
-    Args:
-      num_workers: the number of tasks the cluster must have (None: any).
-
-    Raises:
-      SegtrainError: a bad cluster description, or one of another size than ``num_workers``.
-    """
-    cluster = cluster_from_tf_config()
-    if cluster is None:
-        cluster = cluster_from_slurm(slurm_gpus_per_node, slurm_port_base)
-    if num_workers is not None:
-        _check_size(cluster, num_workers)
-    return cluster if cluster is not None and cluster.num_tasks > 1 else None
-
-
-def _check_size(cluster: Cluster | None, num_workers: int) -> None:
-    """Refuses a cluster of another size than distribute.num_workers, saying where its size came from."""
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-        raise SegtrainError(f"distribute.num_workers={num_workers!r}: use an integer >= 1, or None for "
-                            f"whatever the cluster description has.")
-    found = cluster.num_tasks if cluster is not None else 1
-    if found == num_workers:
-        return
-    asked = f"distribute.num_workers={num_workers}"
-    if cluster is None:
-        raise SegtrainError(
-            f"{asked}, but no cluster is described here (TF_CONFIG is unset and this is not a SLURM "
-            f"step), so this is 1 worker: start the workers with launch/local.py --num_workers="
-            f"{num_workers}, launch/slurm.sbatch or a TFJob, or leave distribute.num_workers out."
-        )
-    if cluster.source == "SLURM":
-        nodes = os.environ.get("SLURM_JOB_NUM_NODES")
-        raise SegtrainError(
-            f"{asked}, but the SLURM step has {found} task(s) (SLURM_STEP_NUM_TASKS="
-            f"{os.environ.get('SLURM_STEP_NUM_TASKS')}"
-            + (f", SLURM_JOB_NUM_NODES={nodes}" if nodes else "")
-            + f"): ask sbatch for --nodes={num_workers} (launch/slurm.sbatch runs one task per node), "
-            f"or set distribute.num_workers = {found} (launch/slurm.sbatch: NUM_WORKERS={found})."
-        )
-    counts = ", ".join(f"{kind}: {len(addrs)}" for kind, addrs in cluster.spec.items())
-    raise SegtrainError(
-        f"{asked}, but TF_CONFIG describes {found} task(s) ({counts}): give TF_CONFIG's cluster "
-        f"{num_workers} addresses (launch/local.py --num_workers={num_workers}), or set "
-        f"distribute.num_workers = {found}."
-    )
 
 
 def split_cpu(replicas: int) -> list[str]:
@@ -231,6 +60,7 @@ def build_strategy(
     connect_timeout: float = 300.0,
     slurm_gpus_per_node: int | None = None,
     slurm_port_base: int = 8888,
+    slurm_ports: str = "node",
     num_workers: int | None = None,
     heartbeat_timeout: float = 20.0,
     collective_timeout: float | None = None,
@@ -254,8 +84,12 @@ def build_strategy(
         CPU-only machines; 0: off). Only with 'auto' or 'mirrored' and no GPU.
       connect_timeout: seconds a multi-worker task waits for its peers before it stops with an
         error naming the ones it cannot reach.
-      slurm_gpus_per_node: GPUs per node of a SLURM job (default: those visible here).
-      slurm_port_base: port of each SLURM task's gRPC server.
+      slurm_gpus_per_node: GPUs per node of a SLURM job (default: those visible here). With
+        several tasks per node (one per GPU), each task takes its share of them
+        (segtrain.train.cluster.slurm_task_gpus).
+      slurm_port_base: the first port of the SLURM tasks' gRPC servers.
+      slurm_ports: 'node': a node's tasks listen on slurm_port_base, +1, ...; 'job': task r of
+        the job on slurm_port_base + r (node entries that share one host).
       num_workers: the number of tasks the cluster must have (TF_CONFIG's addresses, or the
         SLURM step's tasks); another number stops the run before it starts (None: any). Only
         'auto' and 'multi_worker' look for a cluster, so only they check it.
@@ -284,8 +118,12 @@ def build_strategy(
         if not (optional and value is None) and not (number and value > 0):
             raise SegtrainError(f"distribute.{name}={value!r}: use a number of seconds > 0"
                                 + (", or None for no limit." if optional else "."))
+    if slurm_ports not in PORT_LAYOUTS:
+        raise SegtrainError(f"distribute.slurm_ports={slurm_ports!r}: use one of {', '.join(PORT_LAYOUTS)}.")
+    if strategy in ("auto", "multi_worker") and gpus is None:
+        pin_slurm_task_gpus(slurm_gpus_per_node)  # before TensorFlow first lists the GPUs
     gpus = tf.config.list_physical_devices("GPU") if gpus is None else gpus
-    cluster = (detect_cluster(slurm_gpus_per_node, slurm_port_base, num_workers)
+    cluster = (detect_cluster(slurm_gpus_per_node, slurm_port_base, num_workers, slurm_ports)
                if strategy in ("auto", "multi_worker") else None)
     if cpu_replicas:
         if strategy not in ("auto", "mirrored") or cluster is not None:
@@ -314,76 +152,6 @@ def build_strategy(
     return tf.distribute.MirroredStrategy()
 
 
-def check_addresses(cluster: Cluster) -> None:
-    """Refuses the cluster mistakes TensorFlow would report late, or as a traceback.
-
-    Before this task's gRPC server starts: every task's host must resolve (else each worker
-    waits ``connect_timeout`` for a peer it can never reach), no two tasks may share one
-    address (two node entries on one host with the same port), and this task's port must be
-    free on this machine (else TensorFlow fails with "Could not start gRPC server").
-    Each is one message naming the task, its host and port, and the setting that changes it.
-
-    Raises:
-      SegtrainError: an unresolvable host, two tasks at one address, or this task's port in use.
-    """
-    where = f"(from {cluster.source})"
-    seen: dict[tuple[str, int], tuple[str, str]] = {}
-    for kind, addrs in cluster.spec.items():
-        for i, addr in enumerate(addrs):
-            host, _, port = addr.rpartition(":")
-            try:
-                infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
-            except (socket.gaierror, UnicodeError) as e:
-                raise SegtrainError(
-                    f"Cluster {where}: the host of {kind} {i}, {host!r} in {addr}, does not resolve "
-                    f"({getattr(e, 'strerror', None) or e}). {_host_fix(cluster.source)}"
-                ) from None
-            keys = {(info[4][0], int(port)) for info in infos}
-            for key in sorted(keys & seen.keys()):
-                other, other_addr = seen[key]
-                raise SegtrainError(
-                    f"Cluster {where}: {other} ({other_addr}) and {kind} {i} ({addr}) are the same address "
-                    f"{key[0]}:{key[1]}, where only one task can listen. {_port_fix(cluster.source)}"
-                )
-            seen.update(dict.fromkeys(keys, (f"{kind} {i}", addr)))
-    host, _, port = cluster.address.rpartition(":")
-    me = f"{cluster.task_type} {cluster.task_id}"
-    # TensorFlow's server listens on 0.0.0.0:port. SO_REUSEADDR as gRPC sets it: a previous
-    # run's connections in TIME_WAIT do not block a relaunch, a live listener does.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("", int(port)))
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise SegtrainError(
-                    f"{me} {where} cannot listen on {cluster.address}: port {port} is in use on this machine "
-                    f"({socket.gethostname()}), by another job or process. {_port_fix(cluster.source)}"
-                ) from None
-            if e.errno == errno.EACCES:
-                raise SegtrainError(
-                    f"{me} {where} cannot listen on {cluster.address}: ports below 1024 need root. "
-                    f"{_port_fix(cluster.source)}"
-                ) from None
-            raise SegtrainError(f"{me} {where} cannot listen on {cluster.address}: {e.strerror}.") from None
-
-
-def _port_fix(source: str) -> str:
-    if source == "SLURM":
-        return ("Pick another first port with SEGTRAIN_PORT=P (launch/slurm.sbatch; in gin, distribute."
-                "slurm_port_base): the tasks of one node listen on P, P+1, ...; two node entries on one "
-                "host need distinct ports or addresses.")
-    return ("Give every task its own free host:port in TF_CONFIG's cluster (launch/local.py picks free "
-            "ports itself).")
-
-
-def _host_fix(source: str) -> str:
-    if source == "SLURM":
-        return ("SLURM's node names must resolve on every node (DNS or /etc/hosts): check the step's "
-                "SLURM_STEP_NODELIST and `getent hosts <name>`.")
-    return "Use host names that resolve on every machine, or IP addresses, in TF_CONFIG's cluster."
-
-
 def _multi_worker(cluster: Cluster, timeout: float, heartbeat_timeout: float,
                   collective_timeout: float | None) -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy, with a bounded wait for the peers and a set heartbeat.
@@ -410,7 +178,7 @@ def _multi_worker(cluster: Cluster, timeout: float, heartbeat_timeout: float,
         # The port was taken between check_addresses and the server's start.
         raise SegtrainError(
             f"{cluster.task_type} {cluster.task_id} (from {cluster.source}) could not start its gRPC server "
-            f"on {cluster.address}: the port is in use. {_port_fix(cluster.source)}"
+            f"on {cluster.address}: the port is in use. {port_fix(cluster.source)}"
         ) from None
     finally:
         watchdog.kill()
@@ -575,13 +343,6 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     if resolver is None or not getattr(resolver, "task_type", None):
         return True
     return chief_task(resolver.task_type, resolver.task_id, resolver.cluster_spec().as_dict())
-
-
-def chief_task(task_type: str, task_id: int, spec: dict) -> bool:
-    """The one rule of who writes: the 'chief' task, else worker 0 of a cluster without a chief."""
-    if task_type == "chief":
-        return True
-    return task_type == "worker" and task_id == 0 and "chief" not in spec
 
 
 def task_name(strategy: tf.distribute.Strategy) -> str:

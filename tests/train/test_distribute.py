@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from segtrain.errors import SegtrainError, user_message
+from segtrain.train import cluster as C
 from segtrain.train import distribute as D
 from segtrain.train import watchdog
 
@@ -19,7 +20,7 @@ TWO_WORKERS = {"cluster": {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]}, "tas
 @pytest.fixture(autouse=True)
 def no_cluster(monkeypatch):
     for name in ("TF_CONFIG", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
-                 "SLURM_STEP_TASKS_PER_NODE", "SLURM_JOB_NUM_NODES"):
+                 "SLURM_STEP_TASKS_PER_NODE", "SLURM_JOB_NUM_NODES", "SLURM_LOCALID", "SLURM_NODEID"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -91,7 +92,7 @@ def test_inconsistent_slurm_environment(monkeypatch):
 def test_task_type_outside_the_cluster(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps({**TWO_WORKERS, "task": {"type": "evaluator", "index": 0}}))
     with pytest.raises(SegtrainError) as e:
-        D.cluster_from_tf_config()
+        C.cluster_from_tf_config()
     assert str(e.value) == "TF_CONFIG task type 'evaluator' is not in its cluster (types: ['worker'])."
 
 
@@ -102,8 +103,8 @@ def test_num_workers_must_match_the_slurm_step(monkeypatch):
         D.detect_cluster(slurm_gpus_per_node=1, num_workers=4)
     assert str(e.value) == (
         "distribute.num_workers=4, but the SLURM step has 2 task(s) (SLURM_STEP_NUM_TASKS=2, "
-        "SLURM_JOB_NUM_NODES=2): ask sbatch for --nodes=4 (launch/slurm.sbatch runs one task per node), "
-        "or set distribute.num_workers = 2 (launch/slurm.sbatch: NUM_WORKERS=2).")
+        "SLURM_JOB_NUM_NODES=2): ask sbatch for --nodes and --ntasks-per-node whose product is 4 "
+        "(launch/slurm.sbatch starts every task the job has), or set distribute.num_workers = 2 (launch/slurm.sbatch: NUM_WORKERS=2).")
     assert D.detect_cluster(slurm_gpus_per_node=1, num_workers=2).num_tasks == 2
 
 
@@ -135,10 +136,30 @@ def test_one_worker_without_a_cluster_is_fine():
     assert isinstance(D.build_strategy("one_device", num_workers=4), tf.distribute.OneDeviceStrategy)
 
 
-def test_tf_config_wins_over_slurm(monkeypatch):
-    _fake_slurm(monkeypatch, procid=0)
+def test_tf_config_wins_over_slurm_when_they_agree(monkeypatch):
+    _fake_slurm(monkeypatch, procid=1)
     monkeypatch.setenv("TF_CONFIG", json.dumps(TWO_WORKERS))
     assert D.detect_cluster().source == "TF_CONFIG"
+
+
+def test_tf_config_and_slurm_that_disagree_are_refused(monkeypatch):
+    _fake_slurm(monkeypatch, procid=0)  # TF_CONFIG makes this worker 1
+    monkeypatch.setenv("TF_CONFIG", json.dumps(TWO_WORKERS))
+    with pytest.raises(SegtrainError) as e:
+        D.build_strategy("auto", gpus=[])
+    assert user_message(e.value) == (
+        "TF_CONFIG and the SLURM step describe different clusters: TF_CONFIG has 2 task(s) and makes this "
+        "worker 1 (rank 1), the SLURM step has 2 task(s) and makes this SLURM_PROCID=0. TF_CONFIG wins when "
+        "both are set, so its workers would not be SLURM's: unset TF_CONFIG in the job script (`unset "
+        "TF_CONFIG` before srun) to train on the SLURM step, or start the workers without srun to train on "
+        "TF_CONFIG.")
+
+
+def test_a_one_task_slurm_step_does_not_contradict_tf_config(monkeypatch):
+    # launch/local.py inside `srun --pty bash`: a 1-task step around a 2-worker TF_CONFIG
+    _fake_slurm(monkeypatch, procid=0, nodes="gpu07", tasks="1", num_tasks=1)
+    monkeypatch.setenv("TF_CONFIG", json.dumps(TWO_WORKERS))
+    assert D.detect_cluster().spec == TWO_WORKERS["cluster"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -306,27 +327,16 @@ def test_lost_peers_raises_one_hard_exit_error_in_a_cluster_only():
 
 # ---- cluster mistakes caught before the gRPC server starts ----------------------------------
 def _cluster(addrs, index=0, source="TF_CONFIG"):
-    return D.Cluster({"worker": list(addrs)}, "worker", index, source, resolver=None)
+    return C.Cluster({"worker": list(addrs)}, "worker", index, source, resolver=None)
 
 
 def _free_ports(n):
-    return _launch_local().free_ports(n)
-
-
-def _launch_local():
-    """launch/local.py (scripts, not a package), for its free_ports."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "launch", "local.py")
-    spec = importlib.util.spec_from_file_location("launch_local", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return C.free_ports(n)
 
 
 def test_a_cluster_of_free_resolvable_addresses_passes():
     a, b = _free_ports(2)
-    D.check_addresses(_cluster([f"127.0.0.1:{a}", f"localhost:{b}"]))
+    C.check_addresses(_cluster([f"127.0.0.1:{a}", f"localhost:{b}"]))
 
 
 @pytest.mark.parametrize("source, setting", [("TF_CONFIG", "TF_CONFIG's cluster"), ("SLURM", "SEGTRAIN_PORT=P")])
@@ -337,7 +347,7 @@ def test_a_port_in_use_names_the_task_address_and_the_setting(source, setting):
         held.listen()
         port = held.getsockname()[1]
         with pytest.raises(SegtrainError) as e:
-            D.check_addresses(_cluster([f"127.0.0.1:{peer}", f"127.0.0.1:{port}"], index=1, source=source))
+            C.check_addresses(_cluster([f"127.0.0.1:{peer}", f"127.0.0.1:{port}"], index=1, source=source))
     message = str(e.value)
     assert message.startswith(f"worker 1 (from {source}) cannot listen on 127.0.0.1:{port}: port {port} is in use")
     assert setting in message
@@ -346,7 +356,7 @@ def test_a_port_in_use_names_the_task_address_and_the_setting(source, setting):
 def test_an_unresolvable_host_is_named_with_its_task():
     a, b = _free_ports(2)
     with pytest.raises(SegtrainError) as e:
-        D.check_addresses(_cluster([f"127.0.0.1:{a}", f"no-such-node.invalid:{b}"], source="SLURM"))
+        C.check_addresses(_cluster([f"127.0.0.1:{a}", f"no-such-node.invalid:{b}"], source="SLURM"))
     assert str(e.value).startswith(
         f"Cluster (from SLURM): the host of worker 1, 'no-such-node.invalid' in no-such-node.invalid:{b}, does not resolve")
     assert "getent hosts" in str(e.value)
@@ -356,7 +366,7 @@ def test_two_tasks_at_one_address_are_refused_even_under_two_names():
     (port,) = _free_ports(1)
     # two node entries on one host with the same port: what SLURM gives each node's first task
     with pytest.raises(SegtrainError) as e:
-        D.check_addresses(_cluster([f"127.0.0.1:{port}", f"localhost:{port}"], source="SLURM"))
+        C.check_addresses(_cluster([f"127.0.0.1:{port}", f"localhost:{port}"], source="SLURM"))
     assert str(e.value).startswith(
         f"Cluster (from SLURM): worker 0 (127.0.0.1:{port}) and worker 1 (localhost:{port}) are the same "
         f"address 127.0.0.1:{port}, where only one task can listen.")
