@@ -24,7 +24,6 @@ peers ignores SIGTERM, hence the SIGKILL.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -32,15 +31,12 @@ import sys
 import threading
 import time
 
-from segtrain.train.cluster import free_ports, local_tf_configs  # noqa: F401 (free_ports: tests)
+# The cluster module makes every launcher's clusters (free_ports: for the tests too).
+from segtrain.train.cluster import free_ports  # noqa: F401
+from segtrain.train.cluster import local_tf_configs as tf_configs
 
 GRACE_SECONDS = 30.0
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
-
-
-def tf_configs(num_workers: int, host: str = "127.0.0.1") -> list[str]:
-    """One TF_CONFIG per worker (segtrain's cluster module: the one place clusters are made)."""
-    return local_tf_configs(num_workers, host)
 
 
 def exit_status(returncode: int) -> int:
