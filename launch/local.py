@@ -2,6 +2,7 @@
 """Runs a multi-worker `segtrain train` on this machine: N worker processes on 127.0.0.1.
 
     python launch/local.py --num_workers=2 -- --gin_file=gin/quickstart.gin --model_dir=runs/mw
+    python launch/local.py --num_workers=2 --command=doctor -- --gin_file=gin/quickstart.gin --model_dir=runs/mw
 
 Each worker gets a free port and its own TF_CONFIG (worker 0 is the chief), so the run uses
 MultiWorkerMirroredStrategy exactly as on a cluster. Worker output is streamed with a
@@ -130,12 +131,16 @@ def report(workers: list[Worker], grace: float) -> None:
                   flush=True)
 
 
-def train_command(train_flags: list[str]) -> list[str]:
-    """The worker command: `segtrain train` with multi_worker unless a strategy is given."""
+COMMANDS = ("train", "doctor")
+
+
+def train_command(train_flags: list[str], command: str = "train") -> list[str]:
+    """The worker command: `segtrain train` (or `segtrain doctor`, its pre-flight check, which
+    takes the same flags) with multi_worker unless a strategy is given."""
     flags = list(train_flags)
     if not any(f.startswith("--strategy") for f in flags):
         flags.append("--strategy=multi_worker")
-    return [sys.executable, "-m", "segtrain.cli", "train", *flags]
+    return [sys.executable, "-m", "segtrain.cli", command, *flags]
 
 
 def launch(num_workers: int, command: list[str], timeout: float | None = None,
@@ -201,8 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         own, train_flags = argv, []
     parser = argparse.ArgumentParser(
         description="Run `segtrain train` as N MultiWorkerMirroredStrategy workers on this machine.",
-        usage="python launch/local.py --num_workers=N [--timeout=S] [--grace=S] -- <segtrain train flags>",
+        usage="python launch/local.py --num_workers=N [--command=train|doctor] [--timeout=S] [--grace=S] "
+              "-- <segtrain train flags>",
     )
+    parser.add_argument("--command", choices=COMMANDS, default="train",
+                        help="what every worker runs: train (default), or doctor, the pre-flight check of the "
+                             "same job")
     parser.add_argument("--num_workers", type=int, required=True, help="worker processes to start (>= 1)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="stop every worker and exit 124 after this many seconds (default: none)")
@@ -217,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if not train_flags:
         parser.error("give the segtrain train flags after `--`, e.g. "
                      "-- --gin_file=gin/quickstart.gin --model_dir=runs/mw")
-    return launch(args.num_workers, train_command(train_flags), args.timeout, args.grace)
+    return launch(args.num_workers, train_command(train_flags, args.command), args.timeout, args.grace)
 
 
 if __name__ == "__main__":

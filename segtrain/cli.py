@@ -14,6 +14,7 @@
         [--skip_bad_examples] [--overwrite] [--gin_param='datasets.voc2012_aug.sbd_dir = "..."']
     segtrain data-service --port=P [--dispatcher=HOST:PORT] [--host=NAME]
     segtrain list [--models [--details]]
+    segtrain doctor [the flags of `segtrain train`]     # a pre-flight check, started the way the job starts
 
 A flag belongs to the commands that use it: given to another command it is an error that says
 which commands take it. ``segtrain <command> --help`` lists a command's flags.
@@ -40,6 +41,7 @@ from absl import flags  # noqa: E402
 
 COMMANDS = {
     "train": "train the experiment of gin files and bindings into a run directory",
+    "doctor": "check a job before it runs: start it as the job starts, with the flags of train",
     "evaluate": "evaluate a trained run on a split (its best or latest checkpoint)",
     "predict": "segment your own images with a trained run: class, colour and overlay PNGs",
     "export": "write a trained run as a TF SavedModel for serving (uint8 images or encoded bytes in)",
@@ -194,9 +196,9 @@ def _list(fv):
 def flag_sets() -> dict[str, flags.FlagValues]:
     """A fresh absl FlagValues per command."""
     sets = {}
-    for name, define in (("train", _train), ("evaluate", _evaluate), ("predict", _predict), ("export", _export),
-                         ("explain", _explain), ("prepare", _prepare), ("data-service", _data_service),
-                         ("list", _list)):
+    for name, define in (("train", _train), ("doctor", _train), ("evaluate", _evaluate), ("predict", _predict),
+                         ("export", _export), ("explain", _explain), ("prepare", _prepare),
+                         ("data-service", _data_service), ("list", _list)):
         sets[name] = flags.FlagValues()
         define(sets[name])
     return sets
@@ -284,7 +286,10 @@ def main(argv: list[str]) -> int:
             print(f"{getattr(cause, 'prefix', 'error: ')}{user_message(cause)}", file=sys.stderr, flush=True)
             code = getattr(cause, "exit_code", 1)
             if getattr(cause, "hard_exit", False):
+                from segtrain.io import remove_process_tempdir
+
                 sys.stdout.flush()
+                remove_process_tempdir()  # os._exit skips atexit
                 os._exit(code)
             return code
         raise
@@ -312,6 +317,10 @@ def _run(command: str, fv: flags.FlagValues) -> int:
 
         return prepare.run(fv.dataset, fv.source_dir, fv.data_dir, fv.gin_file, fv.gin_param, fv.num_workers,
                            fv.skip_bad_examples, fv.overwrite, fv.splits)
+    if command == "doctor":
+        from segtrain.commands import doctor
+
+        return doctor.run(fv.model_dir, fv.gin_file, fv.gin_param, _given(fv, doctor.FLAG_BINDINGS))
     if command == "data-service":
         from segtrain.commands import data_service
 
@@ -331,6 +340,9 @@ def run() -> None:
         f"warning: {message}\n" if issubclass(category, SegtrainWarning) else plain(message, category, *args, **kwargs)
     )
     flags.FLAGS.mark_as_parsed()  # absl's own flags keep their defaults; ours are per command
+    from segtrain.io import use_process_tempdir
+
+    use_process_tempdir()  # autograph's generated files go, however the process ends
     sys.exit(main(sys.argv))
 
 

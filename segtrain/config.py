@@ -99,6 +99,8 @@ _MOVED = {
     "backbone_weights": "backbones.<backbone>.weights (e.g. backbones.resnet50.weights)",
     "freeze_backbone": "backbones.<backbone>.freeze",
     "freeze_batch_norm": "backbones.<backbone>.freeze_batch_norm",
+    # One setting for every batch norm of a model, its backbone's included.
+    "synchronized_batch_norm": "train.synchronized_batch_norm",
 }
 
 

@@ -121,8 +121,7 @@ class Evaluator:
         if postprocessor is not None:
             return self._run_postprocessed(dataset, label, postprocessor, normalization)
         full = self._xla_batch_size(dataset)
-        num_batches = int(dataset.cardinality())
-        progress = Progress(label, num_batches if num_batches > 0 else None, unit="batch")
+        progress, by_image = _progress(label, dataset)
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
         c = self.info.num_classes
         cm, loss_sum, count, done = np.zeros([c, c], np.int64), 0.0, 0.0, 0
@@ -134,7 +133,7 @@ class Evaluator:
             count += float(r_count)
             done += int(r_batches)
             elapsed = time.perf_counter() - t0
-            progress.update(done, count / elapsed if elapsed > 0 else None)
+            progress.update(int(count) if by_image else done, count / elapsed if elapsed > 0 else None)
             if int(r_batches) < self.chunk:
                 break
         progress.close()
@@ -204,8 +203,7 @@ class Evaluator:
         if self._run_probabilities is None:
             self._run_probabilities = tf.function(
                 lambda b: self.strategy.run(self._replica_probabilities, args=(b,)), reduce_retracing=True)
-        num_batches = int(dataset.cardinality())
-        progress = Progress(label, num_batches if num_batches > 0 else None, unit="batch")
+        progress, by_image = _progress(label, dataset)
         c = self.info.num_classes
         cm, cm_post = np.zeros([c, c], np.int64), np.zeros([c, c], np.int64)
         loss_sum, count, done, t0 = 0.0, 0.0, 0, time.perf_counter()
@@ -226,7 +224,7 @@ class Evaluator:
                         matrix += M.confusion_matrix(truth, np.argmax(q, -1), c, self.info.ignore_label).numpy()
             done += 1
             elapsed = time.perf_counter() - t0
-            progress.update(done, count / elapsed if elapsed > 0 else None)
+            progress.update(int(count) if by_image else done, count / elapsed if elapsed > 0 else None)
         progress.close()
         results = self._results(label, cm, loss_sum, count)
         post = M.compute(cm_post, self.metric_names)
@@ -301,6 +299,16 @@ def json_ready(results: dict) -> dict:
         return v
 
     return {k: clean(v) for k, v in results.items()}
+
+
+def _progress(label: str, dataset: tf.data.Dataset) -> tuple[Progress, bool]:
+    """The pass's progress line, and whether it counts images: by batches when their number is
+    known, else by the images the pipeline says the split has (batches of one image size)."""
+    num_batches = int(dataset.cardinality())
+    examples = getattr(dataset, "num_examples", None)
+    if num_batches <= 0 and examples:
+        return Progress(label, examples, unit="image"), True
+    return Progress(label, num_batches if num_batches > 0 else None, unit="batch"), False
 
 
 def write_results(path: str, results: dict) -> None:

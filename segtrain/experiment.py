@@ -30,7 +30,7 @@ from segtrain.errors import SegtrainError, warn
 from segtrain.evaluation import Evaluator
 from segtrain.inference import Inference, InferenceOptions
 from segtrain.losses import ClassStatistics, build_loss
-from segtrain.models.model import ModelFacts, facts
+from segtrain.models.model import ModelFacts, facts, synchronize_batch_norm
 
 BEST_DIR = "best"  # model_dir/best/ holds the best checkpoint and best.json
 
@@ -80,6 +80,9 @@ class ExperimentConfig:
       train_split: split trained on.
       precision: 'float32', 'mixed_float16' (dynamic loss scaling) or 'mixed_bfloat16'.
       xla: compile each replica's forward and backward pass with XLA (jit_compile=True).
+      synchronized_batch_norm: every batch norm of the model (backbone, encoder, decoder,
+        head) computes its batch statistics over the global batch, with an all-reduce per layer
+        per step, instead of each replica over its own share. For small per-replica batches.
       accumulation_steps: micro-batches per optimizer update; each replica's share of
         batch_size is split into this many, their gradients summed, and one update applied.
       on_nan: what a NaN or infinite loss does: 'stop' (an error; the last good checkpoint
@@ -116,6 +119,7 @@ class ExperimentConfig:
     train_split: str = "train"
     precision: str = "float32"
     xla: bool = False
+    synchronized_batch_norm: bool = False
     accumulation_steps: int = 1
     on_nan: str = "stop"
     max_nan_restores: int = 3
@@ -154,8 +158,9 @@ class ExperimentConfig:
             raise SegtrainError(f"train.on_nan={self.on_nan!r}: use 'stop' or 'restore'.")
         if self.precision not in P.PRECISIONS:
             raise SegtrainError(f"train.precision={self.precision!r} is not one of {', '.join(P.PRECISIONS)}.")
-        if not isinstance(self.xla, bool):
-            raise SegtrainError(f"train.xla must be True or False, got {self.xla!r}.")
+        for field in ("xla", "synchronized_batch_norm"):
+            if not isinstance(getattr(self, field), bool):
+                raise SegtrainError(f"train.{field} must be True or False, got {getattr(self, field)!r}.")
         if self.best_mode not in ("auto", "max", "min"):
             raise SegtrainError(f"train.best_mode={self.best_mode!r}: use 'auto', 'max' or 'min'.")
         for name in self.metrics:
@@ -238,6 +243,8 @@ class Experiment:
                 divisor = facts(model).size_divisor
                 side = divisor * -(-64 // divisor)
                 model(tf.zeros([1, side, side, 3]), training=False)
+        if self.config.synchronized_batch_norm:  # every batch norm, a backbone's included
+            synchronize_batch_norm(model)
         return model
 
     @property

@@ -29,7 +29,7 @@ import keras
 import tensorflow as tf
 
 from segtrain.errors import SegtrainError
-from segtrain.io import write_json
+from segtrain.io import WriteError, os_reason, write_json
 
 METADATA_FILE = "segtrain_export.json"
 IMAGES_SIGNATURE = "serving_default"
@@ -189,8 +189,11 @@ def export_model(
         **(metadata or {}),
     }
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise WriteError(path, os_reason(e), "the export") from None
     # mkdtemp makes the directory private; give it the permissions a plain mkdir would.
     umask = os.umask(0)
     os.umask(umask)
@@ -199,6 +202,8 @@ def export_model(
         archive.write_out(staging, verbose=False)
         write_json(os.path.join(staging, METADATA_FILE), info)
         _move_into_place(staging, path, overwrite)
+    except (tf.errors.OpError, OSError, WriteError) as e:  # a full or read-only disk
+        raise WriteError(path, os_reason(e), "the export") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path

@@ -163,3 +163,17 @@ def wait_for_line(lines: list, pattern: str, timeout: float, alive=None) -> "re.
             break
         time.sleep(0.05)
     raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n" + "".join(lines[-40:]))
+
+
+def event_steps(logdir: str) -> list[tuple[str, int]]:
+    """(tag, step) of every summary value in the event files under ``logdir``, in file order;
+    the tag of a summary other than a scalar says its kind: ``'config/operative_gin (text)'``."""
+    import tensorflow as tf
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                plugin = value.metadata.plugin_data.plugin_name
+                out.append((value.tag if plugin in ("", "scalars") else f"{value.tag} ({plugin})", event.step))
+    return out

@@ -133,7 +133,7 @@ def test_unknown_dataset(tmp_path):
 def test_unknown_command_and_no_command():
     for args in (("fit",), ()):
         result = segtrain_main(*args)
-        assert result.returncode == 2 and "usage: segtrain {train|evaluate|predict|export|explain|prepare|data-service|list}" in result.stderr
+        assert result.returncode == 2 and "usage: segtrain {train|doctor|evaluate|predict|export|explain|prepare|data-service|list}" in result.stderr
 
 
 def test_gin_file_with_a_failing_import(tmp_path):
@@ -145,11 +145,11 @@ def test_gin_file_with_a_failing_import(tmp_path):
 
 @pytest.mark.parametrize("command, flag, owners", [
     ("train", "--split=val", "`segtrain evaluate`"),
-    ("evaluate", "--xla", "`segtrain train`"),
-    ("evaluate", "--noxla", "`segtrain train`"),
+    ("evaluate", "--xla", "`segtrain train` and `segtrain doctor`"),
+    ("evaluate", "--noxla", "`segtrain train` and `segtrain doctor`"),
     ("train", "--dataset=voc2012", "`segtrain prepare`"),
-    ("list", "--model_dir=x", "`segtrain train` and `segtrain evaluate` and `segtrain predict` and `segtrain export` "
-                              "and `segtrain explain`"),
+    ("list", "--model_dir=x", "`segtrain train` and `segtrain doctor` and `segtrain evaluate` and `segtrain predict` "
+                              "and `segtrain export` and `segtrain explain`"),
     ("export", "--scales=1", "`segtrain evaluate` and `segtrain predict`"),
     ("train", "--input=x.png", "`segtrain predict` and `segtrain explain`"),
 ])
@@ -233,3 +233,22 @@ def test_the_command_runs_tensorflow_with_the_bfc_cpu_allocator_unless_the_user_
     out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert ("stats True" if uses_bfc else "no stats") in out, out
+
+
+def test_each_process_keeps_its_temporary_files_in_a_directory_removed_at_exit(tmp_path):
+    """Autograph's generated files live in the process's own temporary directory; what a killed
+    segtrain process left is removed by the next one started on the machine."""
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    orphan, alive = tmp_path / f"segtrain-tmp-{gone}-abc", tmp_path / f"segtrain-tmp-{os.getpid()}-def"
+    for directory in (orphan, alive):
+        directory.mkdir()
+        (directory / "__autograph_generated_filex1y2.py").write_text("# left by a killed process\n")
+    (tmp_path / "other").mkdir()
+    result = segtrain_cli("--help", env={"TMPDIR": str(tmp_path)})
+    assert result.returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "other"])

@@ -155,3 +155,30 @@ def test_experiment_config_is_the_train_gin_scope(configure):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Experiment(config).strategy is tf.distribute.get_strategy()
+
+
+@pytest.mark.parametrize("model", ["deeplabv3_plus", "unet_resnet50"])
+def test_synchronized_batch_norm_is_one_setting_reaching_every_batch_norm(configure, tmp_path, model):
+    """The backbone's batch norms (inside the nested model) and the decoder's, which the model
+    builders never saw a setting for; the saved model keeps it."""
+    from segtrain.models import leaf_layers
+
+    configure(*tiny.bindings(model), "train.synchronized_batch_norm = True")
+    built = Experiment().model
+    norms = [layer for layer in leaf_layers(built) if isinstance(layer, keras.layers.BatchNormalization)]
+    backbone = built.get_layer("backbone")
+    assert any(layer in backbone.layers for layer in norms) and len(norms) > len(
+        [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)])
+    assert all(layer.synchronized for layer in norms)
+    built.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert all(layer.synchronized for layer in leaf_layers(loaded) if isinstance(layer, keras.layers.BatchNormalization))
+    configure(*tiny.bindings(model))
+    assert not any(layer.synchronized for layer in leaf_layers(Experiment().model)
+                   if isinstance(layer, keras.layers.BatchNormalization))
+
+
+def test_a_model_level_synchronized_batch_norm_says_where_the_setting_went(configure):
+    with pytest.raises(SegtrainError) as e:
+        configure("models.unet.synchronized_batch_norm = True")
+    assert "models.unet.synchronized_batch_norm is now train.synchronized_batch_norm" in str(e.value)

@@ -191,8 +191,10 @@ def test_a_failed_overwrite_keeps_the_old_export(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(export_lib, "write_json", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(SegtrainError) as failed:
         export_lib.export_model(str(output), model, model, lambda x: x / 255.0, 3, overwrite=True)
+    assert str(failed.value).startswith(f"Could not write the export {output}: No space left on device. Nothing "
+                                        f"was left half-written.")
     assert os.listdir(output) == ["old.txt"]
     assert os.listdir(tmp_path) == ["1"]  # the half-written staging directory is gone
 

@@ -35,8 +35,8 @@ def test_two_workers_preempted_resume_to_identical_weights_and_only_the_chief_wr
     model_dir = tmp_path / "run"
     # The optional collective timeout and the cluster-size check take part too: neither may
     # disturb training, checkpoints or evaluation.
-    flags = tiny_flags("models.unet.synchronized_batch_norm = True", "distribute.num_workers = 2",
-                       "distribute.collective_timeout = 120", *LONG)
+    # Batch norm as the models build it (each replica's own statistics, averaged at window ends).
+    flags = tiny_flags("distribute.num_workers = 2", "distribute.collective_timeout = 120", *LONG)
     launch = [sys.executable, LOCAL, "--num_workers=2", "--timeout=400", "--", f"--model_dir={model_dir}"]
     env = _env(tmp_path)
     proc, out = _start([*launch, *flags], env)
@@ -69,7 +69,7 @@ def test_two_workers_preempted_resume_to_identical_weights_and_only_the_chief_wr
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     for i in (0, 1):
         assert f"[worker {i}] Resuming {model_dir} from ckpt-{step} at step {step}" in result.stdout
-    fingerprints = dict(re.findall(rf"^\[worker \d\] (worker\d): step {step + 3}, weights sha256 (\w+)$",
+    fingerprints = dict(re.findall(rf"^\[worker \d\] (worker\d): step {step + 3}, weights sha256 (\w+) \(1 replica\)$",
                                    result.stdout, re.M))
     assert set(fingerprints) == {"worker0", "worker1"}, result.stdout[-3000:]
     assert fingerprints["worker0"] == fingerprints["worker1"]
@@ -80,6 +80,45 @@ def test_two_workers_preempted_resume_to_identical_weights_and_only_the_chief_wr
     # Evaluation of the multi-worker run on one machine works from the chief's checkpoint.
     evaluated = segtrain_cli("evaluate", f"--model_dir={model_dir}")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_fresh_two_worker_run_agrees_and_saves_the_model_it_evaluated(tmp_path):
+    """Default batch norm: each worker normalises with its own batch statistics, and the
+    window-end average makes every worker end with the same state, which is what the chief
+    saved and what its evaluations scored."""
+    from tests.evaluated import assert_evaluated_model_is_saved
+
+    model_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, LOCAL, "--num_workers=2", "--timeout=400", "--",
+                             f"--model_dir={model_dir}", *tiny_flags()],
+                            cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=500)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    printed = re.findall(r"^\[worker (\d)\] worker\1: step 6, weights sha256 (\w+) \(1 replica\)$", result.stdout, re.M)
+    assert len(printed) == 2 and len({fp for _, fp in printed}) == 1, result.stdout[-3000:]
+    assert_evaluated_model_is_saved(model_dir, tmp_path)
+
+
+@pytest.mark.slow
+def test_doctor_on_a_two_worker_cluster(tmp_path):
+    """`segtrain doctor` started as the job starts: every check passes on both workers, the
+    all-reduce is measured, and both end with one fingerprint."""
+    model_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, LOCAL, "--num_workers=2", "--command=doctor", "--timeout=300", "--",
+                             f"--model_dir={model_dir}", "--gin_file=gin/quickstart.gin"],
+                            cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    for i in (0, 1):
+        rows = dict(re.findall(rf"^\[worker {i}\] (\S+(?: \S+)*?) +(ok|FAIL|info|skip) ", result.stdout, re.M))
+        assert rows == {"versions": "info", "cluster": "ok", "devices": "ok", "precision": "ok", "all-reduce": "ok",
+                        "1 vs N replicas": "ok", "replicas agree": "ok", "model_dir": "ok"}, result.stdout[-3000:]
+        assert f"[worker {i}] doctor: every check passed" in result.stdout
+    assert re.search(r"^\[worker 0\] cluster +ok +\w+: worker 0 \(chief\) of 2 tasks", result.stdout, re.M)
+    assert re.search(r"^\[worker 0\] all-reduce +ok +SUM over 2 replicas correct; 16 MiB in [\d.]+ ms: [\d.]+ GB/s",
+                     result.stdout, re.M)
+    assert len(set(re.findall(r"replicas agree +ok .*\(sha256 (\w+)\)", result.stdout))) == 1
+    assert "[worker 1] model_dir        ok     not written by this task" in result.stdout
+    assert not model_dir.exists(), "the doctor writes nothing into model_dir"
 
 
 # A stand-in worker: on SIGTERM it "saves" and exits 143 as segtrain's preemption does (or, with

@@ -129,7 +129,7 @@ def finished(slurm, job, output, timeout=400) -> str:
 
 
 def fingerprints(text: str, step: int) -> dict:
-    return dict(re.findall(rf"^(worker\d+|local): step {step}, weights sha256 (\w+)$", text, re.M))
+    return dict(re.findall(rf"^(worker\d+|local): step {step}, weights sha256 (\w+) \([^)]*\)$", text, re.M))
 
 
 def test_a_one_node_job_trains_without_a_cluster(slurm, tmp_path):
@@ -145,10 +145,21 @@ def test_a_two_node_job_is_one_cluster_of_a_worker_per_node(slurm, tmp_path):
     job, output = submit(slurm, tmp_path, ["--nodes=2"], SEGTRAIN_PORTS="job")
     text = finished(slurm, job, output)
     assert "segtrain: 2 node(s)" in text and "2 task(s)" in text
-    assert set(fingerprints(text, 6)) == {"worker0", "worker1"}
+    printed = fingerprints(text, 6)
+    assert set(printed) == {"worker0", "worker1"} and len(set(printed.values())) == 1, printed  # they agree
     losses = re.findall(r"^train step 6/6  loss (\S+)", text, re.M)
     assert len(losses) == 2 and len(set(losses)) == 1, text[-3000:]  # one training, reported twice
     assert len(list((tmp_path / "run" / "train").glob("events.out.tfevents.*"))) == 1  # the chief's
+
+
+def test_doctor_in_a_two_node_step_checks_the_job_as_it_will_run(slurm, tmp_path):
+    # SEGTRAIN_COMMAND=doctor: the same script, flags and layout as the training job.
+    job, output = submit(slurm, tmp_path, ["--nodes=2"], SEGTRAIN_PORTS="job", SEGTRAIN_COMMAND="doctor")
+    text = finished(slurm, job, output)
+    assert text.count("doctor: every check passed") == 2, text[-3000:]
+    assert re.search(r"^cluster +ok +\w+: worker 0 \(chief\) of 2 tasks", text, re.M), text[-3000:]
+    assert len(set(re.findall(r"^replicas agree +ok .*\(sha256 (\w+)\)$", text, re.M))) == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_two_tasks_on_one_node_listen_on_distinct_ports(slurm, tmp_path):

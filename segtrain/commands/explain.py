@@ -29,6 +29,7 @@ from segtrain.errors import SegtrainError
 from segtrain.images import list_inputs, read_rgb, write_image
 from segtrain.io import atomic_write_bytes
 from segtrain.progress import Progress, end_line
+from segtrain.train.summaries import file_writer
 
 
 def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[str], flags: dict) -> int:
@@ -173,7 +174,7 @@ class _Summaries:
         self.logdir, self.step = logdir, step
 
     def __enter__(self):
-        self.writer = tf.summary.create_file_writer(self.logdir)
+        self.writer = file_writer(self.logdir)
         return self
 
     def image(self, tag: str, pixels: np.ndarray) -> None:

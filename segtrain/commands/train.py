@@ -25,14 +25,14 @@ def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[st
         raise SegtrainError("--model_dir is required: the run's directory, e.g. --model_dir=runs/quickstart.")
     if not gin_files and not gin_params:
         raise SegtrainError("Nothing to train: give --gin_file (e.g. gin/quickstart.gin) and/or --gin_param.")
-    bindings = [f"{FLAG_BINDINGS[name]} = {_gin_value(name, value)!r}" for name, value in flags.items()]
+    bindings = [f"{FLAG_BINDINGS[name]} = {gin_value(name, value)!r}" for name, value in flags.items()]
     parse_config(gin_files, [*gin_params, *bindings])
     train(model_dir)
     print(f"Done. TensorBoard: tensorboard --logdir {model_dir}")
     return 0
 
 
-def _gin_value(name: str, value):
+def gin_value(name: str, value):
     """A flag's value as its gin binding takes it: --profile_steps=20,30 is the tuple (20, 30).
 
     A part that is not an integer stays text, for train.profile_steps to refuse by name.

@@ -65,7 +65,8 @@ def build_pipeline(
     window is decoded (where the dataset's ``decode_window`` can) and resized.
     Evaluation:
     [resize the image to eval_size], normalise, pad to a multiple of the model's ``size_divisor``
-    (labels padded with the ignore label), padded batch. Labels keep their original size, so
+    (labels padded with the ignore label), batch images of one padded size together (any sizes
+    with eval_size, which resizes them to one). Labels keep their original size, so
     metrics are computed at full resolution; each example also carries 'image_size' and
     'label_size' (height, width before padding) for the evaluation to map logits back.
 
@@ -221,9 +222,23 @@ def build_pipeline(
         if num_examples and ds.cardinality() == tf.data.UNKNOWN_CARDINALITY:  # for the progress line
             ds = ds.apply(tf.data.experimental.assert_cardinality(num_examples))
         ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.padded_batch(batch_size, padding_values={"image": 0.0, "label": ignore, "image_size": 0,
-                                                         "label_size": 0})
-    return ds.prefetch(tf.data.AUTOTUNE)
+        padding = {"image": 0.0, "label": ignore, "image_size": 0, "label_size": 0}
+        if eval_size or batch_size == 1:
+            ds = ds.padded_batch(batch_size, padding_values=padding)
+        else:
+            # Images of one padded size per batch. Padded further to a larger image of its batch,
+            # an image's border would see that padding through the convolutions, and its logits
+            # would depend on which images it was batched with: the metrics would not be those
+            # of the model run on each image alone, as predict, export and a server run it.
+            ds = ds.group_by_window(
+                key_func=lambda ex: tf.cast(tf.shape(ex["image"])[0], tf.int64) * 2**20 + tf.cast(
+                    tf.shape(ex["image"])[1], tf.int64),
+                reduce_func=lambda _, window: window.padded_batch(batch_size, padding_values=padding),
+                window_size=batch_size)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    if not training and num_examples:
+        ds.num_examples = int(num_examples)  # the batches' count is unknown: progress counts images
+    return ds
 
 
 def resolve_normalization(normalization: T.Normalization | None, mean: Sequence[float] | None = None,

@@ -27,16 +27,16 @@ from segtrain.models.model import SegmentationModel
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
 
-def aspp(x, filters: int, rates: Sequence[int], dropout: float, synchronized: bool, name: str = "aspp"):
+def aspp(x, filters: int, rates: Sequence[int], dropout: float, name: str = "aspp"):
     """Atrous Spatial Pyramid Pooling: 1x1, 3x3 at each rate, image pooling; concat; 1x1 projection."""
-    branches = [conv_bn_relu(x, filters, f"{name}.1x1", kernel_size=1, synchronized=synchronized)]
+    branches = [conv_bn_relu(x, filters, f"{name}.1x1", kernel_size=1)]
     for rate in rates:
-        branches.append(conv_bn_relu(x, filters, f"{name}.rate{rate}", dilation_rate=rate, synchronized=synchronized))
+        branches.append(conv_bn_relu(x, filters, f"{name}.rate{rate}", dilation_rate=rate))
     pooled = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}.pool.mean")(x)
-    pooled = conv_bn_relu(pooled, filters, f"{name}.pool", kernel_size=1, synchronized=synchronized)
+    pooled = conv_bn_relu(pooled, filters, f"{name}.pool", kernel_size=1)
     branches.append(upsample_like(pooled, x, f"{name}.pool.resize"))
     x = keras.layers.Concatenate(name=f"{name}.concat")(branches)
-    x = conv_bn_relu(x, filters, f"{name}.project", kernel_size=1, synchronized=synchronized)
+    x = conv_bn_relu(x, filters, f"{name}.project", kernel_size=1)
     if dropout:
         x = keras.layers.Dropout(dropout, name=f"{name}.dropout")(x)
     return x
@@ -49,7 +49,6 @@ def deeplab(
     multi_grid: Sequence[int] | None = None,
     aspp_filters: int = 256,
     dropout: float = 0.1,
-    synchronized_batch_norm: bool = False,
     input_shape=None,
     *,
     decoder: bool,
@@ -64,9 +63,9 @@ def deeplab(
     inputs = image_input(input_shape)
     strides = (4, 32) if decoder else (32,)
     *low, x = encoder.pyramid(inputs, strides, output_stride=output_stride, multi_grid=multi_grid)
-    x = aspp(x, aspp_filters, ASPP_RATES[output_stride], dropout, synchronized_batch_norm)
+    x = aspp(x, aspp_filters, ASPP_RATES[output_stride], dropout)
     if decoder:
-        x = decoder_block(x, low[0], low_level_filters, decoder_filters, synchronized_batch_norm)
+        x = decoder_block(x, low[0], low_level_filters, decoder_filters)
     logits = classifier(x, num_classes)
     # Grad-CAM's layer: the backbone's last stage (before ASPP), the nested backbone's last output.
     cam_layer = f"backbone:{len(strides) - 1}" if decoder else "backbone"
@@ -75,14 +74,14 @@ def deeplab(
                              cam_layer=cam_layer)
 
 
-def decoder_block(x, low, low_level_filters: int, filters: int, synchronized: bool, name: str = "decoder"):
+def decoder_block(x, low, low_level_filters: int, filters: int, name: str = "decoder"):
     """v3+'s decoder: the encoder output resized to the stride-4 features (reduced by a 1x1
     convolution), concatenated, and refined by two 3x3 convolutions."""
-    low = conv_bn_relu(low, low_level_filters, f"{name}.low_level", kernel_size=1, synchronized=synchronized)
+    low = conv_bn_relu(low, low_level_filters, f"{name}.low_level", kernel_size=1)
     x = upsample_like(x, low, f"{name}.upsample")
     x = keras.layers.Concatenate(name=f"{name}.concat")([x, low])
-    x = conv_bn_relu(x, filters, f"{name}.conv1", synchronized=synchronized)
-    return conv_bn_relu(x, filters, f"{name}.conv2", synchronized=synchronized)
+    x = conv_bn_relu(x, filters, f"{name}.conv1")
+    return conv_bn_relu(x, filters, f"{name}.conv2")
 
 
 _ARGS = """
@@ -95,7 +94,6 @@ _ARGS = """
       multi_grid: per-block rates of the last stage, times its rate, e.g. (1, 2, 4).
       aspp_filters: channels of every ASPP branch and of the projection (256 in the paper).
       dropout: after the projection.
-      synchronized_batch_norm: batch statistics of the head across replicas.
       input_shape: (H, W, 3) to fix the input size, or None for any size.
 """
 

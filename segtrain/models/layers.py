@@ -19,17 +19,17 @@ def conv_bn_relu(
     kernel_size: int = 3,
     strides: int = 1,
     batch_norm: bool = True,
-    synchronized: bool = False,
     dilation_rate: int = 1,
     padding: str = "same",
 ):
-    """Conv -> [BatchNorm] -> ReLU."""
+    """Conv -> [BatchNorm] -> ReLU (train.synchronized_batch_norm synchronises every batch norm of a
+    model once it is built: segtrain.models.model.synchronize_batch_norm)."""
     x = keras.layers.Conv2D(
         filters, kernel_size, strides=strides, padding=padding, dilation_rate=dilation_rate,
         use_bias=not batch_norm, name=f"{name}.conv",
     )(x)
     if batch_norm:
-        x = keras.layers.BatchNormalization(synchronized=synchronized, name=f"{name}.bn")(x)
+        x = keras.layers.BatchNormalization(name=f"{name}.bn")(x)
     return keras.layers.ReLU(name=f"{name}.relu")(x)
 
 

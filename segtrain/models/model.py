@@ -71,3 +71,33 @@ def facts(model: keras.Model) -> ModelFacts:
         preprocessing=getattr(model, "preprocessing", None),
         cam_layer=getattr(model, "cam_layer", None),
     )
+
+
+def leaf_layers(model: keras.Model) -> list:
+    """The layers of ``model``, nested models (a backbone) opened up, as far as Keras exposes
+    them (``.layers``); a custom layer with sublayers of its own counts as one."""
+    found = []
+
+    def walk(layer):
+        children = getattr(layer, "layers", None)
+        if children:
+            for child in children:
+                walk(child)
+        else:
+            found.append(layer)
+
+    walk(model)
+    return found
+
+
+def synchronize_batch_norm(model: keras.Model, synchronized: bool = True) -> int:
+    """Makes every batch norm of ``model`` (backbone, encoder, decoder, head) compute its batch
+    statistics over all replicas (``synchronized=True``), or each over its own batch.
+
+    Keras reads the flag at every call, so a built model changes at once, and its saved config
+    says so. Returns the number of batch norm layers.
+    """
+    layers = [layer for layer in leaf_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in layers:
+        layer.synchronized = synchronized
+    return len(layers)

@@ -11,27 +11,27 @@ from segtrain.models.layers import CropLike, check_divisible, classifier, conv_b
 from segtrain.models.model import SegmentationModel
 
 
-def double_conv(x, filters: int, name: str, batch_norm: bool, synchronized: bool):
+def double_conv(x, filters: int, name: str, batch_norm: bool):
     """The U-Net unit: two 3x3 conv + BN + ReLU."""
-    x = conv_bn_relu(x, filters, f"{name}.conv1", batch_norm=batch_norm, synchronized=synchronized)
-    return conv_bn_relu(x, filters, f"{name}.conv2", batch_norm=batch_norm, synchronized=synchronized)
+    x = conv_bn_relu(x, filters, f"{name}.conv1", batch_norm=batch_norm)
+    return conv_bn_relu(x, filters, f"{name}.conv2", batch_norm=batch_norm)
 
 
-def up_block(x, skip, filters: int, name: str, batch_norm: bool, synchronized: bool):
+def up_block(x, skip, filters: int, name: str, batch_norm: bool):
     """2x up-convolution, concatenation with the encoder's skip, double conv."""
     x = keras.layers.Conv2DTranspose(filters, 2, strides=2, name=f"{name}.upconv")(x)
     x = keras.layers.Concatenate(name=f"{name}.concat")([x, skip])
-    return double_conv(x, filters, name, batch_norm, synchronized)
+    return double_conv(x, filters, name, batch_norm)
 
 
-def dilated_context(x, filters: int, rates, name: str, batch_norm: bool, synchronized: bool):
+def dilated_context(x, filters: int, rates, name: str, batch_norm: bool):
     """One 3x3 conv + BN + ReLU per rate, at that dilation, each added to its input.
 
     The residual sums keep the plain bottleneck's features reachable, so the extra layers start
     as a refinement rather than a detour the first steps must learn through.
     """
     for i, rate in enumerate(rates, start=1):
-        y = conv_bn_relu(x, filters, f"{name}.dilated{i}", batch_norm=batch_norm, synchronized=synchronized,
+        y = conv_bn_relu(x, filters, f"{name}.dilated{i}", batch_norm=batch_norm,
                          dilation_rate=rate)
         x = keras.layers.Add(name=f"{name}.dilated{i}.add")([x, y])
     return x
@@ -57,7 +57,6 @@ def unet(
     base_filters: int = 64,
     batch_norm: bool = True,
     dropout: float = 0.0,
-    synchronized_batch_norm: bool = False,
     bottleneck_dilations: tuple[int, ...] = (),
     input_shape=None,
 ) -> keras.Model:
@@ -76,7 +75,6 @@ def unet(
       base_filters: filters of the first level (64 in the paper).
       batch_norm: batch norm after every convolution.
       dropout: dropout rate at the bottleneck.
-      synchronized_batch_norm: batch statistics across replicas.
       bottleneck_dilations: dilation rates of the extra bottleneck convolutions, e.g. (2, 4, 8);
         () for none (the plain U-Net).
       input_shape: (H, W, 3) to fix the input size, or None for any size.
@@ -97,15 +95,15 @@ def unet(
     inputs = image_input(input_shape)
     x, skips = inputs, []
     for level in range(depth):
-        x = double_conv(x, base_filters * 2**level, f"encoder.level{level}", batch_norm, synchronized_batch_norm)
+        x = double_conv(x, base_filters * 2**level, f"encoder.level{level}", batch_norm)
         skips.append(x)
         x = keras.layers.MaxPooling2D(2, name=f"encoder.level{level}.pool")(x)
-    x = double_conv(x, base_filters * 2**depth, "bottleneck", batch_norm, synchronized_batch_norm)
-    x = dilated_context(x, base_filters * 2**depth, dilations, "bottleneck", batch_norm, synchronized_batch_norm)
+    x = double_conv(x, base_filters * 2**depth, "bottleneck", batch_norm)
+    x = dilated_context(x, base_filters * 2**depth, dilations, "bottleneck", batch_norm)
     if dropout:
         x = keras.layers.Dropout(dropout, name="bottleneck.dropout")(x)
     for level in reversed(range(depth)):
-        x = up_block(x, skips[level], base_filters * 2**level, f"decoder.level{level}", batch_norm, synchronized_batch_norm)
+        x = up_block(x, skips[level], base_filters * 2**level, f"decoder.level{level}", batch_norm)
     return SegmentationModel(inputs, classifier(x, num_classes), name="unet", size_divisor=2**depth,
                              output_stride=2**depth, cam_layer="bottleneck.conv2.relu")
 
@@ -260,10 +258,10 @@ def unet_resnet50(
         x = keras.layers.Conv2DTranspose(filters, 2, strides=2, activation="relu", name=f"{name}.upconv")(x)
         x = CropLike(name=f"{name}.crop")(x, skip)
         x = keras.layers.Concatenate(name=f"{name}.concat")([x, skip])
-        x = double_conv(x, filters, name, batch_norm=True, synchronized=False)
+        x = double_conv(x, filters, name, batch_norm=True)
     x = keras.layers.Conv2DTranspose(decoder_filters[3], 2, strides=2, activation="relu", name="decoder.stride1.upconv")(x)
     x = CropLike(name="decoder.stride1.crop")(x, inputs)
-    x = double_conv(x, decoder_filters[3], "decoder.stride1", batch_norm=True, synchronized=False)
+    x = double_conv(x, decoder_filters[3], "decoder.stride1", batch_norm=True)
     # The encoder's stride-16 features: the last of the nested backbone model's four outputs.
     return SegmentationModel(inputs, classifier(x, num_classes), name="unet_resnet50", output_stride=16,
                              preprocessing=encoder.input_preprocessing, cam_layer="backbone:3")

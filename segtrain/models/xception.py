@@ -19,11 +19,11 @@ from segtrain.models.layers import check_divisible, classifier, image_input
 from segtrain.models.model import SegmentationModel
 
 
-def separable_block(x, filters: int, name: str, downsample: bool, synchronized: bool = False):
+def separable_block(x, filters: int, name: str, downsample: bool):
     """BN-ReLU-SeparableConv twice, plus a 1x1-conv residual; max pool and stride 2 to go down."""
     residual = x
     for i in (1, 2):
-        x = keras.layers.BatchNormalization(synchronized=synchronized, name=f"{name}.bn{i}")(x)
+        x = keras.layers.BatchNormalization(name=f"{name}.bn{i}")(x)
         x = keras.layers.ReLU(name=f"{name}.relu{i}")(x)
         x = keras.layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"{name}.sepconv{i}")(x)
     strides = 2 if downsample else 1
@@ -39,7 +39,6 @@ def xception_unet(
     num_classes: int,
     stem_filters: int = 32,
     filters: Sequence[int] = (64, 128, 256, 512),
-    synchronized_batch_norm: bool = False,
     input_shape=None,
 ) -> keras.Model:
     """U-Net whose encoder is a mini-Xception of residual depthwise-separable blocks.
@@ -50,27 +49,25 @@ def xception_unet(
       num_classes: output channels (logits).
       stem_filters: filters of the 5x5 stem convolution (32, as in chapter 9).
       filters: one downsampling block per entry; inputs need sides divisible by 2**len(filters).
-      synchronized_batch_norm: batch statistics across replicas.
       input_shape: (H, W, 3) to fix the input size, or None.
     """
     if not filters:
         raise SegtrainError("models.xception_unet.filters is empty: give at least one block width.")
     depth = len(filters)
     check_divisible(input_shape, 2**depth, "xception_unet")
-    sync = synchronized_batch_norm
     inputs = image_input(input_shape)
     x = keras.layers.Conv2D(stem_filters, 5, padding="same", use_bias=False, name="stem.conv")(inputs)
     skips = []
     for level, width in enumerate(filters):
         skips.append(x)
-        x = separable_block(x, width, f"encoder.level{level}", downsample=True, synchronized=sync)
+        x = separable_block(x, width, f"encoder.level{level}", downsample=True)
     for level in reversed(range(depth)):
         name = f"decoder.level{level}"
         width = filters[level - 1] if level else stem_filters
         x = keras.layers.Conv2DTranspose(width, 3, strides=2, padding="same", name=f"{name}.upconv")(x)
         x = keras.layers.Concatenate(name=f"{name}.concat")([x, skips[level]])
-        x = separable_block(x, width, name, downsample=False, synchronized=sync)
-    x = keras.layers.BatchNormalization(synchronized=sync, name="head.bn")(x)
+        x = separable_block(x, width, name, downsample=False)
+    x = keras.layers.BatchNormalization(name="head.bn")(x)
     x = keras.layers.ReLU(name="head.relu")(x)
     return SegmentationModel(inputs, classifier(x, num_classes), name="xception_unet", size_divisor=2**depth,
                              output_stride=2**depth, cam_layer=f"encoder.level{depth - 1}.add")

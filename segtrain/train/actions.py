@@ -49,6 +49,8 @@ class OnNonFinite(Action):
       chief: whether this process writes the record.
     """
 
+    TAG = "nan_restores"
+
     def __init__(self, checkpoints: Checkpoints, policy: str = "stop", max_restores: int = 0, factor: float = 1.0,
                  restore=None, writer=None, record_path: str | None = None, chief: bool = True):
         self.checkpoints, self.policy, self.max_restores, self.factor = checkpoints, policy, max_restores, factor
@@ -91,20 +93,27 @@ class OnNonFinite(Action):
         if self.chief and self.record_path:
             write_json(self.record_path, {"restores": self.events})
         if self.writer is not None:
-            S.write_scalars(self.writer, {"nan_restores": len(self.events)}, step)
-            S.write_text(self.writer, "nan_restores", f"Loss {self.events[-1]['loss']} at step {step}: restored "
+            S.write_scalars(self.writer, {self.TAG: len(self.events)}, step)
+            S.write_text(self.writer, self.TAG, f"Loss {self.events[-1]['loss']} at step {step}: restored "
                          f"{self.events[-1]['restored']}, learning rate x{factor:g}.", step)
         raise Rewind(restored)
 
 
 class TrainSummaries(Action):
-    """The window's training scalars in TensorBoard (``train/``)."""
+    """The window's training scalars in TensorBoard (``train/``).
 
-    def __init__(self, writer):
+    When the run goes back to a checkpoint (``rewind``), what ``train/`` holds after its step goes,
+    but the NaN restores themselves: the steps are trained, and summarised, again.
+    """
+
+    def __init__(self, writer: S.EventWriter):
         self.writer = writer
 
     def __call__(self, window: Window) -> None:
         S.write_scalars(self.writer, window.scalars, window.step)
+
+    def rewind(self, step: int) -> None:
+        self.writer.rewind(step, keep=(OnNonFinite.TAG,))
 
 
 class ProgressLine(Action):
@@ -183,10 +192,14 @@ class Evaluate(Action):
 
 
 class EvalSummaries(Action):
-    """Every evaluation in TensorBoard (``eval/``): scalars, per-class values, confusion matrix."""
+    """Every evaluation in TensorBoard (``eval/``): scalars, per-class values, confusion matrix
+    (and, at ``rewind``, what ``eval/`` holds after the step the run goes back to)."""
 
-    def __init__(self, writer, class_names: Sequence[str]):
+    def __init__(self, writer: S.EventWriter, class_names: Sequence[str]):
         self.writer, self.class_names = writer, class_names
+
+    def rewind(self, step: int) -> None:
+        self.writer.rewind(step)
 
     def __call__(self, window: Window) -> None:
         if window.eval is None:
@@ -287,13 +300,15 @@ class WriteConfig(Action):
     At the start, after model, data, loss and optimizer are built: gin lists only what was called.
     """
 
+    TAG = "config/operative_gin"
+
     def __init__(self, model_dir: str, writer):
         self.model_dir, self.writer = model_dir, writer
 
     def start(self, step: int) -> None:
         config = gin.operative_config_str()
         atomic_write_text(os.path.join(self.model_dir, "operative_config.gin"), config)
-        S.write_text(self.writer, "config/operative_gin", S.gin_markdown(config), step)
+        S.write_text(self.writer, self.TAG, S.gin_markdown(config), step)
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:

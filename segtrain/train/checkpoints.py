@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from segtrain.errors import SegtrainError
 from segtrain.experiment import BEST_DIR, restore_checkpoint
-from segtrain.io import atomic_write_text, read_json, write_json
+from segtrain.io import WriteError, atomic_write_text, os_reason, read_json, write_json
 
 STATE_FILE = "checkpoint"  # TensorFlow's name for the state file of a checkpoint directory
 
@@ -109,8 +109,8 @@ class Checkpoints:
         path = os.path.join(self.best.directory, "best.json")
         try:
             write_json(path, record)
-        except OSError as e:
-            raise SegtrainError(f"Could not write {path}: {os_reason(e)}. {self.intact()}") from None
+        except WriteError as e:
+            raise SegtrainError(f"Could not write {path}: {e.reason}. {self.intact()}") from None
 
     def intact(self) -> str:
         """What a failed write leaves, and how to go on."""
@@ -293,13 +293,3 @@ def _write_state(directory: str, state) -> str:
         lines.append(f"last_preserved_timestamp: {state.last_preserved_timestamp!r}")
     atomic_write_text(os.path.join(directory, STATE_FILE), "\n".join(lines) + "\n")
     return paths[kept[-1]]
-
-
-def os_reason(error: Exception) -> str:
-    """The system's reason in an I/O error ('No space left on device', 'Read-only file
-    system'), without TensorFlow's op decorations."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    text = getattr(error, "message", None) or str(error)
-    text = re.sub(r"\s*\[Op:\w+\]\s*$", "", text.strip())
-    return text.rsplit(";", 1)[-1].strip() if ";" in text else text.splitlines()[-1].strip()

@@ -28,6 +28,7 @@ import gin
 import tensorflow as tf
 
 from segtrain.errors import SegtrainError
+from segtrain.io import remove_orphan_tempdirs
 from segtrain.train.cluster import (PORT_LAYOUTS, Cluster, check_addresses, chief_task, detect_cluster,
                                     pin_slurm_task_gpus, port_fix)
 
@@ -367,7 +368,7 @@ class WriteDir:
         if self.chief:
             self.path = model_dir
         else:
-            _remove_orphans(tempfile.gettempdir())
+            remove_orphan_tempdirs(tempfile.gettempdir(), _SCRATCH)  # of workers killed before
             self.path = tempfile.mkdtemp(prefix=f"segtrain-{task_name(strategy)}-{os.getpid()}-")
 
     def cleanup(self) -> None:
@@ -375,27 +376,5 @@ class WriteDir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-_SCRATCH = re.compile(r"segtrain-[a-z]+\d+-(\d+)-")
-
-
-def _remove_orphans(directory: str) -> None:
-    """Removes the scratch directories of workers on this machine whose process is gone."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        match = _SCRATCH.match(name)
-        if not match or _running(int(match.group(1))):
-            continue
-        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+# A worker's scratch directory: segtrain-<task>-<pid>-<random>.
+_SCRATCH = r"segtrain-[a-z]+\d+-(\d+)-"

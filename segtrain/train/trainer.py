@@ -7,12 +7,10 @@ adds to the experiment; ``Trainer.fit`` resumes from the latest checkpoint, buil
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from typing import Sequence
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -22,6 +20,8 @@ from segtrain.experiment import Experiment, ExperimentConfig, restore_checkpoint
 from segtrain.io import read_json
 from segtrain.train import actions as A
 from segtrain.train import loop
+from segtrain.train import replicas as R
+from segtrain.train import summaries as S
 from segtrain.train.checkpoints import Checkpoints
 from segtrain.train.distribute import WriteDir, build_strategy, lost_peers, task_name
 from segtrain.train.hparams import HParams
@@ -91,10 +91,17 @@ class Trainer:
         self.chief = self.write_dir.chief
         self.checkpoints = Checkpoints(model_dir, self.model, cfg.keep_checkpoints, write_dir=self.write_dir.path,
                                        optimizer=self.optimizer, step=self.step)
+        R.check_synchronized_xla(cfg.xla, cfg.synchronized_batch_norm, self.strategy)
         if cfg.xla and not tf.config.list_physical_devices("GPU"):
             warn("--xla without a GPU: XLA's speed-up is on GPUs. On a CPU it can be slower than "
                  "TensorFlow's own kernels, and the first step compiles for a while: compare with "
                  "benchmarks/bench_train.py before relying on it.")
+        # Per-replica state (segtrain.train.replicas): what each replica updates on its own is
+        # averaged at every window end; random-number state is made to differ per replica.
+        replicated = self.strategy.num_replicas_in_sync > 1
+        self._drifting = R.drifting_variables(self.model) if replicated else []
+        self._seed_states = R.seed_states(self.model) if replicated else []
+        self._decorrelated = False
         self._train_loop = tf.function(self._loop)
         # Under MirroredStrategy only the loss-and-gradient part compiles (apply_gradients on
         # mirrored variables does not), so that part is what XLA gets under every strategy.
@@ -130,6 +137,9 @@ class Trainer:
             loss, grads, cm = self._accumulate(images, labels)
         else:
             loss, grads, cm = self._forward_backward(images, labels)
+        if loss_scaling(self.optimizer) and self.strategy.num_replicas_in_sync > 1:
+            # An overflow on one replica skips the step on all of them (segtrain.train.replicas).
+            grads = R.finite_everywhere(grads)
         if self.config.clip_norm:
             # Clip the true gradient: unscale first, scale back after (powers of two: exact).
             scale = tf.cast(self.optimizer.dynamic_scale, tf.float32) if loss_scaling(self.optimizer) else None
@@ -150,6 +160,11 @@ class Trainer:
         micro-batch at a time: running several together would hold several micro-batches'
         activations, the memory accumulation exists to save. Gradients of the loss scaled for
         float16 stay scaled; apply_gradients unscales their sum.
+
+        Synchronised batch norm all-reduces inside the forward pass, which MirroredStrategy
+        cannot do inside a tf.while_loop (its merge_call). Then the micro-batches are unrolled
+        instead, each one starting after the previous one's gradients exist, so still one at a
+        time.
         """
         k = self.config.accumulation_steps
         variables = self.model.trainable_variables
@@ -171,7 +186,14 @@ class Trainer:
         c = self.experiment.info.num_classes
         start = (tf.constant(0), tf.constant(0.0), tf.zeros([c, c], tf.int64),
                  [tf.zeros(v.shape, v.dtype) for v in variables])
-        _, loss, cm, sums = tf.while_loop(lambda i, *_: i < k, body, start, parallel_iterations=1)
+        if self.config.synchronized_batch_norm:
+            state = start
+            for _ in range(k):
+                with tf.control_dependencies(state[3]):  # after the previous micro-batch's gradients
+                    state = body(*(tf.identity(x) if isinstance(x, tf.Tensor) else x for x in state))
+            _, loss, cm, sums = state
+        else:
+            _, loss, cm, sums = tf.while_loop(lambda i, *_: i < k, body, start, parallel_iterations=1)
         return loss, [sums[j] if j in present else None for j in range(len(variables))], cm
 
     def _clip(self, grads):
@@ -202,7 +224,21 @@ class Trainer:
             losses = losses.write(i, self.strategy.reduce("SUM", loss, axis=None))
             cm += self.strategy.reduce("SUM", r_cm, axis=None)
             self.step.assign_add(1)
+        if self._drifting:  # one all-reduce per window: every replica ends it with equal state
+            self.strategy.run(R.average_over_replicas, args=(self._drifting,))
         return losses.stack(), cm
+
+    def decorrelate_replicas(self) -> None:
+        """Gives each replica its own random-number state (dropout masks, noise), once: Keras
+        does not checkpoint SeedGenerator states, so a restore leaves them as they are (a new
+        process starts them equal again, from the seed)."""
+        if self._seed_states and not self._decorrelated:
+            self._decorrelated = True
+
+            def decorrelate():
+                self.strategy.run(R.decorrelate_seeds, args=(self._seed_states,))
+
+            tf.function(decorrelate)()
 
     # ---- the host side -----------------------------------------------------------------
     def train_window(self, iterator, step: int, n: int, first: bool = False) -> loop.Window:
@@ -263,9 +299,13 @@ class Trainer:
         cfg, exp = self.config, self.experiment
         os.makedirs(self.model_dir, exist_ok=True)
         restored = self.checkpoints.restore_latest()
+        self.decorrelate_replicas()
         start = int(self.step.numpy())
         if restored:
             print(f"Resuming {self.model_dir} from {os.path.basename(restored)} at step {start}")
+            if self.chief:  # what was written after the checkpoint is written again: one value per step
+                S.purge_after(os.path.join(self.model_dir, "train"), start, at_step=(A.WriteConfig.TAG,))
+                S.purge_after(os.path.join(self.model_dir, "eval"), start)
         best = A.KeepBest(self.checkpoints, cfg.best_metric, cfg.mode, cfg.min_delta)
         early_stopping = A.EarlyStopping(best, cfg.early_stopping_patience)
         results_path = os.path.join(self.model_dir, f"eval_results_{cfg.eval_split}.json")
@@ -283,8 +323,8 @@ class Trainer:
         self._check_output(crop_size)
         eval_ds = exp.eval_dataset(cfg.eval_split)
         # Summaries come from the chief alone; the other workers' would be duplicates.
-        writers = {k: (tf.summary.create_file_writer(os.path.join(self.model_dir, k)) if self.chief
-                       else tf.summary.create_noop_writer()) for k in ("train", "eval")}
+        writers = {k: S.EventWriter(os.path.join(self.model_dir, k) if self.chief else None)
+                   for k in ("train", "eval")}
         # Without periodic evaluation, still checkpoint now and then so a long run can resume.
         checkpoint_every = cfg.checkpoint_every or (cfg.eval_every or min(1000, cfg.num_steps))
         on_nan = A.OnNonFinite(self.checkpoints, cfg.on_nan, cfg.max_nan_restores, cfg.nan_lr_factor,
@@ -319,19 +359,23 @@ class Trainer:
         finally:
             for writer in writers.values():
                 writer.close()
-        task = task_name(self.strategy)
-        if task != "local":  # lets a multi-worker job confirm that its workers agree
-            print(f"{task}: step {step}, weights sha256 {weights_fingerprint(self.model)}")
+        R.report_agreement(self.strategy, self.state_variables(), task_name(self.strategy), step)
         return evaluate.results
+
+    def state_variables(self) -> list:
+        """The state every replica must hold alike: the model's weights (batch-norm statistics
+        included), the optimizer's variables and the step."""
+        return [*self.model.weights, *self.optimizer.variables, self.step]
 
     def _final_evaluation(self, step: int, results_path: str, best: A.KeepBest) -> dict:
         """The evaluation at the end of a run that was killed after its last save, before or
         while it evaluated: what the last window's actions would have done."""
         cfg, exp = self.config, self.experiment
         print(f"{self.model_dir} is at step {step}, but its final evaluation did not finish: evaluating it now.")
+        if self.chief:  # what the interrupted evaluation wrote is written again
+            S.purge_after(os.path.join(self.model_dir, "eval"), step - 1)
         eval_ds = exp.eval_dataset(cfg.eval_split)
-        writer = (tf.summary.create_file_writer(os.path.join(self.model_dir, "eval")) if self.chief
-                  else tf.summary.create_noop_writer())
+        writer = S.EventWriter(os.path.join(self.model_dir, "eval") if self.chief else None)
         evaluate = A.Evaluate(exp.evaluator(), eval_ds, None, results_path, cfg.eval_split, self.chief)
         window = loop.Window(step, 0, np.zeros(0, np.float32), {}, 0.0, last=True)
         try:
@@ -375,10 +419,3 @@ def _unevaluated(results_path: str, step: int) -> bool:
         return True
     return read_json(results_path).get("step") != step
 
-
-def weights_fingerprint(model: keras.Model) -> str:
-    """A short SHA-256 of every weight of ``model``: equal on workers that hold equal weights."""
-    digest = hashlib.sha256()
-    for v in model.weights:
-        digest.update(np.asarray(v.numpy()).tobytes())
-    return digest.hexdigest()[:16]

@@ -111,6 +111,20 @@ def test_eval_keeps_full_size_and_pads_to_the_model_divisor():
         assert np.all(label[:, :37, :45] != 255)
 
 
+def test_eval_batches_hold_images_of_one_padded_size():
+    """An image's logits must not depend on which images it is batched with: padded further to
+    a larger image of its batch, its border would see that padding through the convolutions."""
+    sizes = [(37, 45), (20, 30), (37, 45), (19, 29), (40, 48)]  # padded to 8: 40x48, 24x32, 40x48, 24x32, 40x48
+    examples = [next(iter(_coded(n=1, h=h, w=w, seed=i))) for i, (h, w) in enumerate(sizes)]
+    ds = tf.data.Dataset.from_generator(lambda: iter(examples), output_signature={
+        "image": tf.TensorSpec([None, None, 3], tf.uint8), "label": tf.TensorSpec([None, None], tf.uint8)})
+    pipe = build_pipeline(ds, INFO, "validation", False, 2, 8, mean=MEAN, std=STD)
+    batches = list(pipe)
+    assert sorted((tuple(b["image"].shape[:3])) for b in batches) == [(1, 40, 48), (2, 24, 32), (2, 40, 48)]
+    seen = sorted(tuple(size) for b in batches for size in b["image_size"].numpy().tolist())
+    assert seen == sorted(sizes) and pipe.num_examples == 5  # every image once; the progress line's total
+
+
 def test_batch_larger_than_split_is_a_clear_error():
     with pytest.raises(SegtrainError, match=r"train.batch_size=8 is larger than dataset 'toy' split 'train' \(6 examples\)"):
         build_pipeline(_coded(), INFO, "train", True, 8, 1, crop_size=(16, 16))

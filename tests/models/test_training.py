@@ -2,7 +2,9 @@
 XLA, on 1 and 2 replicas (logical CPU devices), with falling loss.
 
 Two settings cover every level of the three factors for every model: float32 without XLA on
-two replicas, and mixed_float16 with XLA on one device. One process trains the tiny form of
+two replicas, and mixed_float16 with XLA on one device. Two more train a U-Net and DeepLab v3+
+on two replicas in mixed_float16 with XLA and gradient accumulation, and DeepLab v3+ in
+mixed_bfloat16 with dropout. On two replicas every copy of every variable must agree after every window. One process trains the tiny form of
 every model (tests/models/tiny.py) under both, each on a single repeated batch, so the loss
 must fall.
 """
@@ -26,7 +28,16 @@ pytestmark = pytest.mark.slow
 SETTINGS = {
     "float32, no XLA, 2 replicas": {"precision": "float32", "xla": False, "replicas": 2},
     "mixed_float16, XLA, 1 replica": {"precision": "mixed_float16", "xla": True, "replicas": 1},
+    # The other precisions, XLA and accumulation on 2 replicas, on a model whose batch norm is
+    # all its own and one with a backbone's, a decoder's and dropout: the copies must agree.
+    "mixed_float16, XLA, 2 replicas, accumulation": {
+        "precision": "mixed_float16", "xla": True, "replicas": 2, "models": ["unet", "deeplabv3_plus"],
+        "bindings": ["train.accumulation_steps = 2"]},
+    "mixed_bfloat16, no XLA, 2 replicas, dropout": {
+        "precision": "mixed_bfloat16", "xla": False, "replicas": 2, "models": ["deeplabv3_plus"],
+        "bindings": ["models.deeplabv3_plus.dropout = 0.5"]},
 }
+CASES = [(setting, model) for setting in SETTINGS for model in SETTINGS[setting].get("models", sorted(TINY_MODELS))]
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +52,19 @@ def trained(tmp_path_factory):
     return json.loads(lines[-1][len("RESULT "):])
 
 
-@pytest.mark.parametrize("setting", SETTINGS)
-@pytest.mark.parametrize("model", sorted(TINY_MODELS))
+@pytest.mark.parametrize("setting, model", CASES)
 def test_model_trains_with_falling_loss(trained, setting, model):
-    losses = trained[setting][model]
-    assert isinstance(losses, list), losses  # else the error the run ended with
+    result = trained[setting][model]
+    assert isinstance(result, dict), result  # else the error the run ended with
+    losses = result["losses"]
     assert np.all(np.isfinite(losses)), losses
     assert losses[-1] < losses[0], f"{model} under {setting}: loss per window {losses}"
+
+
+@pytest.mark.parametrize("setting, model", [(s, m) for s, m in CASES if SETTINGS[s]["replicas"] > 1])
+def test_every_replica_holds_the_same_state_at_every_window_end(trained, setting, model):
+    """Weights, batch-norm statistics (the model's, its backbone's, its decoder's), optimizer
+    slots, loss scale and step: bit-identical copies on both replicas after every window."""
+    result = trained[setting][model]
+    assert isinstance(result, dict), result
+    assert result["disagree"] == [[]] * len(result["losses"]), f"{model} under {setting}: {result['disagree']}"

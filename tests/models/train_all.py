@@ -4,7 +4,8 @@
         {"float32, 2 replicas": {"precision": "float32", "xla": false, "replicas": 2}}}'
 
 A process of its own: the CPU is split into two logical devices before TensorFlow starts.
-Prints one line ``RESULT {setting: {model: [loss of each window] or error}}`` at the end.
+A setting may name its own "models" and extra gin "bindings". Prints one line ``RESULT {setting:
+{model: {"losses": [loss of each window], "disagree": [...], "drifting": n} or error}}`` at the end.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def main(spec: dict) -> dict:
     results: dict[str, dict] = {}
     for name, setting in spec["settings"].items():
         results[name] = {}
-        for model in spec["models"]:
+        for model in setting.get("models", spec["models"]):
             gin.clear_config()
-            parse_config([], TINY + tiny.bindings(model) + [
+            parse_config([], TINY + tiny.bindings(model) + list(setting.get("bindings", ())) + [
                 f"train.precision = '{setting['precision']}'", f"train.xla = {setting['xla']}",
                 "train.dataset = 'fixed_shapes_batch'", "train.batch_size = 4", "pipeline.crop_size = (64, 64)",
                 # Momentum SGD: the loss falls within a few steps for every model, and its update
@@ -88,14 +89,19 @@ def _register_fixed_batch() -> None:
         return tf.data.Dataset.from_tensor_slices(arrays), info
 
 
-def _train(trainer, windows: int = 3, steps: int = 3) -> list[float]:
-    """The trainer's own compiled windows, without the actions of fit()."""
+def _train(trainer, windows: int = 3, steps: int = 3) -> dict:
+    """The trainer's own compiled windows, without the actions of fit(): the loss of each, and
+    the variables whose copies on the replicas differ at each window's end."""
+    from segtrain.train import replicas
+
     iterator, crop = trainer.iterator(seed=0)
     trainer._check_output(crop)
-    losses = []
+    trainer.decorrelate_replicas()
+    losses, disagree = [], []
     for window in range(windows):
         losses.append(trainer.train_window(iterator, window * steps, steps, first=window == 0).scalars["loss"])
-    return losses
+        disagree.append(replicas.disagreements(trainer.strategy, trainer.state_variables()))
+    return {"losses": losses, "disagree": disagree, "drifting": len(trainer._drifting)}
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import pytest
 
 from segtrain.errors import SegtrainError
 from segtrain.train import lock as L
-from tests.conftest import REPO, assert_user_error, read_scalars, segtrain_main, tiny_flags
+from tests.conftest import REPO, assert_user_error, event_steps, read_scalars, segtrain_main, tiny_flags
 from tests.data import fabricate as F
 
 # SIGKILLs the process at the n-th call of one function (FAULT=kind:n), then runs `segtrain`.
@@ -351,3 +351,98 @@ def test_a_run_killed_in_its_final_evaluation_evaluates_when_rerun(trained_run, 
     configure()
     train(run)  # now complete: nothing to do
     assert "nothing to train" in capsys.readouterr().out
+    steps = event_steps(os.path.join(run, "eval"))
+    assert ("mean_iou", 6) in steps and len(steps) == len(set(steps)), "the evaluation at 6 is in TensorBoard once"
+
+
+def test_a_resumed_run_leaves_one_value_per_step_in_tensorboard(trained_run, tmp_path, configure, capsys):
+    """Killed after window 6's summaries, before its checkpoint: the rerun trains 4..6 again from
+    ckpt-3, and TensorBoard shows each step once, the rerun's values."""
+    from segtrain.train import checkpoints as C
+    from segtrain.train.trainer import train
+    from tests.conftest import copy_run
+
+    run = copy_run(trained_run, tmp_path / "run")
+    for name in os.listdir(run):
+        if name.startswith("ckpt-6"):
+            os.remove(os.path.join(run, name))
+    C.repair(run)  # the state file names ckpt-3 again
+    os.remove(os.path.join(run, "eval_results_validation.json"))
+    before = event_steps(os.path.join(run, "train"))
+    assert ("loss", 6) in before and ("config/operative_gin (text)", 0) in before
+    configure()
+    train(run)
+    assert f"Resuming {run} from ckpt-3 at step 3" in capsys.readouterr().out
+    for logdir in ("train", "eval"):
+        steps = event_steps(os.path.join(run, logdir))
+        duplicates = sorted({s for s in steps if steps.count(s) > 1})
+        assert not duplicates, f"{logdir}: {duplicates}"
+    train_steps = event_steps(os.path.join(run, "train"))
+    assert ("loss", 6) in train_steps and ("config/operative_gin (text)", 3) in train_steps
+    assert ("config/operative_gin (text)", 0) in train_steps, "the first start's config stays"
+    losses = dict((step, value) for step, value in read_scalars(os.path.join(run, "train"))["loss"])
+    assert set(losses) == {3, 6}
+
+
+# ---- every other write on a full disk --------------------------------------------------------
+
+def _no_leftovers(directory) -> None:
+    left = [n for root, dirs, files in os.walk(directory) for n in dirs + files if n.endswith((".tmp", "_temp"))]
+    assert not left, left
+
+
+def test_every_other_write_on_a_full_disk_is_one_message_naming_the_path(tmpfs, monkeypatch):
+    """Results, the operative config, the NaN record, HParams and TensorBoard events: one
+    message naming the path, and nothing half-written."""
+    import gin
+    import tensorflow as tf
+
+    from segtrain.evaluation import write_results
+    from segtrain.io import WriteError, write_json
+    from segtrain.train import actions as A
+    from segtrain.train import summaries as S
+    from segtrain.train.hparams import HParams
+
+    mount = tmpfs("1m")
+    _fill(mount)
+    monkeypatch.setattr(gin, "operative_config_str", lambda: "train.num_steps = 6\n" * 100)
+    writes = {
+        "eval_results_validation.json": lambda path: write_results(path, {"loss": 1.0}),
+        "nan_restores.json": lambda path: write_json(path, {"restores": []}),
+        "operative_config.gin": lambda path: A.WriteConfig(os.path.dirname(path),
+                                                           tf.summary.create_noop_writer()).start(0),
+    }
+    for name, write in writes.items():
+        path = os.path.join(mount, "run", name)
+        with pytest.raises(WriteError) as failed:
+            write(path)
+        assert str(failed.value).startswith(f"Could not write {path}: No space left on device. Nothing was left "
+                                            f"half-written. Free space in {mount}/run or make it writable")
+    for what, write in (("hparams", lambda d: HParams(d).start(0)), ("train", S.file_writer)):
+        logdir = os.path.join(mount, "run", what)
+        os.makedirs(logdir, exist_ok=True)
+        with pytest.raises(WriteError) as failed:
+            write(logdir)
+        assert str(failed.value).startswith(f"Could not write TensorBoard events in {logdir}: No space left on device")
+        assert os.listdir(logdir) == [], "the empty events file TensorFlow left is removed"
+    _no_leftovers(mount)
+
+
+def test_evaluate_predict_and_export_on_a_full_disk(trained_run, tmp_path, tmpfs):
+    from segtrain.images import write_image
+    from tests.conftest import copy_run
+
+    mount = tmpfs("16m")
+    run = copy_run(trained_run, os.path.join(mount, "run"))
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    write_image(str(image), __import__("numpy").zeros((20, 24, 3), "uint8"))
+    _fill(mount)
+    evaluated = segtrain_main("evaluate", f"--model_dir={run}", "--split=validation")
+    assert_user_error(evaluated, f"Could not write {run}/eval_results.json: No space left on device")
+    predicted = segtrain_main("predict", f"--model_dir={run}", f"--input={image}", f"--output={mount}/out")
+    assert_user_error(predicted, f"Could not write {mount}/out/a.png: No space left on device")
+    exported = segtrain_main("export", f"--model_dir={run}", f"--output={mount}/export/1")
+    assert_user_error(exported, f"Could not write the export {mount}/export/1: No space left on device")
+    assert not os.path.exists(f"{mount}/export/1")
+    _no_leftovers(mount)

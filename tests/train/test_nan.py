@@ -13,7 +13,7 @@ from registry import LOSSES
 from segtrain.errors import SegtrainError
 from segtrain.losses import cross_entropy
 from segtrain.train.trainer import train
-from tests.conftest import read_scalars
+from tests.conftest import event_steps, read_scalars
 
 
 def _nan_at_calls(*calls: int):
@@ -61,6 +61,19 @@ def test_a_nan_restores_the_last_checkpoint_halves_the_rate_and_the_run_ends(tmp
     assert rates[2] == pytest.approx(0.01) and rates[8] == pytest.approx(0.005)
     assert all(np.isfinite(v) for _, v in scalars["loss"])  # the bad window was not summarised
     assert os.path.exists(tmp_path / "eval_results_validation.json")
+
+
+@pytest.mark.slow
+def test_the_steps_trained_again_after_a_restore_are_in_tensorboard_once(tmp_path, configure):
+    """Checkpoints every 4 steps, windows of 2: window 6 is summarised, the NaN at step 7 goes
+    back to ckpt-4, and steps 5-6 are trained and summarised again."""
+    _nan_at_calls(7)
+    configure(*SETTINGS, "train.checkpoint_every = 4")
+    train(str(tmp_path))
+    steps = event_steps(str(tmp_path / "train"))
+    assert not sorted({s for s in steps if steps.count(s) > 1})
+    assert ("loss", 6) in steps and ("nan_restores", 7) in steps
+    assert [step for tag, step in steps if tag == "loss"] == [2, 4, 6, 8]
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tests.conftest import REPO, TINY, segtrain_cli, segtrain_main
 from tests.conftest import assert_user_error as _fails
+from tests.evaluated import assert_evaluated_model_is_saved
 from tests.conftest import tiny_flags as _params
 
 SCRIPT = textwrap.dedent("""
@@ -71,7 +72,7 @@ STRATEGIES = {
 SAME_WEIGHTS = ["learning_rate.base = 0.01", "train.clip_norm = 1.0", "pipeline.deterministic = True",
                 "optimizer.name = 'sgd'", "train.num_image_panels = 0"]
 BATCH_NORM = {"no_batch_norm": "models.unet.batch_norm = False",
-              "synchronized_batch_norm": "models.unet.synchronized_batch_norm = True"}
+              "synchronized_batch_norm": "train.synchronized_batch_norm = True"}
 
 
 def _ok(result):
@@ -89,6 +90,8 @@ def runs(tmp_path_factory):
         {"name": "with_unused_weights", "strategy": "two",
          "bindings": TINY + ["train.model = 'with_unused_weights'", "train.clip_norm = 0.5"]},
         {"name": "batch_3", "strategy": "two", "bindings": TINY + ["train.batch_size = 3"]},
+        # Batch norm as the models build it: each replica's own batch statistics.
+        {"name": "two-default_batch_norm", "strategy": "two", "bindings": TINY},
         {"name": "two-colour_on_device", "strategy": "two",
          "bindings": TINY + SAME_WEIGHTS + [BATCH_NORM["no_batch_norm"], "pipeline.colour_on_device = True"]},
     ]
@@ -144,6 +147,16 @@ def test_one_and_two_replicas_train_the_same_weights(runs, batch_norm):
     results = [json.loads((d / "eval_results_validation.json").read_text()) for d in (one_dir, two_dir)]
     for key in ("loss", "pixel_accuracy", "mean_iou"):
         assert results[0][key] == pytest.approx(results[1][key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_two_replicas_save_the_model_they_evaluated(runs, tmp_path):
+    """Each replica normalises with its own batch statistics; at every window end they are
+    averaged, so the checkpoint, the best checkpoint and the export hold the model the run's
+    own evaluations scored."""
+    model_dir, results = runs["two-default_batch_norm"]
+    assert np.isfinite(results["loss"])
+    assert_evaluated_model_is_saved(model_dir, tmp_path)
 
 
 @pytest.mark.slow
