@@ -3,15 +3,16 @@
     segtrain train --gin_file=gin/quickstart.gin [--gin_param='train.num_steps = 100'] --model_dir=D
         [--strategy=auto|one_device|mirrored|multi_worker] [--cpu_replicas=N]
         [--precision=float32|mixed_float16|mixed_bfloat16] [--xla] [--profile_steps=A,B]
-    segtrain evaluate --model_dir=D [--split=test] [--checkpoint=best|latest] [--batch_size=N]
+    segtrain evaluate --model_dir=D [--split=test] [--checkpoint=best|latest|ckpt-N] [--batch_size=N]
         [--mode=whole|slide --crop_size=H,W --stride=H,W] [--scales=0.75,1.0,1.25 --flip] [--postprocess=dense_crf]
     segtrain predict --model_dir=D --input=FILES_GLOB_OR_DIR --output=OUT [--probabilities] [--strict]
         [--mode/--crop_size/--stride/--scales/--flip/--postprocess as evaluate]
     segtrain export --model_dir=D --output=E [--probabilities] [--overwrite]
     segtrain explain --model_dir=D --input=... --class=NAME [--layer=L|list] [--box=Y0,X0,Y1,X1] [--activations]
-        [--output=O] [--checkpoint=best|latest]
+        [--output=O] [--checkpoint=best|latest|ckpt-N]
     segtrain prepare --dataset=voc2012 --source_dir=RAW --data_dir=OUT [--num_workers=K] [--splits=train,val]
         [--skip_bad_examples] [--overwrite] [--gin_param='datasets.voc2012_aug.sbd_dir = "..."']
+    segtrain prepare --dataset=voc2012 --data_dir=OUT --verify [--splits=train,val]
     segtrain data-service --port=P [--dispatcher=HOST:PORT] [--host=NAME]
     segtrain list [--models [--details]]
     segtrain doctor [the flags of `segtrain train`]     # a pre-flight check, started the way the job starts
@@ -90,8 +91,9 @@ def _train(fv):
 def _trained_run(fv, what="evaluate"):
     _gin(fv)
     flags.DEFINE_string("model_dir", None, "The run directory `segtrain train` wrote.", flag_values=fv)
-    flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
-                      f"Which checkpoint to restore (gin: {what}.checkpoint).", flag_values=fv)
+    flags.DEFINE_string("checkpoint", "best", "Which checkpoint to restore: best (the latest when no best was kept), "
+                        "latest, or one by name (ckpt-600, best/ckpt-400) or path (gin: "
+                        f"{what}.checkpoint).", flag_values=fv)
 
 
 def _inference(fv, what):
@@ -173,6 +175,9 @@ def _prepare(fv):
     flags.DEFINE_bool("skip_bad_examples", False, "Leave out bad examples (listed in skipped_examples.txt in the "
                       "prepared dataset) instead of stopping.", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "Rebuild a dataset that is already prepared.", flag_values=fv)
+    flags.DEFINE_bool("verify", False, "Read every record of the prepared dataset (of --splits, default all) and "
+                      "report damaged or missing shard files; exit 1 if there are any. Writes nothing.",
+                      flag_values=fv)
     _verbosity(fv)
 
 
@@ -315,6 +320,8 @@ def _run(command: str, fv: flags.FlagValues) -> int:
     if command == "prepare":
         from segtrain.commands import prepare
 
+        if fv.verify:
+            return prepare.verify_prepared(fv.dataset, fv.data_dir, fv.gin_file, fv.gin_param, fv.splits)
         return prepare.run(fv.dataset, fv.source_dir, fv.data_dir, fv.gin_file, fv.gin_param, fv.num_workers,
                            fv.skip_bad_examples, fv.overwrite, fv.splits)
     if command == "doctor":

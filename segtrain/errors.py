@@ -63,13 +63,25 @@ class data_errors:  # noqa: N801 (used as a context manager, reads like a statem
 
     The check runs inside tf.data, so it surfaces as an InvalidArgumentError wrapped in
     framework context, with quotes escaped; other errors pass through unchanged.
+
+    Args:
+      damaged: ``damaged(error) -> message or None`` for an error that may come from damaged
+        data files (a DataLossError, a missing record file): the message replaces the error.
     """
+
+    def __init__(self, damaged=None):
+        self.damaged = damaged
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
         import tensorflow as tf
+
+        if self.damaged is not None and exc_type is not None and issubclass(exc_type, tf.errors.OpError):
+            message = self.damaged(exc)
+            if message:
+                raise SegtrainError(message) from None
 
         if exc_type is not None and issubclass(exc_type, tf.errors.InvalidArgumentError):
             text = exc.message

@@ -23,7 +23,9 @@ import tensorflow as tf
 from registry import DATASETS, LOSSES, METRICS, MODELS
 from segtrain import metrics as M
 from segtrain import precision as P
+from segtrain.data.files import damaged_data
 from segtrain.data.info import DatasetInfo
+from segtrain.data.verify import is_damaged_read
 from segtrain.data.pipeline import PASSED_ARGS, build_pipeline, resolve_normalization
 from segtrain.data.transforms import Normalization, finish_batch, preprocessing
 from segtrain.errors import SegtrainError, warn
@@ -31,8 +33,8 @@ from segtrain.evaluation import Evaluator
 from segtrain.inference import Inference, InferenceOptions
 from segtrain.losses import ClassStatistics, build_loss
 from segtrain.models.model import ModelFacts, facts, synchronize_batch_norm
+from segtrain.run_dir import BEST_DIR, DamagedCheckpoint, diagnose, is_damage, problem, readable_others, resolve
 
-BEST_DIR = "best"  # model_dir/best/ holds the best checkpoint and best.json
 
 # The shared input pipeline, configured in gin under pipeline.*; the experiment passes the rest.
 pipeline = gin.external_configurable(build_pipeline, name="pipeline", denylist=list(PASSED_ARGS))
@@ -90,6 +92,9 @@ class ExperimentConfig:
         nan_lr_factor, go on with the next batches).
       max_nan_restores: restores a run may make; the next NaN after that stops it.
       nan_lr_factor: what each restore multiplies the learning rate by.
+      on_damaged_checkpoint: a latest checkpoint that does not read (files cut short, changed
+        or missing) at a resume: 'fallback' to the newest one that reads (the damaged ones
+        moved to model_dir/damaged/), or 'stop' with a message.
       preemption_grace: seconds the scheduler leaves between SIGTERM and SIGKILL; a run
         warns when its windows (steps_per_loop steps) take longer than that to end.
       profile_steps: (A, B): trace training steps A..B (1-based, inclusive) with the TensorFlow
@@ -124,6 +129,7 @@ class ExperimentConfig:
     on_nan: str = "stop"
     max_nan_restores: int = 3
     nan_lr_factor: float = 0.5
+    on_damaged_checkpoint: str = "fallback"
     preemption_grace: float = 30.0
     profile_steps: Sequence[int] | None = None
 
@@ -156,6 +162,8 @@ class ExperimentConfig:
             self.profile_steps = tuple(steps)
         if self.on_nan not in ("stop", "restore"):
             raise SegtrainError(f"train.on_nan={self.on_nan!r}: use 'stop' or 'restore'.")
+        if self.on_damaged_checkpoint not in ("fallback", "stop"):
+            raise SegtrainError(f"train.on_damaged_checkpoint={self.on_damaged_checkpoint!r}: use 'fallback' or 'stop'.")
         if self.precision not in P.PRECISIONS:
             raise SegtrainError(f"train.precision={self.precision!r} is not one of {', '.join(P.PRECISIONS)}.")
         for field in ("xla", "synchronized_batch_norm"):
@@ -207,6 +215,14 @@ class Experiment:
         self._dataset_fn = DATASETS.get(self.config.dataset)
         self._model_fn = MODELS.get(self.config.model)
         self._loss_factory = LOSSES.get(self.config.loss)
+
+    def damaged_data(self, error: BaseException, splits: Sequence[str]) -> str | None:
+        """When reading ``splits`` failed with ``error``: the message naming the damaged shard
+        files of the prepared dataset and how to rebuild it, or None if that is not the cause."""
+        if not is_damaged_read(error):
+            return None
+        name = self.config.dataset
+        return damaged_data(DATASETS.original(name), splits, gin.get_bindings(f"datasets.{name}"))
 
     def read(self, split: str) -> tuple[tf.data.Dataset, DatasetInfo]:
         """What the dataset plugin returns for ``split``: examples (maybe encoded) and facts."""
@@ -315,24 +331,30 @@ class Experiment:
 
         Args:
           model_dir: the run's directory.
-          checkpoint: 'best' (the latest when no best was kept) or 'latest'.
+          checkpoint: 'best' (the latest when no best was kept), 'latest', or one checkpoint of
+            the run by name ('ckpt-600', 'best/ckpt-400') or path.
 
         Returns:
           (the checkpoint's path, its training step).
 
         Raises:
-          SegtrainError: no checkpoint, or one of a different model.
+          SegtrainError: no such checkpoint, one of a different model, or one that does not read
+            (what is wrong with it, and the run's checkpoints that do read).
         """
-        if checkpoint not in ("best", "latest"):
-            raise SegtrainError(f"--checkpoint={checkpoint!r}: use 'best' or 'latest'.")
-        path = ((checkpoint == "best" and tf.train.latest_checkpoint(os.path.join(model_dir, BEST_DIR)))
-                or tf.train.latest_checkpoint(model_dir))
-        if not path:
-            raise SegtrainError(
-                f"No checkpoint in {model_dir}: train first with `segtrain train --model_dir={model_dir} ...`."
-            )
+        path = resolve(model_dir, checkpoint)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        restore_checkpoint(tf.train.Checkpoint(model=self.model, step=step), path, partial=True)
+        try:
+            missing = problem(path)
+            if missing:
+                raise DamagedCheckpoint(path, missing)
+            restore_checkpoint(tf.train.Checkpoint(model=self.model, step=step), path, partial=True)
+        except DamagedCheckpoint as e:
+            others = readable_others(model_dir, path)
+            choice = (f"Checkpoints of {model_dir} that read: "
+                      + ", ".join(f"{name} (--checkpoint={name})"
+                                  for name in others) + "." if others else
+                      f"No other checkpoint of {model_dir} reads: restore the files from a copy, or train again.")
+            raise SegtrainError(f"{e} {choice}") from None
         return path, int(step.numpy())
 
 
@@ -340,7 +362,11 @@ def restore_checkpoint(checkpoint: tf.train.Checkpoint, path: str, partial: bool
     """Restores ``path`` into every object of ``checkpoint``; ``partial``: the file may hold more
     (an optimizer the caller did not build).
 
+    TensorFlow checks every tensor it reads against the checksum the checkpoint's index recorded,
+    so a restore that succeeds read undamaged data.
+
     Raises:
+      DamagedCheckpoint: the checkpoint's files are missing, cut short or changed.
       SegtrainError: the checkpoint was written by a different model or configuration.
     """
     try:
@@ -348,14 +374,25 @@ def restore_checkpoint(checkpoint: tf.train.Checkpoint, path: str, partial: bool
         if partial:
             status.expect_partial()
         status.assert_existing_objects_matched()
-    except (ValueError, AssertionError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        model_dir = os.path.dirname(path.rstrip("/"))
-        if os.path.basename(model_dir) == BEST_DIR:
-            model_dir = os.path.dirname(model_dir)
-        what = "model" if partial else "model and optimizer"
-        raise SegtrainError(
-            f"Checkpoint {path} does not fit the {what} configured now: it was written by a "
-            f"different model or configuration ({first[:300]}). Use a new --model_dir, or the gin "
-            f"configuration the run was trained with ({model_dir}/operative_config.gin)."
-        ) from None
+    except (IndexError, tf.errors.OpError) as e:
+        if is_damage(e):
+            raise DamagedCheckpoint(path, diagnose(path, e)) from None
+        if not isinstance(e, (tf.errors.NotFoundError, tf.errors.InvalidArgumentError)):
+            raise
+        _does_not_fit(path, partial, e)
+    except (ValueError, AssertionError) as e:
+        _does_not_fit(path, partial, e)
+
+
+def _does_not_fit(path: str, partial: bool, e: Exception) -> None:
+    """Raises the message of a checkpoint written by another model or configuration."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    model_dir = os.path.dirname(path.rstrip("/"))
+    if os.path.basename(model_dir) == BEST_DIR:
+        model_dir = os.path.dirname(model_dir)
+    what = "model" if partial else "model and optimizer"
+    raise SegtrainError(
+        f"Checkpoint {path} does not fit the {what} configured now: it was written by a "
+        f"different model or configuration ({first[:300]}). Use a new --model_dir, or the gin "
+        f"configuration the run was trained with ({model_dir}/operative_config.gin)."
+    ) from None

@@ -80,7 +80,7 @@ def test_restoring_weights_of_another_model_is_a_clear_error(trained_run, tmp_pa
                                             r"written by a different model or configuration"):
         Experiment().restore(run)
     configure()
-    with pytest.raises(SegtrainError, match="--checkpoint='first': use 'best' or 'latest'"):
+    with pytest.raises(SegtrainError, match="--checkpoint=first: no such checkpoint. Use best, latest, or one of "):
         Experiment().restore(run, "first")
     with pytest.raises(SegtrainError, match="No checkpoint in .*: train first"):
         Experiment().restore(str(tmp_path / "empty"))

@@ -11,7 +11,8 @@ The layers, top to bottom (a module may import its own layer's modules and any l
     plugins        segtrain.models.*, segtrain.losses, segtrain.metrics, segtrain.data.*,
                    segtrain.postprocess (siblings: none of the five imports another)
     base           segtrain.config, segtrain.precision, segtrain.progress, segtrain.io,
-                   segtrain.errors, segtrain.images, segtrain.plots, segtrain (the package), registry
+                   segtrain.errors, segtrain.images, segtrain.plots, segtrain.run_dir (a run's
+                   checkpoints), segtrain (the package), registry
 
 Every import counts, also the ones inside functions. The data layer also stays free of gin:
 the experiment configures it.
@@ -34,7 +35,7 @@ LAYERS = [
     ("evaluation", ("segtrain.evaluation", "segtrain.inference", "segtrain.export", "segtrain.explain")),
     ("plugins", ("segtrain.models", "segtrain.losses", "segtrain.metrics", "segtrain.data", "segtrain.postprocess")),
     ("base", ("segtrain.config", "segtrain.precision", "segtrain.progress", "segtrain.io", "segtrain.errors",
-              "segtrain.images", "segtrain.plots", "segtrain", "registry")),
+              "segtrain.images", "segtrain.plots", "segtrain.run_dir", "segtrain", "registry")),
 ]
 
 

@@ -73,7 +73,8 @@ def evaluate(model_dir: str, split: str = "test", checkpoint: str = "best", batc
     Args:
       model_dir: the run's directory.
       split: dataset split to evaluate.
-      checkpoint: 'best' (falls back to the latest when no best was kept) or 'latest'.
+      checkpoint: 'best' (falls back to the latest when no best was kept), 'latest', or one by name
+        ('ckpt-600', 'best/ckpt-400') or path.
       batch_size: evaluation batch size (default: the run's eval batch size).
       mode, crop_size, stride, scales, flip: how the model runs (default: gin's inference.*).
       postprocess: a registered refining post-processor (e.g. 'dense_crf'): the metrics are
@@ -91,7 +92,7 @@ def evaluate(model_dir: str, split: str = "test", checkpoint: str = "best", batc
     experiment, path, step = restored(model_dir, checkpoint, split, experiment=experiment)
     inference = experiment.inference(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip)
     replicas = experiment.strategy.num_replicas_in_sync
-    with data_errors():
+    with data_errors(lambda e: experiment.damaged_data(e, [split])):
         print(f"Evaluating {os.path.basename(path)} (step {step}) of {model_dir} on split '{split}': "
               f"{inference.options.describe()}" + (f", then {postprocess}" if postprocess else "")
               + (f", over {replicas} replicas" if replicas > 1 else ""))

@@ -68,7 +68,8 @@ def explain(
         instead of over the pixels predicted as the class.
       activations: also write the layer's channels as a grid.
       output: the directory written to (default: model_dir/explain).
-      checkpoint: 'best' (the latest when no best was kept) or 'latest'.
+      checkpoint: 'best' (the latest when no best was kept), 'latest', or one by name ('ckpt-600')
+        or path.
 
     Returns:
       One record per image explained: image, files written, region pixels, empty.

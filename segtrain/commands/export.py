@@ -40,7 +40,8 @@ def export(model_dir: str, output: str | None = None, checkpoint: str = "best", 
       model_dir: the run's directory.
       output: the SavedModel directory to write (for TF Serving: a numbered version directory,
         e.g. runs/quickstart/segtrain_model/1).
-      checkpoint: 'best' (falls back to the latest when no best was kept) or 'latest'.
+      checkpoint: 'best' (falls back to the latest when no best was kept), 'latest', or one by name
+        ('ckpt-600', 'best/ckpt-400') or path.
       probabilities: the signatures also return softmax 'probabilities'.
       overwrite: replace an existing ``output`` (only once the new export is complete).
 

@@ -84,7 +84,7 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
       model_dir: the run's directory.
       input: image files, directories and glob patterns (comma-separated or a list).
       output: the directory the results are written to (made if missing).
-      checkpoint: 'best' or 'latest'.
+      checkpoint: 'best', 'latest', or one by name ('ckpt-600', 'best/ckpt-400') or path.
       probabilities: also write the class probabilities as .npy.
       strict: stop at the first unreadable image instead of skipping it.
       batch_size: images of one size inferred together.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import sys
 from typing import Sequence
 
 import gin
@@ -44,6 +45,42 @@ def run(dataset: str | None, source_dir: str | None, data_dir: str | None, gin_f
             overwrite=overwrite,
             splits=splits,
         )
+    return 0
+
+
+def verify_prepared(dataset: str | None, data_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[str],
+                    splits: Sequence[str] | None = None) -> int:
+    """Reads every record of a prepared dataset; prints what is damaged; 1 if anything is, else 0."""
+    from segtrain.data import verify
+    from segtrain.data.prepare import builder_class, is_prepared
+
+    if not dataset:
+        raise SegtrainError("--dataset is required, e.g. --dataset=voc2012 (`segtrain list` shows the datasets).")
+    parse_config(gin_files, gin_params)
+    bound = gin.get_bindings(f"datasets.{dataset}") if dataset in DATASETS else {}
+    src, data_dir = source(dataset, bound), data_dir or bound.get("data_dir")
+    if not data_dir:
+        raise SegtrainError("--data_dir is required with --verify: where `segtrain prepare` wrote the dataset.")
+    path = prepared_dir(data_dir, src)
+    if not is_prepared(data_dir, src):
+        raise SegtrainError(f"No prepared {dataset} dataset (version {src.version}) in {path}: nothing to verify.")
+    builder = builder_class(src.name, src.version)(data_dir=os.path.expanduser(data_dir))
+    have = sorted(builder.info.splits)
+    unknown = [s for s in splits or () if s not in have]
+    if unknown:
+        raise SegtrainError(f"--splits: the prepared {dataset} dataset in {path} has no split "
+                            f"{', '.join(map(repr, unknown))}; it has {', '.join(have)}.")
+    chosen = list(splits or have)
+    damages = verify.verify(builder, chosen, progress="verify")
+    for split in chosen:
+        records = sum(n for _, n in verify.shards(builder, split))
+        bad = [d for d in damages if d.split == split]
+        state = "ok" if not bad else f"{len(bad)} damaged shard(s), {sum(d.lost for d in bad)} record(s) lost"
+        print(f"{split}: {len(verify.shards(builder, split))} shard(s), {records} records: {state}")
+    if damages:
+        print(f"error: {verify.damage_message(dataset, path, data_dir, damages)}", file=sys.stderr)
+        return 1
+    print(f"Every record of {dataset} in {path} reads.")
     return 0
 
 

@@ -29,10 +29,11 @@ _warned_raw: set[str] = set()
 def file_dataset(source_cls: type[Source]) -> type[Source]:
     """Class decorator: registers a file-based dataset once, for reading and for `segtrain prepare`.
 
-    The registered dataset plugin is ``name(split, data_dir=None, source_dir=None, **settings)``,
-    where the settings are the arguments of ``source_cls`` (gin: ``datasets.<name>.*``). It
-    keeps ``source_cls`` as its ``source`` attribute: `segtrain prepare` builds the Source from
-    the same settings.
+    The registered dataset plugin is ``name(split, data_dir=None, source_dir=None,
+    skip_damaged_records=False, **settings)``, where the settings are the arguments of
+    ``source_cls`` (gin: ``datasets.<name>.*``). It keeps ``source_cls`` as its ``source``
+    attribute: `segtrain prepare` builds the Source from the same settings.
+    ``skip_damaged_records`` reads a prepared copy around damaged shards (segtrain.data.verify).
     """
     settings = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
                 for p in list(inspect.signature(source_cls.__init__).parameters.values())[1:]
@@ -40,13 +41,14 @@ def file_dataset(source_cls: type[Source]) -> type[Source]:
     Param = inspect.Parameter
 
     def read(split: str = source_cls.splits[0], data_dir: str | None = None, source_dir: str | None = None,
-             **kwargs) -> tuple[tf.data.Dataset, DatasetInfo]:
-        return load(source_cls(**kwargs), split, data_dir, source_dir)
+             skip_damaged_records: bool = False, **kwargs) -> tuple[tf.data.Dataset, DatasetInfo]:
+        return load(source_cls(**kwargs), split, data_dir, source_dir, skip_damaged_records)
 
     read.__signature__ = inspect.Signature([
         Param("split", Param.POSITIONAL_OR_KEYWORD, default=source_cls.splits[0]),
         Param("data_dir", Param.KEYWORD_ONLY, default=None),
         Param("source_dir", Param.KEYWORD_ONLY, default=None),
+        Param("skip_damaged_records", Param.KEYWORD_ONLY, default=False),
         *settings,
     ])
     read.__name__ = read.__qualname__ = source_cls.name
@@ -62,7 +64,8 @@ def preparable(fn) -> type[Source] | None:
     return getattr(fn, "source", None)
 
 
-def load(source: Source, split: str, data_dir: str | None, source_dir: str | None) -> tuple[tf.data.Dataset, DatasetInfo]:
+def load(source: Source, split: str, data_dir: str | None, source_dir: str | None,
+         skip_damaged_records: bool = False) -> tuple[tf.data.Dataset, DatasetInfo]:
     """The dataset-plugin contract for a file-based ``source``.
 
     Args:
@@ -70,13 +73,14 @@ def load(source: Source, split: str, data_dir: str | None, source_dir: str | Non
       split: the split to read.
       data_dir: the directory ``segtrain prepare`` wrote (preferred).
       source_dir: the raw files, read directly when ``data_dir`` is not set.
+      skip_damaged_records: read a prepared copy around its damaged shards, counted.
 
     Returns:
       (encoded examples, DatasetInfo with ``decode``), as the pipeline expects.
     """
     source.check_split_name(split)
     if data_dir:
-        ds, info = load_prepared(source, split, data_dir)
+        ds, info = load_prepared(source, split, data_dir, skip_damaged_records)
     elif source_dir:
         ds, info = load_raw(source, split, source_dir)
     else:
@@ -162,3 +166,24 @@ def decode_raw(source: Source, example: dict) -> dict:
     image = tf.io.decode_image(tf.io.read_file(example["image"]), channels=3, expand_animations=False)
     return {"image": image, "label": label, "key": example["key"]}
 
+
+
+def damaged_data(fn, splits, settings: dict) -> str | None:
+    """For dataset plugin ``fn`` read from its prepared copy (``settings``: its gin bindings,
+    data_dir among them): the damaged shards of ``splits`` as one message, or None.
+
+    Called when reading failed with a damaged or missing record file: TensorFlow names only a
+    byte offset, so the split's shards are read (records only, nothing decoded) to name the file.
+    """
+    from segtrain.data import verify
+    from segtrain.data.prepare import builder_class, prepared_dir
+
+    source_cls, data_dir = preparable(fn), settings.get("data_dir")
+    if source_cls is None or not data_dir:
+        return None
+    builder = builder_class(source_cls.name, source_cls.version)(data_dir=os.path.expanduser(data_dir))
+    present = [s for s in dict.fromkeys(splits) if s in builder.info.splits]
+    damages = verify.verify(builder, present)
+    if not damages:
+        return None
+    return verify.damage_message(source_cls.name, prepared_dir(data_dir, source_cls), data_dir, damages)

@@ -34,6 +34,8 @@ class DatasetInfo:
         for datasets read any other way.
       class_image_pixels: per split, for each class, the labelled (not ignored) pixels of the
         images in which the class appears: the normaliser of median-frequency weights.
+      damaged_records: per split, the records a dataset read with skip_damaged_records left
+        out (damaged shards, counted when it was read).
     """
 
     num_classes: int
@@ -50,6 +52,7 @@ class DatasetInfo:
         default_factory=dict, compare=False, repr=False)
     class_image_pixels: Mapping[str, Sequence[int]] = dataclasses.field(
         default_factory=dict, compare=False, repr=False)
+    damaged_records: Mapping[str, int] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if self.num_classes < 1:

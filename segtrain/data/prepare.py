@@ -38,9 +38,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from segtrain.data import verify
 from segtrain.data.info import DatasetInfo
 from segtrain.data.raw import Example, Problem, Source, check_example, problems_message
-from segtrain.errors import SegtrainError
+from segtrain.errors import SegtrainError, warn
 from segtrain.io import atomic_write_text
 from segtrain.progress import Progress
 
@@ -343,8 +344,14 @@ def prepared_splits(data_dir: str, source: Source) -> list[str]:
     return sorted(builder.info.splits)
 
 
-def load_prepared(source: Source, split: str, data_dir: str) -> tuple[tf.data.Dataset, DatasetInfo]:
-    """The prepared ``split`` as encoded examples, and its DatasetInfo (with ``decode`` set)."""
+def load_prepared(source: Source, split: str, data_dir: str,
+                  skip_damaged_records: bool = False) -> tuple[tf.data.Dataset, DatasetInfo]:
+    """The prepared ``split`` as encoded examples, and its DatasetInfo (with ``decode`` set).
+
+    With ``skip_damaged_records`` the split's shards are read once first (segtrain.data.verify):
+    a damaged shard is then read up to its first damaged record, and what it leaves out is
+    counted (``DatasetInfo.damaged_records``) and said.
+    """
     path = prepared_dir(data_dir, source)
     if not is_prepared(data_dir, source):
         why = "an earlier `segtrain prepare` did not finish; " if unfinished(data_dir, source) else ""
@@ -375,6 +382,18 @@ def load_prepared(source: Source, split: str, data_dir: str) -> tuple[tf.data.Da
         class_pixel_counts={k: tuple(v) for k, v in meta.get("class_pixel_counts", {}).items()},
         class_image_pixels={k: tuple(v) for k, v in meta.get("class_image_pixels", {}).items()},
     )
+    if skip_damaged_records:
+        damages = verify.verified(builder, split)
+        if damages:
+            lost = sum(d.lost for d in damages)
+            warn(f"datasets.{source.name}.skip_damaged_records: leaving out {lost} record(s) of split '{split}' in "
+                 f"{path}: " + "; ".join(d.describe() for d in damages)
+                 + f". Rebuild it with `{verify.rebuild_command(source.name, data_dir)}`.")
+            info = dataclasses.replace(info, damaged_records={split: lost})
+            decoders = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
+            ds = verify.read_good_records(builder, split, damages).map(
+                lambda record: builder.info.features.deserialize_example(record, decoders=decoders))
+            return ds, info
     ds = builder.as_dataset(
         split=split,
         shuffle_files=False,

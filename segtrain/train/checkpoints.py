@@ -26,10 +26,13 @@ import keras
 import tensorflow as tf
 
 from segtrain.errors import SegtrainError
-from segtrain.experiment import BEST_DIR, restore_checkpoint
+from segtrain.experiment import restore_checkpoint
 from segtrain.io import WriteError, atomic_write_text, os_reason, read_json, write_json
+from segtrain.run_dir import (BEST_DIR, STATE_FILE, DamagedCheckpoint, is_complete, latest_complete,
+                              listed, move_aside, on_disk, problem, state_unreadable)
+from segtrain.run_dir import state as _state
 
-STATE_FILE = "checkpoint"  # TensorFlow's name for the state file of a checkpoint directory
+ON_DAMAGED = ("fallback", "stop")
 
 
 class Checkpoints:
@@ -43,21 +46,31 @@ class Checkpoints:
         the chief's model_dir on every worker, while the other workers save to scratch
         directories: each must take part in a save, but only the chief's is kept. The
         process that writes model_dir repairs it first (``repair``).
+      on_damaged: what a latest checkpoint that does not read does to ``restore_latest``:
+        'fallback' (the newest one that reads, the others moved aside) or 'stop'.
       **trackables: the other objects to checkpoint, e.g. optimizer=..., step=....
     """
 
     def __init__(self, model_dir: str, model: keras.Model, max_to_keep: int = 3, write_dir: str | None = None,
-                 **trackables):
+                 on_damaged: str = "fallback", **trackables):
+        if on_damaged not in ON_DAMAGED:
+            raise SegtrainError(f"train.on_damaged_checkpoint={on_damaged!r}: use 'fallback' or 'stop'.")
         self.model_dir = model_dir
         self.model = model
-        write_dir = write_dir or model_dir
+        self.write_dir = write_dir or model_dir
+        self.writes_model_dir = self.write_dir == model_dir
+        self.on_damaged, self.max_to_keep = on_damaged, max_to_keep
         self.best_dir = os.path.join(model_dir, BEST_DIR)
-        if write_dir == model_dir:  # before the managers read the state files
+        if self.writes_model_dir:  # before the managers read the state files
             repair(model_dir)
         self.checkpoint = tf.train.Checkpoint(model=model, **trackables)
-        self.latest = tf.train.CheckpointManager(self.checkpoint, write_dir, max_to_keep=max_to_keep)
-        self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(write_dir, BEST_DIR), max_to_keep=1)
+        self._managers()
         self._checked_at: int | None = None
+
+    def _managers(self) -> None:
+        """The managers of the latest and the best checkpoint (they read the state files)."""
+        self.latest = tf.train.CheckpointManager(self.checkpoint, self.write_dir, max_to_keep=self.max_to_keep)
+        self.best = tf.train.CheckpointManager(self.checkpoint, os.path.join(self.write_dir, BEST_DIR), max_to_keep=1)
 
     @property
     def best_json(self) -> str:
@@ -69,15 +82,65 @@ class Checkpoints:
         return latest_complete(self.model_dir)
 
     def restore_latest(self) -> str | None:
-        """Restores the latest checkpoint, if any, with optimizer state; returns its path.
+        """Restores the newest checkpoint that reads, with optimizer state; returns its path.
+
+        A checkpoint that does not read (its files cut short, changed or missing: TensorFlow
+        checks every tensor's checksum as it restores) is skipped with a message; the process
+        that writes model_dir moves its files to model_dir/damaged/ and drops it from the state
+        file, so the next start does not trip on it. The latest checkpoints are tried newest
+        first, then the best one. With ``on_damaged='stop'`` the first that does not read stops
+        the run instead.
 
         Raises:
-          SegtrainError: the checkpoint was written by a different model or optimizer.
+          SegtrainError: the checkpoint was written by a different model or optimizer; none of
+            the run's checkpoints reads; or one does not read and on_damaged is 'stop'.
         """
-        path = self.latest_checkpoint
-        if path:
-            restore_checkpoint(self.checkpoint, path)
-        return path
+        candidates = listed(self.model_dir) + listed(self.best_dir)[:1]
+        skipped = []
+        for path in dict.fromkeys(candidates):
+            try:
+                missing = problem(path)
+                if missing:
+                    raise DamagedCheckpoint(path, missing)
+                restore_checkpoint(self.checkpoint, path)
+            except DamagedCheckpoint as e:
+                if self.on_damaged == "stop":
+                    raise SegtrainError(f"{e} train.on_damaged_checkpoint = 'stop', so the run stops here; set it to "
+                                        f"'fallback' to resume from the newest checkpoint that reads.") from None
+                skipped.append(self._set_aside(e))
+                continue
+            if skipped:
+                self._forget(skipped)
+                print(f"Resuming from {os.path.relpath(path, self.model_dir)}, the newest checkpoint that reads.",
+                      flush=True)
+            return path
+        if skipped:
+            self._forget(skipped)
+            raise SegtrainError(
+                f"None of the checkpoints of {self.model_dir} reads ({'; '.join(skipped)}). Restore them from a "
+                f"copy, or train from step 0 in a new --model_dir; nothing starts from scratch here by itself.")
+        return None
+
+    def _set_aside(self, damaged: DamagedCheckpoint) -> str:
+        """Says that ``damaged`` is skipped (and, writing model_dir, moves its files aside)."""
+        name = os.path.relpath(damaged.path, self.model_dir)
+        where = ""
+        if self.writes_model_dir:
+            where = f"; its files are now in {move_aside(damaged.path, self.model_dir)}"
+        print(f"Checkpoint {name} of {self.model_dir} cannot be read: {damaged.reason}{where}.", flush=True)
+        return f"{name}: {damaged.reason}"
+
+    def _forget(self, skipped: list[str]) -> None:
+        """The state files list only checkpoints that are still there; the managers reread them."""
+        if not self.writes_model_dir:
+            return
+        for directory in (self.model_dir, self.best_dir):
+            kept = [p for p in listed(directory) if is_complete(p)]
+            if not kept and os.path.exists(os.path.join(directory, STATE_FILE)):
+                os.remove(os.path.join(directory, STATE_FILE))
+            elif kept:
+                _write_listing(directory, list(reversed(kept)))
+        self._managers()
 
     def save(self, step: int) -> str:
         """Saves the latest checkpoint at ``step`` (weights checked first).
@@ -144,46 +207,6 @@ class Checkpoints:
         return kept + "lower learning_rate.base, set train.clip_norm, or check the data, then rerun."
 
 
-def is_complete(prefix: str) -> bool:
-    """Whether checkpoint ``prefix`` (``.../ckpt-<step>``) has its index and every data shard.
-
-    TensorFlow moves the data shards into place before it writes the index, so an index that
-    reads means the data is there too; the shards are still counted, in case of a hand-made
-    copy that missed one.
-    """
-    try:
-        tf.train.load_checkpoint(prefix)
-    except (tf.errors.OpError, ValueError):
-        return False
-    shards = glob.glob(glob.escape(prefix) + ".data-?????-of-?????")
-    return bool(shards) and len(shards) == int(shards[0][-5:])
-
-
-def latest_complete(directory: str) -> str | None:
-    """The newest checkpoint that the state file of ``directory`` names and that is complete.
-
-    Normally the state file's latest; an older one it lists if the latest lost files.
-    """
-    state = _state(directory)
-    if state is None:
-        return None
-    for path in [state.model_checkpoint_path, *reversed(state.all_model_checkpoint_paths)]:
-        if path and is_complete(path):
-            return path
-    return None
-
-
-def _state(directory: str):
-    """The state file's record (paths made absolute), or None without one.
-
-    TensorFlow itself logs and ignores a state file it cannot parse.
-    """
-    try:
-        return tf.train.get_checkpoint_state(directory)
-    except ValueError:  # names no checkpoint
-        return None
-
-
 def _leftovers(directory: str) -> list[str]:
     """What interrupted writes leave: TensorFlow's ``ckpt-<step>_temp/`` directories and
     ``checkpoint.tmp<hex>`` files, and the ``.<name>.<random>.tmp`` files of segtrain.io."""
@@ -221,15 +244,13 @@ def repair(model_dir: str) -> None:
     Called by the one process that writes ``model_dir``, before anything reads its checkpoints.
 
     - Removes the leftovers of interrupted saves (see ``_leftovers``), in model_dir and best/.
-    - A state file whose latest checkpoint lost files names the newest complete one it lists
-      instead (TensorFlow would start from step 0 without a word).
-    - A best checkpoint left incomplete (a save over it interrupted) is dropped with its record,
-      and the next evaluation chooses the best again; other checkpoints in best/ (saves that
+    - An empty or damaged state file (TensorFlow would start from step 0 without a word) is
+      written anew from the checkpoints on disk. Which of them reads is ``restore_latest``'s to
+      find out.
+    - A best checkpoint left incomplete (a save over it interrupted, or files lost) is moved
+      with its record to model_dir/damaged/, and the next evaluation chooses the best again; other checkpoints in best/ (saves that
       were never recorded) are removed, and a best.json that still describes the previous best
       is made to name the best checkpoint.
-
-    Raises:
-      SegtrainError: the state file names checkpoints of which none is complete.
     """
     best_dir = os.path.join(model_dir, BEST_DIR)
     for directory in (model_dir, best_dir):
@@ -239,28 +260,30 @@ def repair(model_dir: str) -> None:
         if found:
             print(f"Removed what interrupted writes left in {directory}: {', '.join(found)}.", flush=True)
 
-    state = _state(model_dir)
-    if state is not None and not is_complete(state.model_checkpoint_path):
-        missing = os.path.basename(state.model_checkpoint_path)
-        if not any(is_complete(p) for p in state.all_model_checkpoint_paths):
-            raise SegtrainError(
-                f"{os.path.join(model_dir, STATE_FILE)} names checkpoint {missing}, but its files are missing or "
-                f"incomplete, and so are those of every other checkpoint it lists. Put the files back, or "
-                f"delete {os.path.join(model_dir, STATE_FILE)} to train this run again from step 0.")
-        fallback = _write_state(model_dir, state)
-        print(f"Checkpoint {missing} in {model_dir} is missing or incomplete: resuming from "
-              f"{os.path.basename(fallback)}, the newest complete one.", flush=True)
+    if state_unreadable(model_dir):
+        found = on_disk(model_dir)
+        if found:
+            _write_listing(model_dir, list(reversed(found)))
+            print(f"{os.path.join(model_dir, STATE_FILE)} was empty or damaged: it now lists the checkpoints on disk, "
+                  f"{', '.join(os.path.basename(p) for p in reversed(found))}.", flush=True)
+        else:
+            os.remove(os.path.join(model_dir, STATE_FILE))
+            print(f"{os.path.join(model_dir, STATE_FILE)} was empty or damaged and no checkpoint is on disk: removed "
+                  f"it.", flush=True)
 
     best = _state(best_dir)
     if best is None:
         return
     name = os.path.basename(best.model_checkpoint_path)
     files = glob.glob(os.path.join(glob.escape(best_dir), "ckpt-*"))
-    if not is_complete(best.model_checkpoint_path):
-        for path in [os.path.join(best_dir, STATE_FILE), os.path.join(best_dir, "best.json"), *files]:
-            _remove(path)
-        print(f"The best checkpoint {name} in {best_dir} is incomplete (a save over it was interrupted): "
-              f"removed it and best.json; the next evaluation chooses the best checkpoint again.", flush=True)
+    why = problem(best.model_checkpoint_path)
+    if why:  # a save over it was interrupted, or its files were damaged
+        target = move_aside(best.model_checkpoint_path, model_dir)
+        for path in (os.path.join(best_dir, "best.json"), os.path.join(best_dir, STATE_FILE)):
+            if os.path.exists(path):
+                os.replace(path, os.path.join(target, os.path.basename(path)))
+        print(f"The best checkpoint {name} in {best_dir} is incomplete ({why}): moved it and best.json to "
+              f"{target}; the next evaluation chooses the best checkpoint again.", flush=True)
         return
     # best/ keeps one checkpoint: any other is a save that was interrupted before it was recorded.
     unrecorded = sorted(os.path.basename(f) for f in files if not os.path.basename(f).startswith(name + "."))
@@ -280,16 +303,12 @@ def repair(model_dir: str) -> None:
               f"{record.get('path')} as the one to beat.", flush=True)
 
 
-def _write_state(directory: str, state) -> str:
-    """Rewrites the state file with only the complete checkpoints it lists, the newest as the
-    latest (relative names, as CheckpointManager writes them); returns that latest."""
-    paths, times = list(state.all_model_checkpoint_paths), list(state.all_model_checkpoint_timestamps)
-    kept = [i for i, p in enumerate(paths) if is_complete(p)]
-    lines = [f'model_checkpoint_path: "{os.path.basename(paths[kept[-1]])}"']
-    lines += [f'all_model_checkpoint_paths: "{os.path.basename(paths[i])}"' for i in kept]
-    if len(times) == len(paths):
-        lines += [f"all_model_checkpoint_timestamps: {times[i]!r}" for i in kept]
-    if state.last_preserved_timestamp:
-        lines.append(f"last_preserved_timestamp: {state.last_preserved_timestamp!r}")
+def _write_listing(directory: str, paths: list[str]) -> None:
+    """A state file listing ``paths`` (oldest first), the last as the latest, with the times
+    CheckpointManager needs to keep managing them (their index files' times)."""
+    times = [os.path.getmtime(p + ".index") if os.path.exists(p + ".index") else 0.0 for p in paths]
+    lines = [f'model_checkpoint_path: "{os.path.basename(paths[-1])}"']
+    lines += [f'all_model_checkpoint_paths: "{os.path.basename(p)}"' for p in paths]
+    lines += [f"all_model_checkpoint_timestamps: {t!r}" for t in times]
+    lines.append(f"last_preserved_timestamp: {min(times) - 1.0!r}")
     atomic_write_text(os.path.join(directory, STATE_FILE), "\n".join(lines) + "\n")
-    return paths[kept[-1]]

@@ -90,7 +90,7 @@ class Trainer:
         self.write_dir = WriteDir(model_dir, self.strategy)
         self.chief = self.write_dir.chief
         self.checkpoints = Checkpoints(model_dir, self.model, cfg.keep_checkpoints, write_dir=self.write_dir.path,
-                                       optimizer=self.optimizer, step=self.step)
+                                       on_damaged=cfg.on_damaged_checkpoint, optimizer=self.optimizer, step=self.step)
         R.check_synchronized_xla(cfg.xla, cfg.synchronized_batch_norm, self.strategy)
         if cfg.xla and not tf.config.list_physical_devices("GPU"):
             warn("--xla without a GPU: XLA's speed-up is on GPUs. On a CPU it can be slower than "
@@ -292,7 +292,8 @@ class Trainer:
         """Trains to train.num_steps (or an early stop); returns the last evaluation's results."""
         # A lost cluster peer: one message naming it, and where the relaunched job resumes.
         with lost_peers(self.strategy, lambda: self.step.numpy(), lambda: self.checkpoints.latest_checkpoint):
-            with data_errors():
+            splits = (self.config.train_split, self.config.eval_split)
+            with data_errors(lambda e: self.experiment.damaged_data(e, splits)):
                 return self._fit(extra_actions)
 
     def _fit(self, extra_actions: Sequence[loop.Action]) -> dict:
@@ -325,6 +326,9 @@ class Trainer:
         # Summaries come from the chief alone; the other workers' would be duplicates.
         writers = {k: S.EventWriter(os.path.join(self.model_dir, k) if self.chief else None)
                    for k in ("train", "eval")}
+        skipped = exp.info.damaged_records.get(cfg.train_split)
+        if skipped:  # datasets.<name>.skip_damaged_records: what the run trains without
+            S.write_scalars(writers["train"], {"data/damaged_records_skipped": skipped}, start)
         # Without periodic evaluation, still checkpoint now and then so a long run can resume.
         checkpoint_every = cfg.checkpoint_every or (cfg.eval_every or min(1000, cfg.num_steps))
         on_nan = A.OnNonFinite(self.checkpoints, cfg.on_nan, cfg.max_nan_restores, cfg.nan_lr_factor,

@@ -333,7 +333,8 @@ def test_one_registration_gives_reading_and_preparing(tmp_path):
             return pair_by_stem(images, masks)
 
     fn = DATASETS.original("test_two_folders")
-    assert list(inspect.signature(fn).parameters) == ["split", "data_dir", "source_dir", "num_classes", "mask_suffix"]
+    assert list(inspect.signature(fn).parameters) == ["split", "data_dir", "source_dir", "skip_damaged_records",
+                                                      "num_classes", "mask_suffix"]
     raw = tmp_path / "raw"
     labels = F.folder(str(tmp_path / "made"), ["a", "b", "c"], num_classes=2)
     raw.mkdir()

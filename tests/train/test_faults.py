@@ -308,14 +308,17 @@ def test_the_lock_is_released_when_training_fails(tmp_path):
 
 
 def test_killed_save_leftovers_are_removed_and_a_lost_latest_falls_back(tmp_path, capsys):
-    """The repair of a run directory, on files as interrupted saves leave them."""
+    """The repair of a run directory, on files as interrupted saves leave them, then the restore
+    that skips a checkpoint whose index was cut short."""
+    import keras
     import tensorflow as tf
 
     from segtrain.train import checkpoints as C
 
     model_dir = str(tmp_path / "run")
     v = tf.Variable(1.0)
-    manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=v), model_dir, max_to_keep=3)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, v=v), model_dir, max_to_keep=3)
     for step in (2, 4, 6):
         manager.save(checkpoint_number=step)
     os.makedirs(f"{model_dir}/ckpt-8_temp")
@@ -327,13 +330,18 @@ def test_killed_save_leftovers_are_removed_and_a_lost_latest_falls_back(tmp_path
     out = capsys.readouterr().out
     assert (f"Removed what interrupted writes left in {model_dir}: .eval_results_validation.json.x1y2.tmp, "
             f"checkpoint.tmp0123abcd, ckpt-8_temp.") in out
-    assert f"Checkpoint ckpt-6 in {model_dir} is missing or incomplete: resuming from ckpt-4" in out
-    assert tf.train.latest_checkpoint(model_dir) == f"{model_dir}/ckpt-4"
+    checkpoints = C.Checkpoints(model_dir, model, v=v)
+    v.assign(0.0)
+    assert checkpoints.restore_latest() == f"{model_dir}/ckpt-4"
+    out = capsys.readouterr().out
+    assert f"Checkpoint ckpt-6 of {model_dir} cannot be read: its index file ckpt-6.index is damaged" in out
+    assert os.path.exists(f"{model_dir}/damaged/ckpt-6/ckpt-6.index"), "moved aside, not deleted"
     assert C.latest_complete(model_dir) == f"{model_dir}/ckpt-4"
     for name in ("ckpt-2.index", "ckpt-4.index"):
         os.remove(f"{model_dir}/{name}")
-    with pytest.raises(SegtrainError, match=r"names checkpoint ckpt-4, but its files are missing or incomplete"):
-        C.repair(model_dir)
+    with pytest.raises(SegtrainError, match=r"None of the checkpoints of .* reads \(ckpt-4: its index file "
+                                            r"ckpt-4.index is missing; ckpt-2: its index file ckpt-2.index is missing\)"):
+        C.Checkpoints(model_dir, model, v=v).restore_latest()
 
 
 @pytest.mark.slow
