@@ -232,3 +232,9 @@ def test_skip_damaged_records_trains_without_them_and_counts_them(prepared, tmp_
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert read_scalars(str(model_dir / "train"))["data/damaged_records_skipped"] == [(0, 7.0)]
     assert os.path.exists(model_dir / "ckpt-6.index")
+    # `segtrain evaluate` on a damaged split, the skipping turned off: the same one message.
+    _flip_middle(_shard(data_dir, "test"))
+    failed = segtrain_main("evaluate", f"--model_dir={model_dir}", "--split=test",
+                           "--gin_param=datasets.oxford_iiit_pet.skip_damaged_records = False")
+    assert_user_error(failed, "is damaged: split 'test', oxford_iiit_pet-test.tfrecord-00000-of-00001 at byte ",
+                      "a record fails its checksum")
