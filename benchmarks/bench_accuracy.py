@@ -121,7 +121,7 @@ def measure(spec: dict) -> dict:
 
     from segtrain.commands.configure import parse_config
     from segtrain.experiment import Experiment, ExperimentConfig
-    from segtrain.train.distribute import build_strategy
+    from segtrain.runtime.distribute import build_strategy
     from segtrain.train.loop import Action, due
     from segtrain.train.trainer import Trainer
 

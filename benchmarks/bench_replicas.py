@@ -35,7 +35,7 @@ def main() -> None:
     os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, REPO)
-    from segtrain.train.distribute import split_cpu
+    from segtrain.runtime.distribute import split_cpu
 
     devices = split_cpu(args.replicas)
     import tensorflow as tf

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from segtrain import export as export_lib
 from segtrain.errors import SegtrainError
-from segtrain.train.cluster import Cluster
+from segtrain.runtime.cluster import Cluster
 from tests.conftest import REPO, assert_user_error, segtrain_main
 
 # Sizes that are not multiples of the tiny U-Net's size divisor (4).

@@ -8,6 +8,7 @@ The layers, top to bottom (a module may import its own layer's modules and any l
     experiment     segtrain.experiment          gin -> dataset info, model, loss, metrics, pipelines
     evaluation     segtrain.evaluation, .inference, .export, .explain
                                                 running a model: metrics, windows and TTA, serving, Grad-CAM
+    runtime        segtrain.runtime.*           the process and its cluster: strategy, cluster, lock, watchdog
     plugins        segtrain.models.*, segtrain.losses, segtrain.metrics, segtrain.data.*,
                    segtrain.postprocess (siblings: none of the five imports another)
     base           segtrain.config, segtrain.precision, segtrain.progress, segtrain.io,
@@ -33,6 +34,7 @@ LAYERS = [
     ("train", ("segtrain.train",)),
     ("experiment", ("segtrain.experiment",)),
     ("evaluation", ("segtrain.evaluation", "segtrain.inference", "segtrain.export", "segtrain.explain")),
+    ("runtime", ("segtrain.runtime",)),
     ("plugins", ("segtrain.models", "segtrain.losses", "segtrain.metrics", "segtrain.data", "segtrain.postprocess")),
     ("base", ("segtrain.config", "segtrain.precision", "segtrain.progress", "segtrain.io", "segtrain.errors",
               "segtrain.images", "segtrain.plots", "segtrain.run_dir", "segtrain", "registry")),

@@ -38,7 +38,7 @@ def _free_port_run(count: int) -> int:
     """The first of ``count`` consecutive ports that are free now."""
     import socket
 
-    from segtrain.train.cluster import free_ports
+    from segtrain.runtime.cluster import free_ports
 
     for _ in range(50):
         (first,) = free_ports(1)

@@ -30,7 +30,7 @@ def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[st
                 if name in FLAG_BINDINGS]
     parse_config(gin_files, [*gin_params, *bindings])
     from segtrain.experiment import ExperimentConfig
-    from segtrain.train.distribute import build_strategy, is_chief
+    from segtrain.runtime.distribute import build_strategy, is_chief
 
     start = time.perf_counter()
     table = Table()
@@ -97,7 +97,7 @@ def _describe(strategy, seconds: float) -> str:
     if resolver is None or not getattr(resolver, "task_type", None):
         n = strategy.num_replicas_in_sync
         return f"{kind}, {n} replica(s) on this machine; no cluster to form"
-    from segtrain.train.cluster import chief_task
+    from segtrain.runtime.cluster import chief_task
 
     spec = resolver.cluster_spec().as_dict()
     tasks = sum(len(v) for v in spec.values())

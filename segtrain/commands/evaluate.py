@@ -44,7 +44,7 @@ def strategy_for(cpu_replicas: int = 0) -> tf.distribute.Strategy:
 
     Evaluation never joins a cluster: a multi-worker run is evaluated on one machine.
     """
-    from segtrain.train.distribute import build_strategy
+    from segtrain.runtime.distribute import build_strategy
 
     if cpu_replicas:
         return build_strategy("mirrored", cpu_replicas=cpu_replicas)

@@ -16,7 +16,7 @@ import gin
 
 from segtrain.commands.run_dir import parse_run, restored
 from segtrain.export import METADATA_FILE, check_output, export_model, output_names
-from segtrain.train.cluster import detect_cluster
+from segtrain.runtime.cluster import detect_cluster
 
 
 def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[str], flags: dict) -> int:

@@ -16,7 +16,7 @@ from segtrain.data.files import preparable
 from segtrain.data.prepare import prepare, prepared_dir
 from segtrain.data.raw import Source
 from segtrain.errors import SegtrainError
-from segtrain.train.lock import DirectoryLock
+from segtrain.runtime.lock import DirectoryLock
 
 
 def run(dataset: str | None, source_dir: str | None, data_dir: str | None, gin_files: Sequence[str],

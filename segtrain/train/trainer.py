@@ -23,9 +23,9 @@ from segtrain.train import loop
 from segtrain.train import replicas as R
 from segtrain.train import summaries as S
 from segtrain.train.checkpoints import Checkpoints
-from segtrain.train.distribute import WriteDir, build_strategy, lost_peers, task_name
+from segtrain.runtime.distribute import WriteDir, build_strategy, lost_peers, task_name
 from segtrain.train.hparams import HParams
-from segtrain.train.lock import run_lock
+from segtrain.runtime.lock import run_lock
 from segtrain.train.optimizers import build_optimizer, current_learning_rate, loss_scale, loss_scaling
 from segtrain.train.preemption import Preemption
 from segtrain.train.profiler import Profiler
@@ -42,12 +42,12 @@ def train(model_dir: str, strategy: tf.distribute.Strategy | None = None,
     Args:
       model_dir: the run's directory.
       strategy: the strategy to train under (default: ``distribute.*`` in gin, see
-        segtrain.train.distribute.build_strategy).
+        segtrain.runtime.distribute.build_strategy).
       extra_actions: more actions, called after the built-in ones at every window end.
 
     Raises:
       SegtrainError: among others, another live job trains into ``model_dir`` (its lock,
-        segtrain.train.lock, names it).
+        segtrain.runtime.lock, names it).
     """
     if not model_dir:
         raise SegtrainError("--model_dir is required: the directory for checkpoints and TensorBoard logs.")

@@ -21,7 +21,7 @@ SIZE = 72
 
 
 def main(spec: dict) -> dict:
-    from segtrain.train.distribute import split_cpu
+    from segtrain.runtime.distribute import split_cpu
 
     split_cpu(2)
     import gin

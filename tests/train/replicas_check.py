@@ -15,7 +15,7 @@ import numpy as np
 
 
 def main() -> dict:
-    from segtrain.train.distribute import split_cpu
+    from segtrain.runtime.distribute import split_cpu
 
     split_cpu(2)
     import gin

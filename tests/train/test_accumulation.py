@@ -163,7 +163,7 @@ def scenario(model_dir: str, strategy: tf.distribute.Strategy) -> dict:
 
 TWO_REPLICAS = """
 import json, sys
-from segtrain.train.distribute import split_cpu
+from segtrain.runtime.distribute import split_cpu
 import tensorflow as tf
 strategy = tf.distribute.MirroredStrategy(split_cpu(2))
 from tests.train.test_accumulation import scenario

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from segtrain.errors import SegtrainError
-from segtrain.train import lock as L
+from segtrain.runtime import lock as L
 from tests.conftest import REPO, assert_user_error, event_steps, read_scalars, segtrain_main, tiny_flags
 from tests.data import fabricate as F
 

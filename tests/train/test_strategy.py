@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent("""
 
     from segtrain.commands.configure import parse_config
     from segtrain.errors import SegtrainError
-    from segtrain.train.distribute import build_strategy
+    from segtrain.runtime.distribute import build_strategy
     from segtrain.train.trainer import train
 
     spec = json.loads(sys.argv[1])

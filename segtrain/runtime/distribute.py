@@ -8,7 +8,7 @@
     multi_worker  MultiWorkerMirroredStrategy; the cluster comes from TF_CONFIG or SLURM.
 
 The cluster engine is tf.distribute's own (collective all-reduce over gRPC). Where the cluster
-comes from, and what is wrong with it, is segtrain.train.cluster's; this module bounds the wait
+comes from, and what is wrong with it, is segtrain.runtime.cluster's; this module bounds the wait
 for peers, sets how soon a lost peer is noticed, and turns the error a lost peer causes into one
 message (``lost_peers``).
 """
@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from segtrain.errors import SegtrainError
 from segtrain.io import remove_orphan_tempdirs
-from segtrain.train.cluster import (PORT_LAYOUTS, Cluster, check_addresses, chief_task, detect_cluster,
+from segtrain.runtime.cluster import (PORT_LAYOUTS, Cluster, check_addresses, chief_task, detect_cluster,
                                     pin_slurm_task_gpus, port_fix)
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
@@ -87,7 +87,7 @@ def build_strategy(
         error naming the ones it cannot reach.
       slurm_gpus_per_node: GPUs per node of a SLURM job (default: those visible here). With
         several tasks per node (one per GPU), each task takes its share of them
-        (segtrain.train.cluster.slurm_task_gpus).
+        (segtrain.runtime.cluster.slurm_task_gpus).
       slurm_port_base: the first port of the SLURM tasks' gRPC servers.
       slurm_ports: 'node': a node's tasks listen on slurm_port_base, +1, ...; 'job': task r of
         the job on slurm_port_base + r (node entries that share one host).
@@ -158,7 +158,7 @@ def _multi_worker(cluster: Cluster, timeout: float, heartbeat_timeout: float,
     """MultiWorkerMirroredStrategy, with a bounded wait for the peers and a set heartbeat.
 
     The constructor blocks in native code until every task has joined, and nothing inside this
-    process can interrupt it: a watchdog process (segtrain.train.watchdog) ends the task with a
+    process can interrupt it: a watchdog process (segtrain.runtime.watchdog) ends the task with a
     message naming the unreachable peers when the wait runs out.
     """
     check_addresses(cluster)
@@ -166,7 +166,7 @@ def _multi_worker(cluster: Cluster, timeout: float, heartbeat_timeout: float,
     info = {"task": f"{cluster.task_type} {cluster.task_id} ({cluster.address})", "source": cluster.source,
             "peers": cluster.peers()}
     watchdog = subprocess.Popen(
-        [sys.executable, "-m", "segtrain.train.watchdog", str(os.getpid()), str(timeout), json.dumps(info)],
+        [sys.executable, "-m", "segtrain.runtime.watchdog", str(os.getpid()), str(timeout), json.dumps(info)],
         stdin=subprocess.DEVNULL,
     )
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=collective_timeout)

@@ -29,7 +29,7 @@ from typing import Self
 import tensorflow as tf
 
 from segtrain.errors import SegtrainError
-from segtrain.train.distribute import is_chief
+from segtrain.runtime.distribute import is_chief
 
 LOCK_FILE = "segtrain.lock"
 
@@ -228,7 +228,7 @@ class DirectoryLock:
 @contextlib.contextmanager
 def run_lock(model_dir: str, strategy: tf.distribute.Strategy) -> Iterator[None]:
     """The lock of a run directory, held by the process that writes it: the chief of a
-    cluster, whose other workers write to scratch directories (segtrain.train.distribute)."""
+    cluster, whose other workers write to scratch directories (segtrain.runtime.distribute)."""
     if not is_chief(strategy):
         yield
         return

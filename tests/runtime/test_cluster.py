@@ -1,4 +1,4 @@
-"""segtrain.train.cluster: SLURM layouts (a task per node or per GPU), ports, GPU shares."""
+"""segtrain.runtime.cluster: SLURM layouts (a task per node or per GPU), ports, GPU shares."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from segtrain.errors import SegtrainError
-from segtrain.train import cluster as C
+from segtrain.runtime import cluster as C
 
 SLURM_VARS = ("TF_CONFIG", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
               "SLURM_STEP_TASKS_PER_NODE", "SLURM_JOB_NUM_NODES", "SLURM_LOCALID", "SLURM_NODEID")
@@ -70,7 +70,7 @@ def test_gpus_that_the_tasks_cannot_share_evenly_are_one_message():
 
 def test_pinning_sets_cuda_visible_devices_before_tensorflow_sees_the_gpus():
     env = {k: v for k, v in _step(3, CUDA_VISIBLE_DEVICES="0,1").items()}
-    code = ("import os; from segtrain.train import cluster; "
+    code = ("import os; from segtrain.runtime import cluster; "
             "print(cluster.pin_slurm_task_gpus(), os.environ['CUDA_VISIBLE_DEVICES'])")
     import os
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,

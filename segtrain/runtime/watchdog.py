@@ -5,7 +5,7 @@ it holds the interpreter, ignores SIGTERM, and may never return when a peer is m
 thread cannot interrupt it, so a separate process (this module, free of TensorFlow so it starts
 at once) waits out the timeout, names the peers it cannot reach, and ends the task with SIGKILL.
 
-    python -m segtrain.train.watchdog PID TIMEOUT JSON
+    python -m segtrain.runtime.watchdog PID TIMEOUT JSON
     JSON: {"task": "worker 0 (127.0.0.1:2222)", "source": "TF_CONFIG",
            "peers": [["worker 1", "127.0.0.1:2223"], ...]}
 """

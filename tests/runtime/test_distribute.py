@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 
 from segtrain.errors import SegtrainError, user_message
-from segtrain.train import cluster as C
-from segtrain.train import distribute as D
-from segtrain.train import watchdog
+from segtrain.runtime import cluster as C
+from segtrain.runtime import distribute as D
+from segtrain.runtime import watchdog
 
 TWO_WORKERS = {"cluster": {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]}, "task": {"type": "worker", "index": 1}}
 
