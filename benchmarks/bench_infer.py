@@ -70,7 +70,7 @@ def main() -> int:
 
     from segtrain import export as export_lib
     from segtrain.commands import predict as predict_command
-    from segtrain.commands.run_dir import parse_run, restored
+    from segtrain.commands.trained_run import parse_run, restored
 
     parse_run(args.model_dir)
     experiment, _, step = restored(args.model_dir)

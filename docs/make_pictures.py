@@ -55,7 +55,7 @@ def main() -> int:
     from PIL import Image
 
     from segtrain.cli import main as segtrain
-    from segtrain.commands.run_dir import parse_run
+    from segtrain.commands.trained_run import parse_run
     from segtrain.experiment import Experiment
 
     parse_run(args.model_dir)

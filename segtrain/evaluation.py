@@ -311,5 +311,23 @@ def _progress(label: str, dataset: tf.data.Dataset) -> tuple[Progress, bool]:
     return Progress(label, num_batches if num_batches > 0 else None, unit="batch"), False
 
 
+def per_class(results: dict, class_names: Sequence[str]) -> dict:
+    """{class name: {metric: value}} of the per-class metrics in ``results``."""
+    vectors = {k.removeprefix("per_class_"): v for k, v in results.items()
+               if k.startswith("per_class_") and isinstance(v, (list, tuple, np.ndarray))}
+    return {name: {k: v[i] for k, v in vectors.items()} for i, name in enumerate(class_names)}
+
+
+def results_record(results: dict, cm: np.ndarray, class_names: Sequence[str], split: str, step: int,
+                   inference: str, checkpoint: str | None = None) -> dict:
+    """The one layout of an evaluation's results file, in-run (eval_results_<split>.json) and
+    from `segtrain evaluate` (eval_results.json): every metric, the split, the training step,
+    the checkpoint (None: the model in training), how the model ran, per-class values by class
+    name and the confusion matrix (rows: ground truth)."""
+    names = list(class_names)
+    return {**results, "split": split, "step": step, "checkpoint": checkpoint, "inference": inference,
+            "class_names": names, "per_class": per_class(results, names), "confusion_matrix": np.asarray(cm).tolist()}
+
+
 def write_results(path: str, results: dict) -> None:
     write_json(path, json_ready(results))

@@ -1,10 +1,20 @@
-"""A run directory's checkpoints: where they are, which are whole, and what is wrong with the rest.
+"""The run directory: every file name in it, and its checkpoints (which are whole, which read,
+what is wrong with the rest). Every other module asks this one where a run's files are.
 
+    model_dir/operative_config.gin           every gin setting the run used (OPERATIVE_CONFIG)
     model_dir/checkpoint                     TensorFlow's state file: the latest checkpoints
     model_dir/ckpt-<step>.index              a checkpoint: its index (tensor names, shapes,
     model_dir/ckpt-<step>.data-<i>-of-<n>    offsets, CRC32C of each tensor) and data shards
     model_dir/best/                          the best checkpoint, its state file and best.json
     model_dir/damaged/ckpt-<step>/           checkpoints training found unreadable, moved aside
+    model_dir/train/, eval/                  TensorBoard events (train/plugins/profile/: traces)
+    model_dir/events.*.hparams               the run's HParams session
+    model_dir/nan_restores.json              train.on_nan = 'restore': the restores so far
+    model_dir/segtrain.lock                  while a job writes the directory: which process
+    model_dir/eval_results_<split>.json      the last evaluation during training
+    model_dir/eval_results.json              `segtrain evaluate` (the same layout)
+    model_dir/confusion_matrix.png           `segtrain evaluate`'s picture
+    model_dir/explain/                       `segtrain explain`'s default output
 
 A checkpoint is *complete* when its index reads and every data shard exists. It *reads* when
 every tensor comes back with the checksum its index recorded: TensorFlow checks that on every
@@ -23,8 +33,34 @@ import tensorflow as tf
 from segtrain.errors import SegtrainError, warn
 
 BEST_DIR = "best"  # model_dir/best/ holds the best checkpoint and best.json
+BEST_RECORD = "best.json"  # in best/: which checkpoint, its value, evaluations since it improved
 STATE_FILE = "checkpoint"  # TensorFlow's name for the state file of a checkpoint directory
 DAMAGED_DIR = "damaged"  # where training moves checkpoints it could not read
+OPERATIVE_CONFIG = "operative_config.gin"
+NAN_RECORD = "nan_restores.json"
+LOCK_FILE = "segtrain.lock"
+TRAIN_LOGS, EVAL_LOGS = "train", "eval"
+HPARAMS_SUFFIX = ".hparams"  # events.out.tfevents.*.hparams in model_dir
+RESULTS = "eval_results.json"
+CONFUSION_PICTURE = "confusion_matrix.png"
+EXPLAIN_DIR = "explain"
+
+
+def require(model_dir: str | None) -> str:
+    """``model_dir``, or the one message for a command run without it.
+
+    Raises:
+      SegtrainError: no --model_dir.
+    """
+    if not model_dir:
+        raise SegtrainError("--model_dir is required: the run's directory (checkpoints, TensorBoard logs, its "
+                            "configuration), e.g. --model_dir=runs/quickstart.")
+    return model_dir
+
+
+def in_run_results(split: str) -> str:
+    """The file name of the last evaluation of ``split`` during training."""
+    return f"eval_results_{split}.json"
 
 
 class DamagedCheckpoint(SegtrainError):

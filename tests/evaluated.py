@@ -26,7 +26,7 @@ def _export_metrics(model_dir, output) -> dict:
     import tensorflow as tf
 
     from segtrain import metrics as M
-    from segtrain.commands.run_dir import parse_run
+    from segtrain.commands.trained_run import parse_run
     from segtrain.experiment import Experiment
 
     result = segtrain_main("export", f"--model_dir={model_dir}", f"--output={output}", "--checkpoint=latest")

@@ -58,7 +58,7 @@ def exported_mixed(trained_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(trained_run):
     """{input key: logits} of the run's Inference on the normalised inputs, in this process."""
-    from segtrain.commands.run_dir import parse_run, restored
+    from segtrain.commands.trained_run import parse_run, restored
 
     gin.clear_config()
     try:

@@ -32,7 +32,7 @@ GOOD = {"rgb": (40, 50), "grey": (29, 37), "rgba": (33, 61), "same1": (48, 32), 
 
 
 def _restored(run):
-    from segtrain.commands.run_dir import parse_run, restored
+    from segtrain.commands.trained_run import parse_run, restored
 
     parse_run(str(run))
     experiment, _, _ = restored(str(run))

@@ -1,6 +1,6 @@
 """`segtrain evaluate`: a trained run's model on a split, from its operative config and checkpoint.
 
-The run is rebuilt by segtrain.commands.run_dir: only the model's weights are restored, no
+The run is rebuilt by segtrain.commands.trained_run: only the model's weights are restored, no
 optimizer is built and the training split is never read. The model runs as ``inference.*`` (or
 the --mode/--crop_size/--stride/--scales/--flip flags) say, over every replica of the strategy,
 and is scored at the labels' own size.
@@ -15,16 +15,15 @@ import os
 from typing import Sequence
 
 import gin
-import numpy as np
 import tensorflow as tf
 
 from segtrain import plots
-from segtrain.commands.run_dir import parse_run, restored
-from segtrain.errors import SegtrainError, data_errors
-from segtrain.evaluation import format_table, write_results
+from segtrain import run_dir
+from segtrain.commands.trained_run import parse_run, restored
+from segtrain.errors import data_errors
+from segtrain.evaluation import format_table, per_class, results_record, write_results
 
 INFERENCE_FLAGS = ("mode", "crop_size", "stride", "scales", "flip")
-RESULTS_FILE, PICTURE_FILE = "eval_results.json", "confusion_matrix.png"
 
 
 def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[str], flags: dict) -> int:
@@ -102,24 +101,16 @@ def evaluate(model_dir: str, split: str = "test", checkpoint: str = "best", batc
     names = list(experiment.info.class_names)
     post = results.pop("postprocessed", None)
     print(format_table(results, names, post, postprocess))
-    results.update({"split": split, "step": step, "checkpoint": os.path.basename(path),
-                    "inference": inference.options.describe(), "class_names": names,
-                    "per_class": per_class(results, names), "confusion_matrix": cm.tolist()})
+    results = results_record(results, cm, names, split, step, inference.options.describe(), os.path.basename(path))
     if post is not None:
         post["per_class"] = per_class(post, names)
         results["postprocessed"] = {"postprocess": postprocess, **post}
-    out = os.path.join(model_dir, RESULTS_FILE)
+    out = os.path.join(model_dir, run_dir.RESULTS)
     write_results(out, results)
     print(f"Wrote {out}")
-    picture = os.path.join(model_dir, PICTURE_FILE)
+    picture = os.path.join(model_dir, run_dir.CONFUSION_PICTURE)
     title = f"{experiment.info.name or 'dataset'} {split}, step {step}\n{inference.options.describe()}"
     if plots.write_confusion_matrix(picture, cm, names, title):
         print(f"Wrote {picture}")
     return results
 
-
-def per_class(results: dict, class_names: Sequence[str]) -> dict:
-    """{class name: {metric: value}} of the per-class metrics in ``results``."""
-    vectors = {k.removeprefix("per_class_"): v for k, v in results.items()
-               if k.startswith("per_class_") and isinstance(v, (list, tuple, np.ndarray))}
-    return {name: {k: v[i] for k, v in vectors.items()} for i, name in enumerate(class_names)}

@@ -8,7 +8,7 @@ For each image it writes, under ``--output`` (default ``MODEL_DIR/explain``):
 
 and the same pictures as TensorBoard image summaries under ``<output>/tensorboard`` (at the
 checkpoint's step). The algorithm, the default layer and the grid are described in
-segtrain.explain. The run is rebuilt by segtrain.commands.run_dir: no optimizer is built and no
+segtrain.explain. The run is rebuilt by segtrain.commands.trained_run: no optimizer is built and no
 dataset split is read.
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ import numpy as np
 import tensorflow as tf
 
 from segtrain import explain as gradcam
-from segtrain.commands.run_dir import parse_run, restored
+from segtrain import run_dir
+from segtrain.commands.trained_run import parse_run, restored
 from segtrain.errors import SegtrainError
 from segtrain.images import list_inputs, read_rgb, write_image
 from segtrain.io import atomic_write_bytes
@@ -90,7 +91,7 @@ def explain(
     region_box = gradcam.parse_box(box)
     paths = list_inputs(input or "")
     cam = gradcam.GradCam(model, layer)
-    output = output or os.path.join(model_dir, "explain")
+    output = output or os.path.join(model_dir, run_dir.EXPLAIN_DIR)
     os.makedirs(output, exist_ok=True)
     print(f"Grad-CAM of class '{name}' at layer {cam.layer} ({os.path.basename(path)}, step {step}) "
           f"on {len(paths)} image(s) -> {output}")

@@ -1,6 +1,6 @@
 """`segtrain export`: a trained run as a TF SavedModel for serving (TF Serving, tf.saved_model.load).
 
-The run is rebuilt by segtrain.commands.run_dir (weights only, no optimizer, no training split);
+The run is rebuilt by segtrain.commands.trained_run (weights only, no optimizer, no training split);
 segtrain.export writes the SavedModel. The model's inference settings (gin ``inference.*``:
 sliding window, scales, flips) are those `segtrain predict` uses. In a multi-worker cluster
 (TF_CONFIG or SLURM) only the chief writes; the other tasks return at once.
@@ -14,7 +14,7 @@ from typing import Sequence
 
 import gin
 
-from segtrain.commands.run_dir import parse_run, restored
+from segtrain.commands.trained_run import parse_run, restored
 from segtrain.export import METADATA_FILE, check_output, export_model, output_names
 from segtrain.runtime.cluster import detect_cluster
 

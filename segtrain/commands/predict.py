@@ -31,7 +31,7 @@ from PIL import Image
 
 from segtrain import images as I
 from segtrain.commands.evaluate import postprocessor_for
-from segtrain.commands.run_dir import parse_run, restored
+from segtrain.commands.trained_run import parse_run, restored
 from segtrain.errors import SegtrainError
 from segtrain.io import atomic_write_bytes, write_json
 from segtrain.progress import Progress

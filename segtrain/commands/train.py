@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from segtrain.commands.configure import parse_config
+from segtrain import run_dir
 from segtrain.errors import SegtrainError
 from segtrain.train.trainer import train
 
@@ -21,8 +22,7 @@ def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[st
       gin_files, gin_params: the configuration; later files and the params win.
       flags: command-line flags that set gin bindings (FLAG_BINDINGS), by flag name.
     """
-    if not model_dir:
-        raise SegtrainError("--model_dir is required: the run's directory, e.g. --model_dir=runs/quickstart.")
+    run_dir.require(model_dir)
     if not gin_files and not gin_params:
         raise SegtrainError("Nothing to train: give --gin_file (e.g. gin/quickstart.gin) and/or --gin_param.")
     bindings = [f"{FLAG_BINDINGS[name]} = {gin_value(name, value)!r}" for name, value in flags.items()]

@@ -29,9 +29,8 @@ from typing import Self
 import tensorflow as tf
 
 from segtrain.errors import SegtrainError
+from segtrain.run_dir import LOCK_FILE  # the name is the run directory's
 from segtrain.runtime.distribute import is_chief
-
-LOCK_FILE = "segtrain.lock"
 
 
 def _read_text(path: str) -> str | None:

@@ -21,7 +21,8 @@ from segtrain import progress as progress_line
 from segtrain.data.info import DatasetInfo
 from segtrain.data.transforms import Normalization
 from segtrain.errors import SegtrainError
-from segtrain.evaluation import Evaluator, fit_to_labels, format_table, write_results
+from segtrain.evaluation import Evaluator, fit_to_labels, format_table, results_record, write_results
+from segtrain import run_dir
 from segtrain.io import atomic_write_text, read_json, write_json
 from segtrain.train import summaries as S
 from segtrain.train.checkpoints import Checkpoints
@@ -171,6 +172,7 @@ class Evaluate(Action):
         self.evaluator, self.dataset, self.every = evaluator, dataset, every
         self.results_path, self.split, self.chief = results_path, split, chief
         self.results: dict = {}
+        self.cm: np.ndarray | None = None
         self.step: int | None = None
 
     def __call__(self, window: Window) -> None:
@@ -181,13 +183,15 @@ class Evaluate(Action):
         print(f"eval step {window.step}: " + "  ".join(
             f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float)))
         window.eval = (results, cm)
-        self.results, self.step = results, window.step
+        self.results, self.cm, self.step = results, cm, window.step
 
     def end(self, step: int) -> None:
         if not self.results:
             return
         if self.chief:
-            write_results(self.results_path, {**self.results, "step": self.step, "split": self.split})
+            write_results(self.results_path, results_record(
+                self.results, self.cm, self.evaluator.info.class_names, self.split, self.step,
+                self.evaluator.inference.options.describe()))
         print(format_table(self.results, self.evaluator.info.class_names))
 
 
@@ -307,7 +311,7 @@ class WriteConfig(Action):
 
     def start(self, step: int) -> None:
         config = gin.operative_config_str()
-        atomic_write_text(os.path.join(self.model_dir, "operative_config.gin"), config)
+        atomic_write_text(os.path.join(self.model_dir, run_dir.OPERATIVE_CONFIG), config)
         S.write_text(self.writer, self.TAG, S.gin_markdown(config), step)
 
 

@@ -28,7 +28,7 @@ import tensorflow as tf
 from segtrain.errors import SegtrainError
 from segtrain.experiment import restore_checkpoint
 from segtrain.io import WriteError, atomic_write_text, os_reason, read_json, write_json
-from segtrain.run_dir import (BEST_DIR, STATE_FILE, DamagedCheckpoint, is_complete, latest_complete,
+from segtrain.run_dir import (BEST_DIR, BEST_RECORD, STATE_FILE, DamagedCheckpoint, is_complete, latest_complete,
                               listed, move_aside, on_disk, problem, state_unreadable)
 from segtrain.run_dir import state as _state
 
@@ -74,7 +74,7 @@ class Checkpoints:
 
     @property
     def best_json(self) -> str:
-        return os.path.join(self.best_dir, "best.json")
+        return os.path.join(self.best_dir, BEST_RECORD)
 
     @property
     def latest_checkpoint(self) -> str | None:
@@ -169,7 +169,7 @@ class Checkpoints:
         return read_json(self.best_json) if os.path.exists(self.best_json) else None
 
     def write_record(self, record: dict) -> None:
-        path = os.path.join(self.best.directory, "best.json")
+        path = os.path.join(self.best.directory, BEST_RECORD)
         try:
             write_json(path, record)
         except WriteError as e:
@@ -279,7 +279,7 @@ def repair(model_dir: str) -> None:
     why = problem(best.model_checkpoint_path)
     if why:  # a save over it was interrupted, or its files were damaged
         target = move_aside(best.model_checkpoint_path, model_dir)
-        for path in (os.path.join(best_dir, "best.json"), os.path.join(best_dir, STATE_FILE)):
+        for path in (os.path.join(best_dir, BEST_RECORD), os.path.join(best_dir, STATE_FILE)):
             if os.path.exists(path):
                 os.replace(path, os.path.join(target, os.path.basename(path)))
         print(f"The best checkpoint {name} in {best_dir} is incomplete ({why}): moved it and best.json to "
@@ -293,7 +293,7 @@ def repair(model_dir: str) -> None:
         print(f"Removed what interrupted writes left in {best_dir}: {', '.join(unrecorded)}.", flush=True)
     # KeepBest saves the checkpoint, then best.json: a stop between the two leaves the record of
     # the previous best. The checkpoint was saved because it improved on that record's value.
-    record_path = os.path.join(best_dir, "best.json")
+    record_path = os.path.join(best_dir, BEST_RECORD)
     record = read_json(record_path) if os.path.exists(record_path) else None
     if record is not None and record.get("path") and record["path"] != name:
         write_json(record_path, {**record, "step": int(name.rsplit("-", 1)[1]), "path": name,

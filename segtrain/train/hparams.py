@@ -27,12 +27,13 @@ from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams import summary as hp_summary
 
 import registry
+from segtrain import run_dir
 from segtrain.errors import warn
 from segtrain.train import summaries as S
 from segtrain.train.loop import Action
 
 # The session summary's event files in model_dir end with this, so a restart finds its own.
-SUFFIX = ".hparams"
+SUFFIX = run_dir.HPARAMS_SUFFIX
 
 Value = bool | int | float | str
 

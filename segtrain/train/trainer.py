@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from segtrain import metrics as M
+from segtrain import run_dir
 from segtrain.errors import DATA_ERROR_MARKER, SegtrainError, data_errors, warn, xla_reason
 from segtrain.experiment import Experiment, ExperimentConfig, restore_checkpoint
 from segtrain.io import read_json
@@ -31,8 +32,6 @@ from segtrain.train.preemption import Preemption
 from segtrain.train.profiler import Profiler
 
 
-# train.on_nan = 'restore': the restores so far (read by every worker, written by the chief).
-NAN_RECORD = "nan_restores.json"
 
 
 def train(model_dir: str, strategy: tf.distribute.Strategy | None = None,
@@ -49,8 +48,7 @@ def train(model_dir: str, strategy: tf.distribute.Strategy | None = None,
       SegtrainError: among others, another live job trains into ``model_dir`` (its lock,
         segtrain.runtime.lock, names it).
     """
-    if not model_dir:
-        raise SegtrainError("--model_dir is required: the directory for checkpoints and TensorBoard logs.")
+    run_dir.require(model_dir)
     strategy = strategy or build_strategy()  # first: it may split the CPU before TF starts
     with run_lock(model_dir, strategy):  # one job at a time writes a run directory
         config = ExperimentConfig()
@@ -70,8 +68,7 @@ class Trainer:
     """
 
     def __init__(self, experiment: Experiment, model_dir: str):
-        if not model_dir:
-            raise SegtrainError("--model_dir is required: the directory for checkpoints and TensorBoard logs.")
+        run_dir.require(model_dir)
         cfg = experiment.config
         if experiment.split != cfg.train_split:  # the classes come from the split trained on
             experiment = Experiment(cfg, experiment.strategy, split=cfg.train_split)
@@ -305,11 +302,11 @@ class Trainer:
         if restored:
             print(f"Resuming {self.model_dir} from {os.path.basename(restored)} at step {start}")
             if self.chief:  # what was written after the checkpoint is written again: one value per step
-                S.purge_after(os.path.join(self.model_dir, "train"), start, at_step=(A.WriteConfig.TAG,))
-                S.purge_after(os.path.join(self.model_dir, "eval"), start)
+                S.purge_after(os.path.join(self.model_dir, run_dir.TRAIN_LOGS), start, at_step=(A.WriteConfig.TAG,))
+                S.purge_after(os.path.join(self.model_dir, run_dir.EVAL_LOGS), start)
         best = A.KeepBest(self.checkpoints, cfg.best_metric, cfg.mode, cfg.min_delta)
         early_stopping = A.EarlyStopping(best, cfg.early_stopping_patience)
-        results_path = os.path.join(self.model_dir, f"eval_results_{cfg.eval_split}.json")
+        results_path = os.path.join(self.model_dir, run_dir.in_run_results(cfg.eval_split))
         if start >= cfg.num_steps and not early_stopping.stopped() and _unevaluated(results_path, start):
             return self._final_evaluation(start, results_path, best)
         if start >= cfg.num_steps or early_stopping.stopped():
@@ -325,15 +322,15 @@ class Trainer:
         eval_ds = exp.eval_dataset(cfg.eval_split)
         # Summaries come from the chief alone; the other workers' would be duplicates.
         writers = {k: S.EventWriter(os.path.join(self.model_dir, k) if self.chief else None)
-                   for k in ("train", "eval")}
+                   for k in (run_dir.TRAIN_LOGS, run_dir.EVAL_LOGS)}
         skipped = exp.info.damaged_records.get(cfg.train_split)
         if skipped:  # datasets.<name>.skip_damaged_records: what the run trains without
-            S.write_scalars(writers["train"], {"data/damaged_records_skipped": skipped}, start)
+            S.write_scalars(writers[run_dir.TRAIN_LOGS], {"data/damaged_records_skipped": skipped}, start)
         # Without periodic evaluation, still checkpoint now and then so a long run can resume.
         checkpoint_every = cfg.checkpoint_every or (cfg.eval_every or min(1000, cfg.num_steps))
         on_nan = A.OnNonFinite(self.checkpoints, cfg.on_nan, cfg.max_nan_restores, cfg.nan_lr_factor,
-                               self.restore_after_nan, writers["train"],
-                               os.path.join(self.model_dir, NAN_RECORD), self.chief)
+                               self.restore_after_nan, writers[run_dir.TRAIN_LOGS],
+                               os.path.join(self.model_dir, run_dir.NAN_RECORD), self.chief)
         if self.lr_factor is not None:  # the restores of an earlier part of this run still count
             self.lr_factor.assign(on_nan.lr_factor)
         evaluate = A.Evaluate(exp.evaluator(), eval_ds, cfg.eval_every or None, results_path, cfg.eval_split,
@@ -341,15 +338,15 @@ class Trainer:
         profiler = (Profiler(cfg.profile_steps, self.model_dir, cfg.num_steps, self.chief)
                     if cfg.profile_steps else None)
         actions = [
-            *([A.WriteConfig(self.model_dir, writers["train"])] if self.chief else []),
+            *([A.WriteConfig(self.model_dir, writers[run_dir.TRAIN_LOGS])] if self.chief else []),
             on_nan,
-            A.TrainSummaries(writers["train"]),
+            A.TrainSummaries(writers[run_dir.TRAIN_LOGS]),
             A.ProgressLine(cfg.num_steps),
             Preemption(self.checkpoints, self.strategy, cfg.preemption_grace),
             A.SaveCheckpoints(self.checkpoints, checkpoint_every),
             evaluate,
-            A.EvalSummaries(writers["eval"], exp.info.class_names),
-            A.ImagePanels(writers["eval"], eval_ds, self.model, exp.info, exp.normalization, cfg.num_image_panels),
+            A.EvalSummaries(writers[run_dir.EVAL_LOGS], exp.info.class_names),
+            A.ImagePanels(writers[run_dir.EVAL_LOGS], eval_ds, self.model, exp.info, exp.normalization, cfg.num_image_panels),
             best,
             early_stopping,
             *([HParams(self.model_dir)] if self.chief else []),
@@ -377,9 +374,9 @@ class Trainer:
         cfg, exp = self.config, self.experiment
         print(f"{self.model_dir} is at step {step}, but its final evaluation did not finish: evaluating it now.")
         if self.chief:  # what the interrupted evaluation wrote is written again
-            S.purge_after(os.path.join(self.model_dir, "eval"), step - 1)
+            S.purge_after(os.path.join(self.model_dir, run_dir.EVAL_LOGS), step - 1)
         eval_ds = exp.eval_dataset(cfg.eval_split)
-        writer = S.EventWriter(os.path.join(self.model_dir, "eval") if self.chief else None)
+        writer = S.EventWriter(os.path.join(self.model_dir, run_dir.EVAL_LOGS) if self.chief else None)
         evaluate = A.Evaluate(exp.evaluator(), eval_ds, None, results_path, cfg.eval_split, self.chief)
         window = loop.Window(step, 0, np.zeros(0, np.float32), {}, 0.0, last=True)
         try:

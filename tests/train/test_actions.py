@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -93,6 +94,7 @@ def test_evaluate_when_due_and_hand_the_results_on(tmp_path, capsys):
 
     class FakeEvaluator:
         info = DatasetInfo(num_classes=2, class_names=("bg", "fg"))
+        inference = types.SimpleNamespace(options=types.SimpleNamespace(describe=lambda: "whole"))
 
         def run(self, dataset):
             runs.append(dataset)
@@ -109,8 +111,11 @@ def test_evaluate_when_due_and_hand_the_results_on(tmp_path, capsys):
     assert "eval step 4: loss 0.5000  mean_iou 0.2500" in capsys.readouterr().out
     action(_window(5, last=True))
     action.end(5)
-    assert json.loads(path.read_text()) == {"loss": 0.5, "mean_iou": 0.5, "per_class_iou": [0.5, 0.0], "step": 5,
-                                            "split": "val"}
+    # The layout of `segtrain evaluate`'s results (checkpoint None: the model in training).
+    assert json.loads(path.read_text()) == {
+        "loss": 0.5, "mean_iou": 0.5, "per_class_iou": [0.5, 0.0], "step": 5, "split": "val", "checkpoint": None,
+        "inference": "whole", "class_names": ["bg", "fg"],
+        "per_class": {"bg": {"iou": 0.5}, "fg": {"iou": 0.0}}, "confusion_matrix": [[1, 0], [0, 1]]}
     assert "per_class_iou" in capsys.readouterr().out  # the table
 
 

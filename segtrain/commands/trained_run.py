@@ -12,6 +12,7 @@ import os
 from typing import Sequence
 
 from segtrain import config
+from segtrain import run_dir
 from segtrain.errors import SegtrainError, data_errors
 from segtrain.experiment import Experiment
 
@@ -26,9 +27,8 @@ def parse_run(model_dir: str | None, gin_files: Sequence[str] = (), gin_params: 
     Raises:
       SegtrainError: no --model_dir, or one `segtrain train` did not write.
     """
-    if not model_dir:
-        raise SegtrainError("--model_dir is required: the run's directory, e.g. --model_dir=runs/quickstart.")
-    operative = os.path.join(model_dir, "operative_config.gin")
+    run_dir.require(model_dir)
+    operative = os.path.join(model_dir, run_dir.OPERATIVE_CONFIG)
     if not os.path.isfile(operative):
         raise SegtrainError(f"{operative} not found: --model_dir must be a directory `segtrain train` wrote.")
     config.parse([operative, *gin_files], gin_params)
