@@ -29,12 +29,16 @@ import sys
 import warnings
 
 # Set before TensorFlow loads; a value already in the environment wins.
-#   TF_CPP_MIN_LOG_LEVEL      TensorFlow's C++ INFO lines are noise on a console (--verbosity=0 brings them back).
+#   TF_CPP_MIN_LOG_LEVEL      TensorFlow's C++ log lines are noise on a console, its E-level ones too (a CPU
+#                             machine's "failed call to cuInit", oneDNN's "supports DT_UINT8 only on
+#                             platforms with AVX-512"): what matters reaches the user as an error.
+#                             --verbosity brings them back.
 #   TF_CPU_ALLOCATOR_USE_BFC  TensorFlow's default CPU allocator maps fresh pages for each large tensor:
 #                             under a tf.distribute strategy (one_device, mirrored, multi_worker) a CPU
 #                             training step spent half its time in the kernel's page faults. The BFC
 #                             allocator keeps its memory and reuses it (benchmarks/RESULTS.md).
-TF_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "1", "TF_CPU_ALLOCATOR_USE_BFC": "true"}
+TF_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_CPU_ALLOCATOR_USE_BFC": "true"}
+_CHOSEN = {name for name in TF_ENVIRONMENT if name in os.environ}  # set by the user: theirs
 for _name, _value in TF_ENVIRONMENT.items():
     os.environ.setdefault(_name, _value)
 
@@ -63,8 +67,8 @@ def _gin(fv):
 
 
 def _verbosity(fv):
-    flags.DEFINE_integer("verbosity", None, "TensorFlow's and absl's log level (default: warnings only; "
-                         "0 brings back TensorFlow's INFO lines).", flag_values=fv)
+    flags.DEFINE_integer("verbosity", None, "Also show TensorFlow's own log lines, from this level up (0: INFO; "
+                         "default: none, only segtrain's lines).", flag_values=fv)
 
 
 def _train(fv):
@@ -350,7 +354,32 @@ def run() -> None:
     from segtrain.io import use_process_tempdir
 
     use_process_tempdir()  # autograph's generated files go, however the process ends
+    if any(arg.startswith("--verbosity") for arg in sys.argv[2:]):
+        if "TF_CPP_MIN_LOG_LEVEL" not in _CHOSEN:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    elif "TF_CPP_MIN_LOG_LEVEL" not in _CHOSEN:
+        import_tensorflow_quietly()
     sys.exit(main(sys.argv))
+
+
+def import_tensorflow_quietly() -> None:
+    """Imports TensorFlow with the C++ side's stderr (file descriptor 2) closed for the import.
+
+    Loading its libraries prints absl's "All log messages before absl::InitializeLog()" and
+    INFO lines (oneDNN, cudart_stub) whatever TF_CPP_MIN_LOG_LEVEL says, before TensorFlow reads
+    it. An import that fails still raises its Python error, which prints after the descriptor
+    is back.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 if __name__ == "__main__":

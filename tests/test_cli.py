@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import TINY, copy_run, segtrain_cli, segtrain_main
+from tests.conftest import REPO, TINY, copy_run, segtrain_cli, segtrain_main
 from tests.conftest import assert_user_error as _fails
 from tests.conftest import tiny_flags as _params
 from tests.train.test_profiler import _step_markers, _traces, assert_profiler_stopped
@@ -252,3 +252,24 @@ def test_each_process_keeps_its_temporary_files_in_a_directory_removed_at_exit(t
     result = segtrain_cli("--help", env={"TMPDIR": str(tmp_path)})
     assert result.returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "other"])
+
+
+@pytest.mark.slow
+def test_a_training_run_prints_segtrain_s_lines_only(tmp_path):
+    """No TensorFlow start-up lines (absl's InitializeLog warning, oneDNN and cudart INFO, cuInit
+    and oneDNN E lines): the user's environment sets no TF_CPP_MIN_LOG_LEVEL."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-m", "segtrain.cli", "train", f"--model_dir={tmp_path}",
+                             *_params("train.num_steps = 2", "train.eval_every = 0")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    noise = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("warning: ")]
+    assert noise == [], noise
+    loud = subprocess.run([sys.executable, "-m", "segtrain.cli", "train", f"--model_dir={tmp_path}", "--verbosity=0",
+                           *_params("train.num_steps = 2", "train.eval_every = 0")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert loud.returncode == 0 and "I0000" in loud.stderr  # TensorFlow's own lines, asked for
