@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Training input pipeline of segtrain against a chapter-8-style tf.data baseline, same run.
+"""Training input pipeline of segtrain against a typical hand-written tf.data baseline, same run.
 
     python benchmarks/bench_input.py                                  # 200 VOC-like images, batch 16
     python benchmarks/bench_input.py --num_images=400 --batch=32 --train_images_per_s=23.2
@@ -7,13 +7,13 @@
 It fabricates a Pascal VOC 2012 tree in a temporary directory (photo-like JPEGs of about
 500x375 at quality 90, palettized PNG labels with class ids 0..20 and 255 object boundaries),
 prepares it with ``segtrain.data.prepare.prepare`` (timed), and measures the images/s of two
-training pipelines doing the same augmentation (the chapter 8 set: resize to 444x444, random
+training pipelines doing the same augmentation (the usual set: resize to 444x444, random
 384x384 crop, random left-right flip, hue 0.1, brightness 0.1, contrast 0.8-1.2):
 
   segtrain  the ``voc2012`` dataset plugin (``data_dir=...``) through ``build_pipeline``:
             the prepared records, shuffled while encoded, decoded and augmented in one parallel
             map, batched, prefetched
-  baseline  a re-implementation of the book's chapter 8 pipeline: ``Dataset.from_generator``
+  baseline  a typical hand-written pipeline: ``Dataset.from_generator``
             yielding (image path, label path) from the raw VOC files, JPEG decoded by TF and the
             palettized PNG label read with PIL through ``tf.numpy_function``, then one
             sequential ``.map`` per step (no num_parallel_calls, as in the book), shuffle
@@ -215,7 +215,7 @@ def segtrain_pipeline(data_dir: str, batch: int, seed: int, colour_on_device: bo
 
 
 def baseline_pipeline(pairs: list[tuple[str, str]], batch: int):
-    """The book's chapter 8 style: a generator of file names, one sequential map per step."""
+    """A typical hand-written pipeline: a generator of file names, one sequential map per step."""
     import numpy as np
     import tensorflow as tf
     from PIL import Image

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from segtrain import metrics as M
+from segtrain import metrics
 from segtrain.data.info import DatasetInfo
 from segtrain.errors import DATA_ERROR_MARKER, SegtrainError, xla_reason
 from segtrain.inference import Inference
@@ -49,7 +49,7 @@ class Evaluator:
     """
 
     def __init__(self, model, loss_fn, info: DatasetInfo, strategy: tf.distribute.Strategy,
-                 metric_names: Sequence[str] = M.DEFAULT_METRICS, chunk: int = 16,
+                 metric_names: Sequence[str] = metrics.DEFAULT_METRICS, chunk: int = 16,
                  inference: Inference | None = None, xla: bool = False):
         self.model, self.loss_fn, self.info = model, loss_fn, info
         self.strategy = strategy
@@ -85,7 +85,7 @@ class Evaluator:
     def _replica_step(self, batch, full: int = 0):
         logits = self._logits(batch, full)
         labels = batch["label"]
-        cm = M.confusion_matrix(labels, tf.argmax(logits, -1), self.info.num_classes, self.info.ignore_label)
+        cm = metrics.confusion_matrix(labels, tf.argmax(logits, -1), self.info.num_classes, self.info.ignore_label)
         per_example = self.loss_fn(labels, logits)
         return cm, tf.reduce_sum(per_example), tf.cast(tf.shape(per_example)[0], tf.float32)
 
@@ -182,7 +182,7 @@ class Evaluator:
         if not count:
             raise SegtrainError(f"{label}: the evaluation split of dataset '{self.info.name}' is empty.")
         results = {"loss": loss_sum / count}
-        results.update(M.compute(cm, self.metric_names))
+        results.update(metrics.compute(cm, self.metric_names))
         return results
 
     def _replica_probabilities(self, batch):
@@ -221,13 +221,13 @@ class Evaluator:
                     for matrix, q in ((cm, p), (cm_post, refined)):
                         if (ih, iw) != (lh, lw):
                             q = tf.image.resize(q, (lh, lw), method="bilinear").numpy()
-                        matrix += M.confusion_matrix(truth, np.argmax(q, -1), c, self.info.ignore_label).numpy()
+                        matrix += metrics.confusion_matrix(truth, np.argmax(q, -1), c, self.info.ignore_label).numpy()
             done += 1
             elapsed = time.perf_counter() - t0
             progress.update(int(count) if by_image else done, count / elapsed if elapsed > 0 else None)
         progress.close()
         results = self._results(label, cm, loss_sum, count)
-        post = M.compute(cm_post, self.metric_names)
+        post = metrics.compute(cm_post, self.metric_names)
         post["confusion_matrix"] = cm_post.tolist()
         results["postprocessed"] = post
         return results, cm

@@ -21,8 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from registry import DATASETS, LOSSES, METRICS, MODELS
-from segtrain import metrics as M
-from segtrain import precision as P
+from segtrain.metrics import DEFAULT_METRICS
+from segtrain.precision import PRECISIONS, set_precision
 from segtrain.data.files import damaged_data
 from segtrain.data.info import DatasetInfo
 from segtrain.data.verify import is_damaged_read
@@ -97,6 +97,8 @@ class ExperimentConfig:
         moved to model_dir/damaged/), or 'stop' with a message.
       preemption_grace: seconds the scheduler leaves between SIGTERM and SIGKILL; a run
         warns when its windows (steps_per_loop steps) take longer than that to end.
+      drop_actions: names of actions the run leaves out (segtrain.train.trainer.Trainer.build_actions
+        lists them; e.g. ('image_panels',)).
       profile_steps: (A, B): trace training steps A..B (1-based, inclusive) with the TensorFlow
         profiler into model_dir/train for TensorBoard's Profile tab (None: off); see
         segtrain.train.profiler.
@@ -105,7 +107,7 @@ class ExperimentConfig:
     model: str = "unet"
     loss: str = "cross_entropy"
     dataset: str = "shapes"
-    metrics: Sequence[str] = M.DEFAULT_METRICS
+    metrics: Sequence[str] = DEFAULT_METRICS
     num_steps: int = 1000
     batch_size: int = 8
     eval_every: int = 500
@@ -132,6 +134,7 @@ class ExperimentConfig:
     on_damaged_checkpoint: str = "fallback"
     preemption_grace: float = 30.0
     profile_steps: Sequence[int] | None = None
+    drop_actions: Sequence[str] = ()
 
     def __post_init__(self):
         def check(field, ok, what, kinds=(int,)):
@@ -160,12 +163,15 @@ class ExperimentConfig:
                     f"profile, two integers A,B with 1 <= A <= B, e.g. --profile_steps=20,30 (gin: "
                     f"train.profile_steps = (20, 30)); got {steps!r}.")
             self.profile_steps = tuple(steps)
+        if isinstance(self.drop_actions, str) or not all(isinstance(n, str) for n in self.drop_actions):
+            raise SegtrainError(f"train.drop_actions must be a list of action names, e.g. ('image_panels',); got "
+                                f"{self.drop_actions!r}.")
         if self.on_nan not in ("stop", "restore"):
             raise SegtrainError(f"train.on_nan={self.on_nan!r}: use 'stop' or 'restore'.")
         if self.on_damaged_checkpoint not in ("fallback", "stop"):
             raise SegtrainError(f"train.on_damaged_checkpoint={self.on_damaged_checkpoint!r}: use 'fallback' or 'stop'.")
-        if self.precision not in P.PRECISIONS:
-            raise SegtrainError(f"train.precision={self.precision!r} is not one of {', '.join(P.PRECISIONS)}.")
+        if self.precision not in PRECISIONS:
+            raise SegtrainError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}.")
         for field in ("xla", "synchronized_batch_norm"):
             if not isinstance(getattr(self, field), bool):
                 raise SegtrainError(f"train.{field} must be True or False, got {getattr(self, field)!r}.")
@@ -251,7 +257,7 @@ class Experiment:
         """The model, built under the strategy at the configured precision and seed."""
         # Every experiment sets the policy, float32 included, so one run's precision never leaks
         # into the next one built in the same process.
-        P.set_precision(self.config.precision)
+        set_precision(self.config.precision)
         keras.utils.set_random_seed(self.config.seed)
         with self.strategy.scope():
             model = self._model_fn(num_classes=self.info.num_classes)

@@ -265,7 +265,7 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarra
 
 
 def activation_grid(activations: np.ndarray, max_channels: int = MAX_CHANNELS, min_tile: int = MIN_TILE) -> np.ndarray:
-    """uint8 [H,W,3]: a layer's channels side by side, the way chapter 9 shows intermediate activations.
+    """uint8 [H,W,3]: a layer's channels side by side, as intermediate activations are usually shown.
 
     The first ``max_channels`` channels of ``activations`` [h,w,K], each min-max normalised to
     [0,1] on its own (a constant channel shows as 0) and coloured with ``colour_ramp``, are tiled

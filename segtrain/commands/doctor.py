@@ -21,7 +21,7 @@ from segtrain.commands.configure import parse_config
 from segtrain.commands.train import FLAG_BINDINGS, gin_value
 from segtrain.errors import SegtrainError, user_message
 from segtrain.io import atomic_write_text
-from segtrain.train import preflight as P
+from segtrain.train import preflight
 
 
 def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[str], flags: dict) -> int:
@@ -34,22 +34,22 @@ def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[st
 
     start = time.perf_counter()
     table = Table()
-    table.add(P.versions())
+    table.add(preflight.versions())
     try:
         formed = time.perf_counter()
         strategy = build_strategy()  # first: it may split the CPU, and checks the cluster's ports
     except SegtrainError as e:
-        table.add(P.Check("cluster", P.FAIL, user_message(e)))
+        table.add(preflight.Check("cluster", preflight.FAIL, user_message(e)))
         return table.end(start)
-    table.add(P.Check("cluster", P.OK, _describe(strategy, time.perf_counter() - formed)))
-    table.add(P.devices(strategy))
-    table.add(P.precision(ExperimentConfig().precision))
+    table.add(preflight.Check("cluster", preflight.OK, _describe(strategy, time.perf_counter() - formed)))
+    table.add(preflight.devices(strategy))
+    table.add(preflight.precision(ExperimentConfig().precision))
     scratch = tempfile.mkdtemp(prefix=f"segtrain-doctor-{os.getpid()}-")
     try:
         # The checks that talk to the other replicas, in one order on every task. An error in
         # one is its FAIL row and ends them: the collectives after it would not line up.
-        if table.run("all-reduce", lambda: [P.all_reduce(strategy)]):
-            table.run("training", lambda: P.training(strategy, scratch))
+        if table.run("all-reduce", lambda: [preflight.all_reduce(strategy)]):
+            table.run("training", lambda: preflight.training(strategy, scratch))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     table.add(_model_dir(model_dir, is_chief(strategy)))
@@ -60,10 +60,10 @@ class Table:
     """The rows, printed as they come (a hang shows where), and the verdict."""
 
     def __init__(self):
-        self.rows: list[P.Check] = []
+        self.rows: list[preflight.Check] = []
         print(f"{'check':<16} {'result':<6} detail", flush=True)
 
-    def add(self, row: P.Check) -> None:
+    def add(self, row: preflight.Check) -> None:
         self.rows.append(row)
         print(f"{row.name:<16} {row.status:<6} {row.detail}", flush=True)
 
@@ -73,14 +73,14 @@ class Table:
             rows = checks()
         except Exception as e:  # noqa: BLE001  (every failure is a row, not a traceback)
             lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-            self.add(P.Check(name, P.FAIL, f"{type(e).__name__}: {lines[-1] if lines else ''}"[:500]))
+            self.add(preflight.Check(name, preflight.FAIL, f"{type(e).__name__}: {lines[-1] if lines else ''}"[:500]))
             return False
         for row in rows:
             self.add(row)
         return True
 
     def end(self, start: float) -> int:
-        failed = [row.name for row in self.rows if row.status == P.FAIL]
+        failed = [row.name for row in self.rows if row.status == preflight.FAIL]
         took = time.perf_counter() - start
         if failed:
             print(f"doctor: {len(failed)} check(s) failed: {', '.join(failed)} ({took:.0f} s).", file=sys.stderr,
@@ -107,17 +107,17 @@ def _describe(strategy, seconds: float) -> str:
             f"ports were free; {strategy.num_replicas_in_sync} replicas in all")
 
 
-def _model_dir(model_dir: str | None, chief: bool) -> P.Check:
+def _model_dir(model_dir: str | None, chief: bool) -> preflight.Check:
     """The chief must be able to write model_dir; the other tasks write to scratch directories."""
     if not model_dir:
-        return P.Check("model_dir", P.SKIP, "give the job's --model_dir to check that the chief can write it")
+        return preflight.Check("model_dir", preflight.SKIP, "give the job's --model_dir to check that the chief can write it")
     if not chief:
         scratch = tempfile.gettempdir()
         if not os.access(scratch, os.W_OK):
-            return P.Check("model_dir", P.FAIL, f"this task saves into a scratch directory under {scratch}, which "
+            return preflight.Check("model_dir", preflight.FAIL, f"this task saves into a scratch directory under {scratch}, which "
                                                 f"it cannot write: set TMPDIR to a writable directory")
         reads = "it reads" if os.path.isdir(model_dir) else "when it exists, it will read"
-        return P.Check("model_dir", P.OK, f"not written by this task (it saves into a scratch directory under "
+        return preflight.Check("model_dir", preflight.OK, f"not written by this task (it saves into a scratch directory under "
                                           f"{scratch}); {reads} {model_dir} to resume")
     created = not os.path.exists(model_dir)
     probe = os.path.join(model_dir, f".segtrain-doctor-{os.getpid()}")
@@ -127,8 +127,8 @@ def _model_dir(model_dir: str | None, chief: bool) -> P.Check:
         os.remove(probe)
         free = shutil.disk_usage(model_dir).free / 2**30
     except OSError as e:
-        return P.Check("model_dir", P.FAIL, f"the chief cannot write {model_dir}: {e.strerror or e}")
+        return preflight.Check("model_dir", preflight.FAIL, f"the chief cannot write {model_dir}: {e.strerror or e}")
     finally:
         if created and os.path.isdir(model_dir) and not os.listdir(model_dir):
             os.rmdir(model_dir)
-    return P.Check("model_dir", P.OK, f"the chief can write {model_dir} ({free:.1f} GiB free)")
+    return preflight.Check("model_dir", preflight.OK, f"the chief can write {model_dir} ({free:.1f} GiB free)")

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from segtrain import images as I
+from segtrain import images
 from segtrain.commands.evaluate import postprocessor_for
 from segtrain.commands.trained_run import parse_run, restored
 from segtrain.errors import SegtrainError
@@ -100,7 +100,7 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         raise SegtrainError("--output is required: the directory the masks are written to.")
     if batch_size < 1:
         raise SegtrainError(f"--batch_size={batch_size}: use an integer >= 1.")
-    paths = I.list_inputs(input or "")
+    paths = images.list_inputs(input or "")
     processor = postprocessor_for(postprocess, refine=False)
     experiment, checkpoint_path, step = restored(model_dir, checkpoint)
     info, normalization = experiment.info, experiment.normalization
@@ -135,7 +135,7 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
             batch_paths, pixels = [], []
             for path in group[start:start + batch_size]:
                 try:
-                    pixels.append(I.read_rgb(path))
+                    pixels.append(images.read_rgb(path))
                     batch_paths.append(path)
                 except SegtrainError as e:
                     skip(path, str(e))
@@ -169,12 +169,12 @@ def _results(image, probs, name, info, palette, processor, with_probabilities, a
         probs = processed.get("probabilities", probs)
         for class_index, instances in sorted(processed.get("instances", {}).items()):
             class_name = _file_safe(info.class_names[class_index])
-            files[f"{name}_instances_{class_name}.png"] = I.encode(np.asarray(instances, np.uint16))
+            files[f"{name}_instances_{class_name}.png"] = images.encode(np.asarray(instances, np.uint16))
     labels = np.argmax(probs, axis=-1).astype(np.uint8)
-    colour = I.colorize(labels, palette)
-    files[f"{name}.png"] = I.encode(labels)
-    files[f"{name}_color.png"] = I.encode(colour)
-    files[f"{name}_overlay.jpg"] = I.encode(I.blend(image, colour, alpha), "JPEG", quality=90)
+    colour = images.colorize(labels, palette)
+    files[f"{name}.png"] = images.encode(labels)
+    files[f"{name}_color.png"] = images.encode(colour)
+    files[f"{name}_overlay.jpg"] = images.encode(images.blend(image, colour, alpha), "JPEG", quality=90)
     if with_probabilities:
         buffer = io.BytesIO()
         np.save(buffer, np.asarray(probs, np.float32))

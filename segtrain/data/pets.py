@@ -6,8 +6,8 @@ Layout (``source_dir`` is the directory holding both folders)::
     annotations/trimaps/<name>.png       values 1 pet, 2 background, 3 boundary
     annotations/{trainval,test}.txt      "<name> <class id> <species> <breed id>" per line
 
-The trimap values 1, 2, 3 become classes 0 (pet), 1 (background), 2 (boundary), as in
-chapter 9. With ``boundary_as_ignore=True`` the boundary becomes the ignore label and the
+The trimap values 1, 2, 3 become classes 0 (pet), 1 (background), 2 (boundary), as in Keras'
+Oxford-IIIT Pet segmentation example. With ``boundary_as_ignore=True`` the boundary becomes the ignore label and the
 dataset has 2 classes; that choice is made when reading, so one prepared copy serves both.
 """
 

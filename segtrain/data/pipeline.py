@@ -12,7 +12,7 @@ from typing import Sequence
 import tensorflow as tf
 
 from segtrain.data import service
-from segtrain.data import transforms as T
+from segtrain.data import transforms
 from segtrain.data.info import DatasetInfo
 from segtrain.errors import SegtrainError
 
@@ -30,7 +30,7 @@ def build_pipeline(
     size_divisor: int = 1,
     seed: int = 0,
     input_context: tf.distribute.InputContext | None = None,
-    normalization: T.Normalization | None = None,
+    normalization: transforms.Normalization | None = None,
     run: str | None = None,
     *,
     resize: Sequence[int] | None = None,
@@ -85,9 +85,9 @@ def build_pipeline(
       min_scale, max_scale: random rescaling range (training).
       crop_size: (height, width) of training crops; needed unless ``resize`` fixes the size.
       flip: random left-right flip (training).
-      brightness: max additive brightness change on [0, 1] images (chapter 8 uses 0.1).
+      brightness: max additive brightness change on [0, 1] images (e.g. 0.1).
       contrast, saturation: (lower, upper) random factor ranges, e.g. (0.8, 1.2).
-      hue: max hue shift (chapter 8 uses 0.1).
+      hue: max hue shift (e.g. 0.1).
       mean, std: per-channel normalisation on the [0, 255] scale, RGB order; set, they replace
         ``normalization``.
       eval_size: (height, width) evaluation images are resized to, or None for full size (labels
@@ -144,7 +144,7 @@ def build_pipeline(
             ex = info.decode(ex)
         image, label = ex["image"], tf.cast(ex["label"], tf.uint8)
         if check_labels and not info.labels_checked:
-            label = T.check_labels(label, info.num_classes, ignore, where)
+            label = transforms.check_labels(label, info.num_classes, ignore, where)
         return image, label
 
     # A window's label cannot be checked whole: labels to check are decoded whole.
@@ -155,7 +155,7 @@ def build_pipeline(
         seeds = tf.unstack(tf.random.experimental.stateless_split(tf.stack([tf.constant(seed, tf.int64), index]), 4))
 
         def draw(image_size):  # resize, random scale and crop as one window of the source image
-            return T.random_window(image_size, seeds[0], seeds[1], resize, min_scale, max_scale, crop_size)
+            return transforms.random_window(image_size, seeds[0], seeds[1], resize, min_scale, max_scale, crop_size)
 
         if windowed:
             # Encoded examples are decoded inside the window only: what the crop keeps.
@@ -170,14 +170,14 @@ def build_pipeline(
         else:
             image, label = prepare(ex)
             window = draw(tf.shape(image)[:2])
-            image, label = T.take_window(image, label, window)
+            image, label = transforms.take_window(image, label, window)
         mirror = tf.random.stateless_uniform([], seeds[2]) < 0.5 if flip else None
-        image, label = T.resize_window(image, label, window.size, mirror, crop_size, ignore, fill)
-        if colour_on_device:  # the training step jitters and normalises (T.finish_batch)
+        image, label = transforms.resize_window(image, label, window.size, mirror, crop_size, ignore, fill)
+        if colour_on_device:  # the training step jitters and normalises (transforms.finish_batch)
             out = {"image": tf.cast(tf.round(image), tf.uint8), "label": label}
-            draws = T.colour_draws(seeds[3], brightness, contrast, hue, saturation)
+            draws = transforms.colour_draws(seeds[3], brightness, contrast, hue, saturation)
             return {**out, "colour": draws} if draws else out
-        image = T.jitter_and_normalize(image, seeds[3], normalize, brightness, contrast, hue, saturation)
+        image = transforms.jitter_and_normalize(image, seeds[3], normalize, brightness, contrast, hue, saturation)
         return {"image": image, "label": tf.cast(label, tf.int32)}
 
     def evaluate(ex):
@@ -190,7 +190,7 @@ def build_pipeline(
         image = normalize(image)
         out["image_size"] = tf.shape(image)[:2]
         if size_divisor > 1:
-            image, padded_label = T.pad_to_multiple(image, label, size_divisor, ignore)
+            image, padded_label = transforms.pad_to_multiple(image, label, size_divisor, ignore)
             if not eval_size:
                 label = padded_label
         return {**out, "image": image, "label": tf.cast(label, tf.int32)}
@@ -241,10 +241,10 @@ def build_pipeline(
     return ds
 
 
-def resolve_normalization(normalization: T.Normalization | None, mean: Sequence[float] | None = None,
-                          std: Sequence[float] | None = None) -> T.Normalization:
+def resolve_normalization(normalization: transforms.Normalization | None, mean: Sequence[float] | None = None,
+                          std: Sequence[float] | None = None) -> transforms.Normalization:
     """``pipeline.mean``/``std`` when set (RGB order), else the model's, else the default."""
     if mean is None and std is None:
-        return normalization or T.Normalization()
-    default = T.Normalization()
-    return T.Normalization(tuple(mean or default.mean), tuple(std or default.std))
+        return normalization or transforms.Normalization()
+    default = transforms.Normalization()
+    return transforms.Normalization(tuple(mean or default.mean), tuple(std or default.std))

@@ -1,6 +1,6 @@
 """DeepLab v3 (Chen et al., 2017) and DeepLab v3+ (Chen et al., 2018) on a dilated ResNet.
 
-The chapter 8 model, built the way the papers describe it: the backbone's last stage(s) trade
+Built the way the papers describe them: the backbone's last stage(s) trade
 their stride for dilation so the features stay at 1/16 (or 1/8) of the input; Atrous Spatial
 Pyramid Pooling looks at them with a 1x1 convolution, three 3x3 convolutions of growing rate and
 an image-level pooling branch whose 1x1-conv output is stretched back to the feature-map size;

@@ -1,4 +1,5 @@
-"""The plain encoder-decoder of the Oxford-IIIT Pet example (Deep Learning with Python, ch. 9)."""
+"""The plain encoder-decoder of the Oxford-IIIT Pet segmentation example (Chollet, Deep Learning with
+Python, 2nd ed., 2021)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def encoder_decoder(num_classes: int, input_shape=None) -> keras.Model:
     with Rescaling(1/255) and ends with a softmax; here the input pipeline normalises and the
     model returns logits (2,880,643 parameters for 3 classes, as in the book).
 
-    Source: Chollet, Deep Learning with Python, ch. 9.
+    Source: Chollet, Deep Learning with Python (2nd ed., 2021), Oxford-IIIT Pet example.
 
     Args:
       num_classes: output channels (logits).

@@ -1,6 +1,6 @@
 """Fully convolutional networks (Long, Shelhamer & Darrell, 2015): FCN-32s, FCN-16s, FCN-8s.
 
-The chapter 6 models: VGG-16's convolutions, its dense layers recast as convolutions (fc6 a 7x7,
+VGG-16's convolutions, its dense layers recast as convolutions (fc6 a 7x7,
 fc7 a 1x1), a 1x1 scoring layer, and transposed convolutions initialised to bilinear
 interpolation. FCN-16s adds the scores of pool4 to the 2x-upsampled coarse scores; FCN-8s also
 adds those of pool3. The pool4/pool3 scoring layers start at zero, as in the paper, so training

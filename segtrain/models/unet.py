@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 
 from registry import MODELS
-from segtrain.errors import SegtrainError
+from segtrain.errors import SegtrainError, warn
 from segtrain.models import backbones
 from segtrain.models.layers import CropLike, check_divisible, classifier, conv_bn_relu, image_input
 from segtrain.models.model import SegmentationModel
@@ -251,6 +251,9 @@ def unet_resnet50(
     if len(decoder_filters) != 4:
         raise SegtrainError(f"models.unet_resnet50.decoder_filters={decoder_filters!r}: give 4 widths (strides 8, 4, 2, 1).")
     encoder = backbones.get(backbone, owner="unet_resnet50")
+    if backbone != "resnet50":  # the model's name says ResNet-50: say what is built instead
+        warn(f"models.unet_resnet50.backbone={backbone!r}: building the U-Net decoder on {backbone}, not on the "
+             f"ResNet-50 the model's name says.")
     inputs = image_input(input_shape)
     *skips, x = encoder.pyramid(inputs, (2, 4, 8, 16))
     for skip, filters, stride in zip(reversed(skips), decoder_filters, (8, 4, 2)):
@@ -275,14 +278,14 @@ def unet_compact(
     max_filters: int = 512,
     input_shape=None,
 ) -> keras.Model:
-    """The compact U-Net of the transposed-convolution notes: strided convs down, transposed up.
+    """A compact U-Net of strided convolutions down and transposed convolutions up (no pooling).
 
     Encoder: ``levels`` stride-2 3x3 convolutions with LeakyReLU, filters doubling from
     ``base_filters`` and capped at ``max_filters`` (256x256 -> 4x4 with the defaults). Decoder:
     stride-2 3x3 transposed convolutions with ReLU, each concatenated with the encoder output of
     the same size; a last transposed convolution gives the logits at input size. No batch norm.
 
-    Source: the compact U-Net of the transposed-convolution notes.
+    Source: Ronneberger et al. 2015 (arXiv:1505.04597), with strided and transposed convolutions.
 
     Args:
       num_classes: output channels (logits).

@@ -1,8 +1,9 @@
-"""An Xception-style U-Net: the mini-Xception of chapter 9 as encoder, a U-Net decoder.
+"""An Xception-style U-Net: a small Xception (Chollet 2017) as encoder, a U-Net decoder.
 
-Chapter 9 builds a small Xception from residual blocks of depthwise-separable convolutions with
-batch norm before each (pre-activation), each block ending in a strided max pool while a strided
-1x1 convolution carries the residual. Here those blocks form the contracting path; the expanding
+The encoder is the small Xception of Keras' Oxford-IIIT Pet segmentation example: residual blocks
+of depthwise-separable convolutions with batch norm before each (pre-activation), each block
+ending in a strided max pool while a strided 1x1 convolution carries the residual. Here those
+blocks form the contracting path; the expanding
 path mirrors them with transposed convolutions, concatenated encoder features and residual
 separable blocks at stride 1.
 """
@@ -43,11 +44,11 @@ def xception_unet(
 ) -> keras.Model:
     """U-Net whose encoder is a mini-Xception of residual depthwise-separable blocks.
 
-    Source: Chollet 2017 (Xception), the mini-Xception of Deep Learning with Python ch. 9.
+    Source: Chollet 2017 (Xception, arXiv:1610.02357), in the small form of Keras' Oxford-IIIT Pet example.
 
     Args:
       num_classes: output channels (logits).
-      stem_filters: filters of the 5x5 stem convolution (32, as in chapter 9).
+      stem_filters: filters of the 5x5 stem convolution (32, as in Keras' example).
       filters: one downsampling block per entry; inputs need sides divisible by 2**len(filters).
       input_shape: (H, W, 3) to fix the input size, or None.
     """

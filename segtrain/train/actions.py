@@ -13,7 +13,6 @@ import os
 from typing import Sequence
 
 import gin
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -22,9 +21,10 @@ from segtrain.data.info import DatasetInfo
 from segtrain.data.transforms import Normalization
 from segtrain.errors import SegtrainError
 from segtrain.evaluation import Evaluator, fit_to_labels, format_table, results_record, write_results
+from segtrain.inference import Inference
 from segtrain import run_dir
 from segtrain.io import atomic_write_text, read_json, write_json
-from segtrain.train import summaries as S
+from segtrain.train import summaries
 from segtrain.train.checkpoints import Checkpoints
 from segtrain.train.loop import Action, Rewind, Window, due
 
@@ -94,8 +94,8 @@ class OnNonFinite(Action):
         if self.chief and self.record_path:
             write_json(self.record_path, {"restores": self.events})
         if self.writer is not None:
-            S.write_scalars(self.writer, {self.TAG: len(self.events)}, step)
-            S.write_text(self.writer, self.TAG, f"Loss {self.events[-1]['loss']} at step {step}: restored "
+            summaries.write_scalars(self.writer, {self.TAG: len(self.events)}, step)
+            summaries.write_text(self.writer, self.TAG, f"Loss {self.events[-1]['loss']} at step {step}: restored "
                          f"{self.events[-1]['restored']}, learning rate x{factor:g}.", step)
         raise Rewind(restored)
 
@@ -107,11 +107,11 @@ class TrainSummaries(Action):
     but the NaN restores themselves: the steps are trained, and summarised, again.
     """
 
-    def __init__(self, writer: S.EventWriter):
+    def __init__(self, writer: summaries.EventWriter):
         self.writer = writer
 
     def __call__(self, window: Window) -> None:
-        S.write_scalars(self.writer, window.scalars, window.step)
+        summaries.write_scalars(self.writer, window.scalars, window.step)
 
     def rewind(self, step: int) -> None:
         self.writer.rewind(step, keep=(OnNonFinite.TAG,))
@@ -199,7 +199,7 @@ class EvalSummaries(Action):
     """Every evaluation in TensorBoard (``eval/``): scalars, per-class values, confusion matrix
     (and, at ``rewind``, what ``eval/`` holds after the step the run goes back to)."""
 
-    def __init__(self, writer: S.EventWriter, class_names: Sequence[str]):
+    def __init__(self, writer: summaries.EventWriter, class_names: Sequence[str]):
         self.writer, self.class_names = writer, class_names
 
     def rewind(self, step: int) -> None:
@@ -209,17 +209,21 @@ class EvalSummaries(Action):
         if window.eval is None:
             return
         results, cm = window.eval
-        S.write_scalars(self.writer, results, window.step, self.class_names)
-        S.write_images(self.writer, "confusion_matrix", [S.confusion_image(cm)], window.step)
-        S.write_text(self.writer, "confusion_matrix", S.confusion_markdown(cm, self.class_names), window.step)
+        summaries.write_scalars(self.writer, results, window.step, self.class_names)
+        summaries.write_images(self.writer, "confusion_matrix", [summaries.confusion_image(cm)], window.step)
+        summaries.write_text(self.writer, "confusion_matrix", summaries.confusion_markdown(cm, self.class_names), window.step)
 
 
 class ImagePanels(Action):
-    """At every evaluation, ``count`` examples as input | truth | prediction | overlay panels."""
+    """At every evaluation, ``count`` examples as input | truth | prediction | overlay panels.
 
-    def __init__(self, writer, dataset: tf.data.Dataset, model: keras.Model, info: DatasetInfo,
+    The prediction comes from ``inference``, the evaluation's own (sliding windows, test-time
+    scales and flips as ``inference.*`` says): the panels show what was measured.
+    """
+
+    def __init__(self, writer, dataset: tf.data.Dataset, inference: Inference, info: DatasetInfo,
                  normalization: Normalization, count: int):
-        self.writer, self.dataset, self.model = writer, dataset, model
+        self.writer, self.dataset, self.inference = writer, dataset, inference
         self.info, self.normalization, self.count = info, normalization, count
 
     def __call__(self, window: Window) -> None:
@@ -227,15 +231,15 @@ class ImagePanels(Action):
             return
         panels = []
         for batch in self.dataset.unbatch().take(self.count).batch(1):
-            logits = tf.cast(self.model(batch["image"], training=False), tf.float32)
+            logits = tf.cast(self.inference.logits(batch["image"]), tf.float32)
             label = batch["label"][0].numpy()
             prediction = tf.argmax(fit_to_labels(logits, batch, tf.shape(batch["label"])[1:3]), -1).numpy()[0]
             image = batch["image"][0]
             if "image_size" in batch and image.shape[:2] != label.shape:  # pipeline.eval_size resized it
                 h, w = batch["image_size"][0].numpy()
                 image = tf.image.resize(image[:h, :w], label.shape, method="bilinear")
-            panels.append(S.panel(self.normalization.invert(image), label, prediction, self.info))
-        S.write_images(self.writer, "examples", panels, window.step)
+            panels.append(summaries.panel(self.normalization.invert(image), label, prediction, self.info))
+        summaries.write_images(self.writer, "examples", panels, window.step)
 
 
 class KeepBest(Action):
@@ -312,7 +316,7 @@ class WriteConfig(Action):
     def start(self, step: int) -> None:
         config = gin.operative_config_str()
         atomic_write_text(os.path.join(self.model_dir, run_dir.OPERATIVE_CONFIG), config)
-        S.write_text(self.writer, self.TAG, S.gin_markdown(config), step)
+        summaries.write_text(self.writer, self.TAG, summaries.gin_markdown(config), step)
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:

@@ -29,7 +29,7 @@ from tensorboard.plugins.hparams import summary as hp_summary
 import registry
 from segtrain import run_dir
 from segtrain.errors import warn
-from segtrain.train import summaries as S
+from segtrain.train import summaries
 from segtrain.train.loop import Action
 
 # The session summary's event files in model_dir end with this, so a restart finds its own.
@@ -66,16 +66,16 @@ class HParams(Action):
             except tf.errors.OpError as e:
                 warn(f"Could not remove {path} ({e.message}): TensorBoard's HParams dashboard may show "
                      "the bindings of this run's earlier start. Remove the file by hand.")
-        self.writer = S.file_writer(self.model_dir, filename_suffix=SUFFIX)
+        self.writer = summaries.file_writer(self.model_dir, filename_suffix=SUFFIX)
         with self.writer.as_default():
             hp.hparams(flatten_bindings(gin.operative_config_str()), trial_id=trial_id(self.model_dir))
-        S.flush(self.writer, self.model_dir)
+        summaries.flush(self.writer, self.model_dir)
 
     def end(self, step: int) -> None:
         summary = hp_summary.session_end_pb(api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
         with self.writer.as_default():
             tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=step)
-        S.flush(self.writer, self.model_dir)
+        summaries.flush(self.writer, self.model_dir)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -8,6 +8,7 @@ MMEngine's hooks. A new behaviour is a new action; the loop does not change.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable, Sequence
 
 import numpy as np
@@ -57,6 +58,11 @@ class Action:
 
     every: int | None = None
 
+    def around(self, train_window: Callable[[int, int], "Window"]) -> Callable[[int, int], "Window"]:
+        """The window function the loop calls, wrapped by this action (default: as it is). The
+        profiler traces the windows of its steps this way."""
+        return train_window
+
     def start(self, step: int) -> None:
         """Before the first window; ``step`` is where the run starts (0, or a restored step)."""
 
@@ -71,6 +77,12 @@ class Action:
 
     def close(self) -> None:
         """Always, last: release what the action holds."""
+
+
+def action_name(action: Action) -> str:
+    """An action's name in ``train.drop_actions``: its class name in snake case (ImagePanels:
+    image_panels)."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", type(action).__name__).lower()
 
 
 def due(window: Window, every: int | None) -> bool:
@@ -92,6 +104,8 @@ def run(train_window: Callable[[int, int], Window], actions: Sequence[Action], s
       The step the run ended at.
     """
     step, stop = start, False
+    for action in actions:  # the first action's wrapping is the outermost
+        train_window = action.around(train_window)
     try:
         for action in actions:
             action.start(step)

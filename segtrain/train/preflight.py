@@ -27,7 +27,7 @@ import tensorflow as tf
 import segtrain
 from segtrain.errors import SegtrainError
 from segtrain.precision import check_precision
-from segtrain.train import replicas as R
+from segtrain.train import replicas as replica_state
 
 OK, FAIL, INFO, SKIP = "ok", "FAIL", "info", "skip"
 SIZE, PER_REPLICA, STEPS = 32, 2, 3
@@ -63,7 +63,7 @@ def devices(strategy: tf.distribute.Strategy) -> Check:
         names.append(f"{details.get('device_name', gpu.name)}"
                      + (f" (compute {capability[0]}.{capability[1]})" if capability else ""))
     cpus = len(tf.config.list_logical_devices("CPU"))
-    local = R.local_replicas(strategy)
+    local = replica_state.local_replicas(strategy)
     seen = (f"{len(gpus)} GPU(s): {', '.join(names)}" if gpus else "no GPU") + f"; {cpus} CPU device(s)"
     detail = f"{seen}; {local} replica(s) here, {strategy.num_replicas_in_sync} in all"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -192,8 +192,8 @@ def _compare(n, losses, reference_losses, weights, reference, start) -> Check:
 def _agreement(strategy, trainer) -> Check:
     """Every local copy equal, and every task's fingerprint the same (gathered over replicas)."""
     variables = trainer.state_variables()
-    local = R.disagreements(strategy, variables)
-    digest = R.fingerprint(strategy, variables)
+    local = replica_state.disagreements(strategy, variables)
+    digest = replica_state.fingerprint(strategy, variables)
     chunks = np.frombuffer(hashlib.sha256(digest.encode()).digest()[:16], np.uint16).astype(np.float32)
 
     def gather():

@@ -28,6 +28,7 @@ from typing import Callable
 import tensorflow as tf
 
 from segtrain import progress as progress_line
+from segtrain import run_dir
 from segtrain.errors import warn
 from segtrain.train.loop import Action, Window
 
@@ -39,9 +40,9 @@ class Profiler(Action):
     windows, their collectives pair up), but only the chief traces: the trace is of the chief's
     host and devices, and there is one TensorBoard directory.
 
-    Use ``marked(train_window)`` as the loop's ``train_window``: it starts and stops the trace
-    right around the windows of ``first``..``last``, so the actions at their ends (evaluations,
-    checkpoints) stay out of it, and marks each window as a step. ``close`` stops a trace that
+    Its ``around`` wraps the loop's window function: it starts and stops the trace right around
+    the windows of ``first``..``last``, so the actions at their ends (evaluations, checkpoints)
+    stay out of it, and marks each window as a step. ``close`` stops a trace that
     is still running, on every way out of the loop (an error, a stop, Ctrl-C, preemption).
 
     Args:
@@ -55,7 +56,7 @@ class Profiler(Action):
         self.asked = tuple(steps)
         self.first, self.last = steps[0], min(steps[1], num_steps)
         self.model_dir, self.num_steps, self.chief = model_dir, num_steps, chief
-        self.logdir = os.path.join(model_dir, "train")
+        self.logdir = os.path.join(model_dir, run_dir.TRAIN_LOGS)
         self.step = 0  # the step the loop is at (a window end)
         self.finished = False  # traced already, or nothing to trace: never again in this run
         self.tracing: int | None = None  # while the trace runs: its first step
@@ -91,7 +92,7 @@ class Profiler(Action):
         if window.step >= self.last:
             self.finished = True  # on every worker, so every worker's windows stay alike
 
-    def marked(self, train_window: Callable[[int, int], Window]) -> Callable[[int, int], Window]:
+    def around(self, train_window: Callable[[int, int], Window]) -> Callable[[int, int], Window]:
         """``train_window`` that traces the windows of steps first..last, each one a step marker."""
 
         def window(step: int, n: int) -> Window:

@@ -14,15 +14,16 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from segtrain import metrics as M
+from segtrain import metrics
 from segtrain import run_dir
 from segtrain.errors import DATA_ERROR_MARKER, SegtrainError, data_errors, warn, xla_reason
 from segtrain.experiment import Experiment, ExperimentConfig, restore_checkpoint
 from segtrain.io import read_json
-from segtrain.train import actions as A
 from segtrain.train import loop
-from segtrain.train import replicas as R
-from segtrain.train import summaries as S
+from segtrain.train import replicas as replica_state
+from segtrain.train import summaries
+from segtrain.train.actions import (EarlyStopping, EvalSummaries, Evaluate, ImagePanels, KeepBest, OnNonFinite,
+                                    ProgressLine, SaveCheckpoints, TrainSummaries, WriteConfig)
 from segtrain.train.checkpoints import Checkpoints
 from segtrain.runtime.distribute import WriteDir, build_strategy, lost_peers, task_name
 from segtrain.train.hparams import HParams
@@ -88,7 +89,7 @@ class Trainer:
         self.chief = self.write_dir.chief
         self.checkpoints = Checkpoints(model_dir, self.model, cfg.keep_checkpoints, write_dir=self.write_dir.path,
                                        on_damaged=cfg.on_damaged_checkpoint, optimizer=self.optimizer, step=self.step)
-        R.check_synchronized_xla(cfg.xla, cfg.synchronized_batch_norm, self.strategy)
+        replica_state.check_synchronized_xla(cfg.xla, cfg.synchronized_batch_norm, self.strategy)
         if cfg.xla and not tf.config.list_physical_devices("GPU"):
             warn("--xla without a GPU: XLA's speed-up is on GPUs. On a CPU it can be slower than "
                  "TensorFlow's own kernels, and the first step compiles for a while: compare with "
@@ -96,8 +97,8 @@ class Trainer:
         # Per-replica state (segtrain.train.replicas): what each replica updates on its own is
         # averaged at every window end; random-number state is made to differ per replica.
         replicated = self.strategy.num_replicas_in_sync > 1
-        self._drifting = R.drifting_variables(self.model) if replicated else []
-        self._seed_states = R.seed_states(self.model) if replicated else []
+        self._drifting = replica_state.drifting_variables(self.model) if replicated else []
+        self._seed_states = replica_state.seed_states(self.model) if replicated else []
         self._decorrelated = False
         self._train_loop = tf.function(self._loop)
         # Under MirroredStrategy only the loss-and-gradient part compiles (apply_gradients on
@@ -122,7 +123,7 @@ class Trainer:
             # (and halves the scale on) a step whose gradients are not finite.
             scaled = self.optimizer.scale_loss(loss) if loss_scaling(self.optimizer) else loss
         grads = tape.gradient(scaled, self.model.trainable_variables)
-        cm = M.confusion_matrix(labels, tf.argmax(logits, -1), info.num_classes, info.ignore_label)
+        cm = metrics.confusion_matrix(labels, tf.argmax(logits, -1), info.num_classes, info.ignore_label)
         return loss, grads, cm
 
     def _replica_step(self, batch):
@@ -136,7 +137,7 @@ class Trainer:
             loss, grads, cm = self._forward_backward(images, labels)
         if loss_scaling(self.optimizer) and self.strategy.num_replicas_in_sync > 1:
             # An overflow on one replica skips the step on all of them (segtrain.train.replicas).
-            grads = R.finite_everywhere(grads)
+            grads = replica_state.finite_everywhere(grads)
         if self.config.clip_norm:
             # Clip the true gradient: unscale first, scale back after (powers of two: exact).
             scale = tf.cast(self.optimizer.dynamic_scale, tf.float32) if loss_scaling(self.optimizer) else None
@@ -222,7 +223,7 @@ class Trainer:
             cm += self.strategy.reduce("SUM", r_cm, axis=None)
             self.step.assign_add(1)
         if self._drifting:  # one all-reduce per window: every replica ends it with equal state
-            self.strategy.run(R.average_over_replicas, args=(self._drifting,))
+            self.strategy.run(replica_state.average_over_replicas, args=(self._drifting,))
         return losses.stack(), cm
 
     def decorrelate_replicas(self) -> None:
@@ -233,7 +234,7 @@ class Trainer:
             self._decorrelated = True
 
             def decorrelate():
-                self.strategy.run(R.decorrelate_seeds, args=(self._seed_states,))
+                self.strategy.run(replica_state.decorrelate_seeds, args=(self._seed_states,))
 
             tf.function(decorrelate)()
 
@@ -249,7 +250,7 @@ class Trainer:
         losses = losses.numpy()
         elapsed = time.perf_counter() - t0
         scalars = {"loss": float(np.mean(losses)), "learning_rate": current_learning_rate(self.optimizer),
-                   **M.compute(cm.numpy(), ("pixel_accuracy", "mean_iou"))}
+                   **metrics.compute(cm.numpy(), ("pixel_accuracy", "mean_iou"))}
         if loss_scaling(self.optimizer):
             scalars["loss_scale"] = loss_scale(self.optimizer)
         images_per_s = self.config.batch_size * n / elapsed
@@ -302,10 +303,10 @@ class Trainer:
         if restored:
             print(f"Resuming {self.model_dir} from {os.path.basename(restored)} at step {start}")
             if self.chief:  # what was written after the checkpoint is written again: one value per step
-                S.purge_after(os.path.join(self.model_dir, run_dir.TRAIN_LOGS), start, at_step=(A.WriteConfig.TAG,))
-                S.purge_after(os.path.join(self.model_dir, run_dir.EVAL_LOGS), start)
-        best = A.KeepBest(self.checkpoints, cfg.best_metric, cfg.mode, cfg.min_delta)
-        early_stopping = A.EarlyStopping(best, cfg.early_stopping_patience)
+                summaries.purge_after(os.path.join(self.model_dir, run_dir.TRAIN_LOGS), start, at_step=(WriteConfig.TAG,))
+                summaries.purge_after(os.path.join(self.model_dir, run_dir.EVAL_LOGS), start)
+        best = KeepBest(self.checkpoints, cfg.best_metric, cfg.mode, cfg.min_delta)
+        early_stopping = EarlyStopping(best, cfg.early_stopping_patience)
         results_path = os.path.join(self.model_dir, run_dir.in_run_results(cfg.eval_split))
         if start >= cfg.num_steps and not early_stopping.stopped() and _unevaluated(results_path, start):
             return self._final_evaluation(start, results_path, best)
@@ -321,66 +322,82 @@ class Trainer:
         self._check_output(crop_size)
         eval_ds = exp.eval_dataset(cfg.eval_split)
         # Summaries come from the chief alone; the other workers' would be duplicates.
-        writers = {k: S.EventWriter(os.path.join(self.model_dir, k) if self.chief else None)
+        writers = {k: summaries.EventWriter(os.path.join(self.model_dir, k) if self.chief else None)
                    for k in (run_dir.TRAIN_LOGS, run_dir.EVAL_LOGS)}
         skipped = exp.info.damaged_records.get(cfg.train_split)
         if skipped:  # datasets.<name>.skip_damaged_records: what the run trains without
-            S.write_scalars(writers[run_dir.TRAIN_LOGS], {"data/damaged_records_skipped": skipped}, start)
-        # Without periodic evaluation, still checkpoint now and then so a long run can resume.
-        checkpoint_every = cfg.checkpoint_every or (cfg.eval_every or min(1000, cfg.num_steps))
-        on_nan = A.OnNonFinite(self.checkpoints, cfg.on_nan, cfg.max_nan_restores, cfg.nan_lr_factor,
-                               self.restore_after_nan, writers[run_dir.TRAIN_LOGS],
-                               os.path.join(self.model_dir, run_dir.NAN_RECORD), self.chief)
-        if self.lr_factor is not None:  # the restores of an earlier part of this run still count
-            self.lr_factor.assign(on_nan.lr_factor)
-        evaluate = A.Evaluate(exp.evaluator(), eval_ds, cfg.eval_every or None, results_path, cfg.eval_split,
-                              self.chief)
-        profiler = (Profiler(cfg.profile_steps, self.model_dir, cfg.num_steps, self.chief)
-                    if cfg.profile_steps else None)
-        actions = [
-            *([A.WriteConfig(self.model_dir, writers[run_dir.TRAIN_LOGS])] if self.chief else []),
-            on_nan,
-            A.TrainSummaries(writers[run_dir.TRAIN_LOGS]),
-            A.ProgressLine(cfg.num_steps),
-            Preemption(self.checkpoints, self.strategy, cfg.preemption_grace),
-            A.SaveCheckpoints(self.checkpoints, checkpoint_every),
-            evaluate,
-            A.EvalSummaries(writers[run_dir.EVAL_LOGS], exp.info.class_names),
-            A.ImagePanels(writers[run_dir.EVAL_LOGS], eval_ds, self.model, exp.info, exp.normalization, cfg.num_image_panels),
-            best,
-            early_stopping,
-            *([HParams(self.model_dir)] if self.chief else []),
-            *([profiler] if profiler else []),
-            *extra_actions,
-        ]
+            summaries.write_scalars(writers[run_dir.TRAIN_LOGS], {"data/damaged_records_skipped": skipped}, start)
+        actions = [*self.build_actions(writers, eval_ds, results_path, best, early_stopping), *extra_actions]
         window = lambda step, n: self.train_window(iterator, step, n, first=step == start)  # noqa: E731
         try:
-            step = loop.run(profiler.marked(window) if profiler else window,
-                            actions, start, cfg.num_steps, cfg.steps_per_loop)
+            step = loop.run(window, actions, start, cfg.num_steps, cfg.steps_per_loop)
         finally:
             for writer in writers.values():
                 writer.close()
-        R.report_agreement(self.strategy, self.state_variables(), task_name(self.strategy), step)
-        return evaluate.results
+        replica_state.report_agreement(self.strategy, self.state_variables(), task_name(self.strategy), step)
+        return next((a.results for a in actions if isinstance(a, Evaluate)), {})
+
+    def build_actions(self, writers: dict, eval_ds, results_path: str, best: KeepBest,
+                      early_stopping: EarlyStopping) -> list[loop.Action]:
+        """The actions of a run, in the order the loop calls them at every window end (the seam a
+        subclass extends; ``train(extra_actions=...)`` appends, ``train.drop_actions`` leaves out
+        actions by name).
+
+        NaN restores of an earlier part of the run lower the learning rate again here.
+
+        Raises:
+          SegtrainError: train.drop_actions names an action the run does not have.
+        """
+        cfg, exp = self.config, self.experiment
+        train_logs, eval_logs = writers[run_dir.TRAIN_LOGS], writers[run_dir.EVAL_LOGS]
+        # Without periodic evaluation, still checkpoint now and then so a long run can resume.
+        checkpoint_every = cfg.checkpoint_every or (cfg.eval_every or min(1000, cfg.num_steps))
+        on_nan = OnNonFinite(self.checkpoints, cfg.on_nan, cfg.max_nan_restores, cfg.nan_lr_factor,
+                             self.restore_after_nan, train_logs, os.path.join(self.model_dir, run_dir.NAN_RECORD),
+                             self.chief)
+        if self.lr_factor is not None:  # the restores of an earlier part of this run still count
+            self.lr_factor.assign(on_nan.lr_factor)
+        evaluator = exp.evaluator()
+        actions = [
+            *([WriteConfig(self.model_dir, train_logs)] if self.chief else []),
+            on_nan,
+            TrainSummaries(train_logs),
+            ProgressLine(cfg.num_steps),
+            Preemption(self.checkpoints, self.strategy, cfg.preemption_grace),
+            SaveCheckpoints(self.checkpoints, checkpoint_every),
+            Evaluate(evaluator, eval_ds, cfg.eval_every or None, results_path, cfg.eval_split, self.chief),
+            EvalSummaries(eval_logs, exp.info.class_names),
+            ImagePanels(eval_logs, eval_ds, evaluator.inference, exp.info, exp.normalization, cfg.num_image_panels),
+            best,
+            early_stopping,
+            *([HParams(self.model_dir)] if self.chief else []),
+            *([Profiler(cfg.profile_steps, self.model_dir, cfg.num_steps, self.chief)] if cfg.profile_steps else []),
+        ]
+        names = [loop.action_name(a) for a in actions]
+        unknown = [n for n in cfg.drop_actions if n not in names and n not in _CHIEF_ONLY]
+        if unknown:
+            raise SegtrainError(f"train.drop_actions names {', '.join(map(repr, unknown))}, which this run does "
+                                f"not have; its actions: {', '.join(names)}.")
+        return [a for a in actions if loop.action_name(a) not in cfg.drop_actions]
 
     def state_variables(self) -> list:
         """The state every replica must hold alike: the model's weights (batch-norm statistics
         included), the optimizer's variables and the step."""
         return [*self.model.weights, *self.optimizer.variables, self.step]
 
-    def _final_evaluation(self, step: int, results_path: str, best: A.KeepBest) -> dict:
+    def _final_evaluation(self, step: int, results_path: str, best: KeepBest) -> dict:
         """The evaluation at the end of a run that was killed after its last save, before or
         while it evaluated: what the last window's actions would have done."""
         cfg, exp = self.config, self.experiment
         print(f"{self.model_dir} is at step {step}, but its final evaluation did not finish: evaluating it now.")
         if self.chief:  # what the interrupted evaluation wrote is written again
-            S.purge_after(os.path.join(self.model_dir, run_dir.EVAL_LOGS), step - 1)
+            summaries.purge_after(os.path.join(self.model_dir, run_dir.EVAL_LOGS), step - 1)
         eval_ds = exp.eval_dataset(cfg.eval_split)
-        writer = S.EventWriter(os.path.join(self.model_dir, run_dir.EVAL_LOGS) if self.chief else None)
-        evaluate = A.Evaluate(exp.evaluator(), eval_ds, None, results_path, cfg.eval_split, self.chief)
+        writer = summaries.EventWriter(os.path.join(self.model_dir, run_dir.EVAL_LOGS) if self.chief else None)
+        evaluate = Evaluate(exp.evaluator(), eval_ds, None, results_path, cfg.eval_split, self.chief)
         window = loop.Window(step, 0, np.zeros(0, np.float32), {}, 0.0, last=True)
         try:
-            for action in (evaluate, A.EvalSummaries(writer, exp.info.class_names), best):
+            for action in (evaluate, EvalSummaries(writer, exp.info.class_names), best):
                 action(window)
             evaluate.end(step)
         finally:
@@ -412,6 +429,10 @@ class Trainer:
                 f"Model '{cfg.model}' returned logits of size {tuple(logits.shape[1:3])} for "
                 f"images of size {tuple(size)}: models must return logits at input size."
             )
+
+
+# Actions that only the chief runs: naming them in train.drop_actions is fine on every worker.
+_CHIEF_ONLY = ("write_config", "hparams")
 
 
 def _unevaluated(results_path: str, step: int) -> bool:

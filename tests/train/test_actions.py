@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from segtrain.data.info import DatasetInfo
+from segtrain.inference import Inference
 from segtrain.data.transforms import Normalization
 from segtrain.errors import SegtrainError
 from segtrain.train import actions as A
@@ -165,7 +166,8 @@ def test_summaries_and_panels_write_tensorboard_events(tmp_path):
     images = tf.data.Dataset.from_tensors({"image": tf.zeros([2, 8, 8, 3]),
                                            "label": tf.zeros([2, 8, 8], tf.int32)})
     model = lambda x, training: tf.one_hot(tf.zeros(tf.shape(x)[:3], tf.int32), 2)  # noqa: E731
-    A.ImagePanels(writer, images, model, info, Normalization(), count=2)(_window(4, results={"mean_iou": 0.5}))
+    A.ImagePanels(writer, images, Inference(model, 2), info, Normalization(), count=2)(
+        _window(4, results={"mean_iou": 0.5}))
     writer.close()
     tags = read_tags(str(tmp_path / "eval"))
     assert {"loss", "learning_rate", "mean_iou", "per_class_iou/bg", "per_class_iou/fg", "confusion_matrix/0",

@@ -61,7 +61,7 @@ def _fake_window(calls, fail_at=None, error=None):
 def test_windows_end_around_the_steps_and_the_trace_holds_them(tmp_path, capsys):
     calls = []
     profiler = Profiler((5, 7), str(tmp_path), num_steps=10)
-    end = loop.run(profiler.marked(_fake_window(calls)), [profiler], start=0, num_steps=10, steps_per_loop=3)
+    end = loop.run(_fake_window(calls), [profiler], start=0, num_steps=10, steps_per_loop=3)
     assert end == 10
     # Windows end after step 4 and after step 7: the traced windows hold steps 5..7 exactly.
     assert calls == [(0, 3), (3, 1), (4, 3), (7, 3)]
@@ -78,7 +78,7 @@ def test_a_range_longer_than_a_window_marks_every_window_and_stops_at_num_steps(
     calls = []
     profiler = Profiler((1, 50), str(tmp_path), num_steps=5)
     with pytest.warns(UserWarning, match=r"step 50 is past train.num_steps=5: profiling steps 1..5"):
-        loop.run(profiler.marked(_fake_window(calls)), [profiler], start=0, num_steps=5, steps_per_loop=2)
+        loop.run(_fake_window(calls), [profiler], start=0, num_steps=5, steps_per_loop=2)
     assert calls == [(0, 2), (2, 2), (4, 1)]
     [trace] = _traces(tmp_path)
     assert _step_markers(trace) == [2, 4, 5]
@@ -89,7 +89,7 @@ def test_a_range_longer_than_a_window_marks_every_window_and_stops_at_num_steps(
 def test_a_run_that_fails_while_profiling_stops_the_profiler_and_keeps_the_trace(tmp_path, capsys, error):
     profiler = Profiler((2, 8), str(tmp_path), num_steps=10)
     with pytest.raises(type(error)):
-        loop.run(profiler.marked(_fake_window([], fail_at=6, error=error)), [profiler], start=0, num_steps=10,
+        loop.run(_fake_window([], fail_at=6, error=error), [profiler], start=0, num_steps=10,
                  steps_per_loop=2)
     assert "The run ended while profiling steps 2..8: wrote what was traced" in capsys.readouterr().out
     assert len(_traces(tmp_path)) == 1
@@ -111,7 +111,7 @@ class StopAt4(loop.Action):
 @pytest.mark.parametrize("error", [None, Interrupted("Stopped by SIGTERM at step 5", 15)])
 def test_an_early_stop_or_preemption_inside_the_range_stops_the_profiler(tmp_path, error):
     profiler = Profiler((2, 8), str(tmp_path), num_steps=10)
-    run = lambda: loop.run(profiler.marked(_fake_window([])), [profiler, StopAt4(error)], start=0,  # noqa: E731
+    run = lambda: loop.run(_fake_window([]), [profiler, StopAt4(error)], start=0,  # noqa: E731
                            num_steps=10, steps_per_loop=2)
     if error is None:
         assert run() == 5  # windows 1, 2..3, 4..5
@@ -125,7 +125,7 @@ def test_an_early_stop_or_preemption_inside_the_range_stops_the_profiler(tmp_pat
 def test_a_resumed_run_past_the_range_traces_nothing_and_says_so_once(tmp_path, capsys):
     calls = []
     profiler = Profiler((2, 3), str(tmp_path), num_steps=10)
-    loop.run(profiler.marked(_fake_window(calls)), [profiler], start=6, num_steps=10, steps_per_loop=2)
+    loop.run(_fake_window(calls), [profiler], start=6, num_steps=10, steps_per_loop=2)
     assert calls == [(6, 2), (8, 2)]  # windows as without profiling
     out = capsys.readouterr().out
     assert out.count("this run starts at step 6, past step 3: nothing to profile") == 1
@@ -134,7 +134,7 @@ def test_a_resumed_run_past_the_range_traces_nothing_and_says_so_once(tmp_path, 
 
 def test_a_resumed_run_inside_the_range_traces_from_where_it_starts(tmp_path, capsys):
     profiler = Profiler((2, 6), str(tmp_path), num_steps=10)
-    loop.run(profiler.marked(_fake_window([])), [profiler], start=4, num_steps=10, steps_per_loop=5)
+    loop.run(_fake_window([]), [profiler], start=4, num_steps=10, steps_per_loop=5)
     assert "Profiled steps 5..6" in capsys.readouterr().out
     assert _step_markers(_traces(tmp_path)[0]) == [6]
 
@@ -143,7 +143,7 @@ def test_only_the_chief_traces_but_every_worker_ends_its_windows_alike(tmp_path)
     chief_calls, worker_calls = [], []
     for chief, calls in ((True, chief_calls), (False, worker_calls)):
         profiler = Profiler((3, 4), str(tmp_path / str(chief)), num_steps=8, chief=chief)
-        loop.run(profiler.marked(_fake_window(calls)), [profiler], start=0, num_steps=8, steps_per_loop=4)
+        loop.run(_fake_window(calls), [profiler], start=0, num_steps=8, steps_per_loop=4)
     assert worker_calls == chief_calls == [(0, 2), (2, 2), (4, 4)]
     assert len(_traces(tmp_path / "True")) == 1 and not os.path.exists(tmp_path / "False")
 
@@ -153,7 +153,7 @@ def test_another_running_profiler_is_a_warning_not_a_failure(tmp_path):
     try:
         profiler = Profiler((1, 2), str(tmp_path), num_steps=4)
         with pytest.warns(UserWarning, match="another TensorFlow profiler is already running"):
-            end = loop.run(profiler.marked(_fake_window([])), [profiler], start=0, num_steps=4, steps_per_loop=2)
+            end = loop.run(_fake_window([]), [profiler], start=0, num_steps=4, steps_per_loop=2)
         assert end == 4 and not _traces(tmp_path)
     finally:
         tf.profiler.experimental.stop()

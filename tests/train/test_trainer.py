@@ -261,3 +261,18 @@ def test_colour_on_device_trains_as_the_pipeline_finished_batches_do(tmp_path, c
     assert spec["image"].dtype == tf.uint8 and set(spec["colour"]) == {"brightness", "contrast", "hue"}
     # The same crops and draws: only the crops' rounding to whole levels differs.
     np.testing.assert_allclose(device, host, rtol=2e-3)
+
+
+@pytest.mark.slow
+def test_drop_actions_leaves_actions_out_by_name(tmp_path, configure):
+    configure("train.drop_actions = ('image_panels', 'hparams')")
+    train(str(tmp_path / "run"))
+    assert "examples/0" not in read_tags(str(tmp_path / "run" / "eval"))
+    assert "mean_iou" in read_tags(str(tmp_path / "run" / "eval"))
+    assert not list((tmp_path / "run").glob("events.out.tfevents.*.hparams"))
+    configure("train.drop_actions = ('panels',)")
+    with pytest.raises(SegtrainError, match=r"train.drop_actions names 'panels', which this run does not have; its "
+                                            r"actions: write_config, on_non_finite, train_summaries, progress_line, "
+                                            r"preemption, save_checkpoints, evaluate, eval_summaries, image_panels, "
+                                            r"keep_best, early_stopping, hparams."):
+        train(str(tmp_path / "other"))
