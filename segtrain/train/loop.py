@@ -104,7 +104,7 @@ def run(train_window: Callable[[int, int], Window], actions: Sequence[Action], s
       The step the run ended at.
     """
     step, stop = start, False
-    for action in actions:  # the first action's wrapping is the outermost
+    for action in actions:  # the last action's wrapping is the outermost
         train_window = action.around(train_window)
     try:
         for action in actions:
