@@ -12,6 +12,7 @@ from typing import Sequence
 import gin
 
 import registry
+from segtrain import compat
 from segtrain.errors import SegtrainError
 
 
@@ -115,16 +116,15 @@ def _moved(selector: str, parameter: str) -> str | None:
 
 
 def _configurables() -> list[str]:
-    try:  # gin has no public listing; the names help only the error message
-        return sorted({".".join(filter(None, (c.module, c.name))) for c in gin.config._REGISTRY.values()}
-                      | {c.name for c in gin.config._REGISTRY.values()})
+    try:  # the names help only the error message
+        return compat.gin_configurable_names()
     except Exception:
         return []
 
 
 def _parameters(selector: str) -> list[str]:
     try:
-        configurable = gin.config._REGISTRY.get_match(selector)
-        return [p for p in inspect.signature(configurable.wrapped).parameters if p not in ("self", "args", "kwargs")]
+        function = compat.gin_configurable_function(selector)
+        return [p for p in inspect.signature(function).parameters if p not in ("self", "args", "kwargs")]
     except Exception:
         return []

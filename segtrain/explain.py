@@ -31,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from segtrain import compat
 from segtrain.errors import SegtrainError
 from segtrain.images import blend
 from segtrain.models.model import facts
@@ -72,15 +73,8 @@ def _graph(model: keras.Model) -> keras.Model:
 
 
 def _call_outputs(graph: keras.Model, layer) -> list:
-    """The outputs of ``layer``'s call in ``graph``.
-
-    A nested model's ``.output`` is its own inner graph's; its call in the outer graph is one of
-    its inbound nodes, the one the outer graph holds.
-    """
-    from keras.src.ops.function import make_node_key
-
-    nodes = [node for i, node in enumerate(layer._inbound_nodes) if make_node_key(layer, i) in graph._nodes]
-    return keras.tree.flatten(nodes[0].output_tensors) if nodes else []
+    """The outputs of ``layer``'s call in ``graph`` (segtrain.compat.layer_call_outputs)."""
+    return compat.layer_call_outputs(graph, layer)
 
 
 def layer_outputs(model: keras.Model) -> dict[str, keras.KerasTensor]:

@@ -20,6 +20,7 @@ import tensorflow as tf
 from scipy import ndimage
 
 from registry import LOSSES
+from segtrain import compat
 from segtrain.errors import SegtrainError, warn
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
@@ -344,12 +345,10 @@ def unet_border_weights(label: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
 def _in_xla_context() -> bool:
     """Whether the graph being traced compiles with XLA (train.xla), which host code cannot join.
 
-    TF has no public test for it; its internal helper is used, and its absence means "no".
+    TF has no public test for it (segtrain.compat); its absence means "no".
     """
     try:
-        from tensorflow.python.ops import control_flow_util
-
-        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+        return compat.in_xla_context()
     except (ImportError, AttributeError):
         return False
 

@@ -95,6 +95,11 @@ def test_unknown_plugin_name(tmp_path):
            "Unknown model 'unet3'", "Did you mean 'unet'", "Known models:")
 
 
+def test_unknown_configurable_suggests_the_closest(tmp_path):
+    _fails(segtrain_main("train", f"--model_dir={tmp_path}", *_params("pipelin.crop_size = (32, 32)")),
+           "No configurable matching 'pipelin'. Did you mean 'pipeline'?")
+
+
 def test_unknown_gin_binding(tmp_path):
     _fails(segtrain_main("train", f"--model_dir={tmp_path}", *_params("train.num_step = 5")),
            "Configurable 'train' doesn't have a parameter named 'num_step'", "Did you mean 'train.num_steps'")

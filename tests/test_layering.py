@@ -13,7 +13,8 @@ The layers, top to bottom (a module may import its own layer's modules and any l
                    segtrain.postprocess (siblings: none of the five imports another)
     base           segtrain.config, segtrain.precision, segtrain.progress, segtrain.io,
                    segtrain.errors, segtrain.images, segtrain.plots, segtrain.run_dir (a run's
-                   checkpoints), segtrain (the package), registry
+                   checkpoints), segtrain.compat (private TF/Keras/gin APIs), segtrain (the package),
+                   registry
 
 Every import counts, also the ones inside functions. The data layer also stays free of gin:
 the experiment configures it.
@@ -37,7 +38,7 @@ LAYERS = [
     ("runtime", ("segtrain.runtime",)),
     ("plugins", ("segtrain.models", "segtrain.losses", "segtrain.metrics", "segtrain.data", "segtrain.postprocess")),
     ("base", ("segtrain.config", "segtrain.precision", "segtrain.progress", "segtrain.io", "segtrain.errors",
-              "segtrain.images", "segtrain.plots", "segtrain.run_dir", "segtrain", "registry")),
+              "segtrain.images", "segtrain.plots", "segtrain.run_dir", "segtrain.compat", "segtrain", "registry")),
 ]
 
 

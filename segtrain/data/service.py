@@ -26,6 +26,7 @@ import time
 
 import tensorflow as tf
 
+from segtrain import compat
 from segtrain.errors import SegtrainError
 
 FLAG = "pipeline.data_service_address"
@@ -45,7 +46,7 @@ def python_functions(dataset: tf.data.Dataset) -> list[str]:
     """The Python-calling constructs (e.g. 'tf.numpy_function') in ``dataset``'s graph, nested
     functions included; empty when a service worker can run it."""
     # The graph the service itself would send to its workers (TensorFlow has no public API for it).
-    graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())
+    graph = compat.serialized_graph(dataset)
     ops = {node.op for node in graph.node}
     for function in graph.library.function:
         ops.update(node.op for node in function.node_def)

@@ -18,13 +18,12 @@ HEADER = "| model | parameters | GFLOPs at 512x512 | output stride | source |\n|
 def forward_flops(model, size: int) -> float:
     """Forward FLOPs of one size x size image, counted by TensorFlow's profiler on the graph."""
     import tensorflow as tf
-    from tensorflow.python.profiler import model_analyzer, option_builder
 
     spec = tf.TensorSpec([1, size, size, 3], tf.float32)
     graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec).graph
-    options = (option_builder.ProfileOptionBuilder(option_builder.ProfileOptionBuilder.float_operation())
-               .with_empty_output().build())
-    return float(model_analyzer.profile(graph, options=options).total_float_ops)
+    builder = tf.compat.v1.profiler.ProfileOptionBuilder
+    options = builder(builder.float_operation()).with_empty_output().build()
+    return float(tf.compat.v1.profiler.profile(graph, options=options).total_float_ops)
 
 
 def source(name: str) -> str:

@@ -27,6 +27,7 @@ from typing import Callable
 import gin
 import tensorflow as tf
 
+from segtrain import compat
 from segtrain.errors import SegtrainError
 from segtrain.io import remove_orphan_tempdirs
 from segtrain.runtime.cluster import (PORT_LAYOUTS, Cluster, check_addresses, chief_task, detect_cluster,
@@ -191,18 +192,11 @@ def _configure_coordination_service(cluster: Cluster, heartbeat_timeout: float) 
 
     The strategy configures the service itself only when nothing configured it before, with
     TensorFlow's defaults; there is no public API for the timeout, so this sets the same service
-    (hosted by the chief, every chief and worker task coordinated) through the eager context.
+    (hosted by the chief, every chief and worker task coordinated): segtrain.compat.
     """
-    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
-    from tensorflow.python.eager import context
-
     leader = "chief" if "chief" in cluster.spec else "worker"
-    jobs = [coordination_config_pb2.CoordinatedJob(name=kind, num_tasks=len(cluster.spec[kind]))
-            for kind in ("chief", "worker") if kind in cluster.spec]
-    context.context().configure_coordination_service(
-        service_type="standalone", service_leader=f"/job:{leader}/replica:0/task:0", coordinated_jobs=jobs,
-        heartbeat_timeout_in_ms=int(heartbeat_timeout * 1000),
-    )
+    jobs = {kind: len(cluster.spec[kind]) for kind in ("chief", "worker") if kind in cluster.spec}
+    compat.configure_coordination_service(f"/job:{leader}/replica:0/task:0", jobs, int(heartbeat_timeout * 1000))
 
 
 class LostPeer(SegtrainError):
