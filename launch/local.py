@@ -32,8 +32,6 @@ import sys
 import threading
 import time
 
-# The cluster module makes every launcher's clusters (free_ports: for the tests too).
-from segtrain.runtime.cluster import free_ports  # noqa: F401
 from segtrain.runtime.cluster import local_tf_configs as tf_configs
 
 GRACE_SECONDS = 30.0

@@ -14,6 +14,7 @@ import time
 
 import yaml
 
+from segtrain.runtime.cluster import free_ports
 from tests.conftest import REPO, assert_user_error, segtrain_cli, tiny_flags
 
 LOCAL = os.path.join(REPO, "launch", "local.py")
@@ -330,7 +331,7 @@ def test_the_dockerfile_installs_segtrain_on_tensorflow_2_21_gpu():
 def test_a_port_in_use_is_one_error_before_any_server_starts(tmp_path):
     import socket
 
-    (peer,) = local.free_ports(1)
+    (peer,) = free_ports(1)
     with socket.socket() as held:
         held.bind(("0.0.0.0", 0))
         held.listen()

@@ -55,7 +55,12 @@ def split_cpu(replicas: int) -> list[str]:
     return [f"/cpu:{i}" for i in range(replicas)]
 
 
-@gin.configurable("distribute", denylist=["gpus"])
+def visible_gpus() -> list:
+    """The GPUs TensorFlow sees (lists them, so after any CUDA_VISIBLE_DEVICES pinning)."""
+    return tf.config.list_physical_devices("GPU")
+
+
+@gin.configurable("distribute")
 def build_strategy(
     strategy: str = "auto",
     cpu_replicas: int = 0,
@@ -66,7 +71,6 @@ def build_strategy(
     num_workers: int | None = None,
     heartbeat_timeout: float = 20.0,
     collective_timeout: float | None = None,
-    gpus: list | None = None,
 ) -> tf.distribute.Strategy:
     """Creates the strategy a run trains under (call before TensorFlow touches its devices).
 
@@ -103,7 +107,6 @@ def build_strategy(
         Only for hunting hangs: TensorFlow starts a timer thread per collective, and the limit
         must exceed the longest time a worker waits at a collective for the others, e.g. while
         the chief writes a checkpoint or summaries.
-      gpus: the visible GPUs (default: tf.config.list_physical_devices('GPU')); for tests.
 
     Raises:
       SegtrainError: an unknown strategy, cpu_replicas with a GPU strategy or on a GPU machine,
@@ -122,9 +125,9 @@ def build_strategy(
                                 + (", or None for no limit." if optional else "."))
     if slurm_ports not in PORT_LAYOUTS:
         raise SegtrainError(f"distribute.slurm_ports={slurm_ports!r}: use one of {', '.join(PORT_LAYOUTS)}.")
-    if strategy in ("auto", "multi_worker") and gpus is None:
+    if strategy in ("auto", "multi_worker"):
         pin_slurm_task_gpus(slurm_gpus_per_node)  # before TensorFlow first lists the GPUs
-    gpus = tf.config.list_physical_devices("GPU") if gpus is None else gpus
+    gpus = visible_gpus()
     cluster = (detect_cluster(slurm_gpus_per_node, slurm_port_base, num_workers, slurm_ports)
                if strategy in ("auto", "multi_worker") else None)
     if cpu_replicas:

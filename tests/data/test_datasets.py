@@ -282,7 +282,9 @@ def test_raw_reading_names_a_bad_label_file(tmp_path):
             read_all(ds, info)
 
 
-def test_interrupted_prepare_leaves_nothing_and_runs_again(tmp_path):
+def test_interrupted_prepare_leaves_nothing_and_runs_again(tmp_path, monkeypatch):
+    from segtrain.data import prepare as module
+
     raw, out = _pets_tree(tmp_path), tmp_path / "out"
     source = pets.OxfordIiitPet()
 
@@ -291,7 +293,9 @@ def test_interrupted_prepare_leaves_nothing_and_runs_again(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _prepare(source, raw, out, _hook=interrupt)
+        monkeypatch.setattr(module, "after_example", interrupt)
+        _prepare(source, raw, out)
+    monkeypatch.undo()
     assert not is_prepared(str(out), source)
     assert not [p for p in out.rglob("*") if p.is_file()], "no file of the half-written dataset may remain"
     with pytest.raises(SegtrainError, match="No prepared oxford_iiit_pet dataset"):

@@ -97,13 +97,13 @@ KILLED_MID_PREPARE = """
 import functools, os, signal, sys
 
 if __name__ == "__main__":  # the spawned workers import this file too
-    import segtrain.commands.prepare as command
+    import segtrain.data.prepare as prepare
 
     def kill_in_the_test_split(split, done):
         if split == "test" and done == 2:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    command.prepare = functools.partial(command.prepare, _hook=kill_in_the_test_split)
+    prepare.after_example = kill_in_the_test_split
     from segtrain.cli import main
     sys.exit(main(["segtrain", *sys.argv[1:]]))
 """
@@ -173,8 +173,9 @@ def test_a_killed_prepare_leaves_nothing_prepared_and_the_next_run_cleans_up(tmp
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_prepare_is_one_message_and_nothing_is_written(tmp_path):
+def test_a_worker_killed_mid_prepare_is_one_message_and_nothing_is_written(tmp_path, monkeypatch):
     from segtrain.data import pets
+    from segtrain.data import prepare as module
     from segtrain.data.prepare import is_prepared, prepare, unfinished
 
     raw, out = _pets(tmp_path), tmp_path / "prepared"
@@ -188,8 +189,9 @@ def test_a_worker_killed_mid_prepare_is_one_message_and_nothing_is_written(tmp_p
             for pid in workers:
                 os.kill(pid, signal.SIGKILL)
 
+    monkeypatch.setattr(module, "after_example", kill_a_worker)
     with pytest.raises(SegtrainError, match=r"^A worker process of `segtrain prepare` died \(it was killed: out of "
                                             r"memory\?\)\. Nothing was written to .*Run again, with fewer "
                                             r"--num_workers \(now 2\)"):
-        prepare(pets.OxfordIiitPet(), str(raw), str(out), num_workers=2, _hook=kill_a_worker)
+        prepare(pets.OxfordIiitPet(), str(raw), str(out), num_workers=2)
     assert not is_prepared(str(out), pets.OxfordIiitPet()) and not unfinished(str(out), pets.OxfordIiitPet())

@@ -11,6 +11,7 @@ from PIL import Image
 
 from segtrain.data import transforms as T
 from segtrain.data.prepare import decode_prepared, decode_prepared_window
+from tests.data import stepwise
 
 
 def _ramps(h, w):
@@ -41,8 +42,8 @@ def _windowed(image, label, seeds, resize, min_scale, max_scale, crop):
 def _step_by_step(image, label, seeds, resize, min_scale, max_scale, crop):
     if resize:
         image, label = T.resize(image, label, resize)
-    image, label = T.random_scale(image, label, seeds[0], min_scale, max_scale)
-    return T.random_crop(image, label, seeds[1], crop, 255, -1.0)
+    image, label = stepwise.random_scale(image, label, seeds[0], min_scale, max_scale)
+    return stepwise.random_crop(image, label, seeds[1], crop, 255, -1.0)
 
 
 @pytest.mark.parametrize("src,resize,scales,crop", [
@@ -109,8 +110,8 @@ def test_jitter_and_normalize_equals_jitter_then_normalize(colour):
     for i in range(4):
         seed = tf.constant([i, 5], tf.int64)
         fused = T.jitter_and_normalize(image, seed, normalization, **colour).numpy()
-        stepwise = T.colour_jitter(image, seed, **colour) if colour else image
-        np.testing.assert_allclose(fused, normalization(stepwise).numpy(), atol=2e-3, rtol=1e-5)
+        jittered = stepwise.colour_jitter(image, seed, **colour) if colour else image
+        np.testing.assert_allclose(fused, normalization(jittered).numpy(), atol=2e-3, rtol=1e-5)
 
 
 COLOURS = [

@@ -17,6 +17,18 @@ from segtrain.runtime import watchdog
 TWO_WORKERS = {"cluster": {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]}, "task": {"type": "worker", "index": 1}}
 
 
+@pytest.fixture
+def gpus(monkeypatch):
+    """gpus(list): the GPUs build_strategy sees (nothing pinned: no SLURM step is real here)."""
+    monkeypatch.setattr(D, "pin_slurm_task_gpus", lambda *args: None)
+
+    def see(found):
+        monkeypatch.setattr(D, "visible_gpus", lambda: list(found))
+
+    see([])
+    return see
+
+
 @pytest.fixture(autouse=True)
 def no_cluster(monkeypatch):
     for name in ("TF_CONFIG", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
@@ -130,8 +142,8 @@ def test_bad_cluster_settings(kwargs, message):
     assert message in str(e.value)
 
 
-def test_one_worker_without_a_cluster_is_fine():
-    assert D.build_strategy("auto", num_workers=1, gpus=[]) is tf.distribute.get_strategy()
+def test_one_worker_without_a_cluster_is_fine(gpus):
+    assert D.build_strategy("auto", num_workers=1) is tf.distribute.get_strategy()
     # A strategy of one machine looks for no cluster (evaluating a multi-worker run does that).
     assert isinstance(D.build_strategy("one_device", num_workers=4), tf.distribute.OneDeviceStrategy)
 
@@ -142,11 +154,11 @@ def test_tf_config_wins_over_slurm_when_they_agree(monkeypatch):
     assert D.detect_cluster().source == "TF_CONFIG"
 
 
-def test_tf_config_and_slurm_that_disagree_are_refused(monkeypatch):
+def test_tf_config_and_slurm_that_disagree_are_refused(monkeypatch, gpus):
     _fake_slurm(monkeypatch, procid=0)  # TF_CONFIG makes this worker 1
     monkeypatch.setenv("TF_CONFIG", json.dumps(TWO_WORKERS))
     with pytest.raises(SegtrainError) as e:
-        D.build_strategy("auto", gpus=[])
+        D.build_strategy("auto")
     assert user_message(e.value) == (
         "TF_CONFIG and the SLURM step describe different clusters: TF_CONFIG has 2 task(s) and makes this "
         "worker 1 (rank 1), the SLURM step has 2 task(s) and makes this SLURM_PROCID=0. TF_CONFIG wins when "
@@ -166,12 +178,13 @@ def test_a_one_task_slurm_step_does_not_contradict_tf_config(monkeypatch):
     ({"strategy": "horovod"}, "--strategy='horovod' is not one of auto, one_device, mirrored, multi_worker."),
     ({"strategy": "one_device", "cpu_replicas": 2}, "does not combine with --strategy=one_device"),
     ({"strategy": "multi_worker", "cpu_replicas": 2}, "does not combine with --strategy=multi_worker"),
-    ({"strategy": "mirrored", "cpu_replicas": 2, "gpus": ["fake GPU"]},
+    ({"strategy": "mirrored", "cpu_replicas": 2, "visible": ["fake GPU"]},
      "--cpu_replicas=2 is for machines without GPUs, and this one has 1"),
     ({"strategy": "mirrored", "cpu_replicas": -1}, "--cpu_replicas=-1: use an integer >= 0"),
     ({"strategy": "multi_worker"}, "--strategy=multi_worker needs a cluster: set TF_CONFIG"),
 ])
-def test_bad_strategy_settings(kwargs, message):
+def test_bad_strategy_settings(kwargs, message, gpus):
+    gpus(kwargs.pop("visible", []))
     with pytest.raises(SegtrainError) as e:
         D.build_strategy(**kwargs)
     assert message in str(e.value)
@@ -183,8 +196,8 @@ def test_cpu_replicas_with_a_cluster_is_refused(monkeypatch):
         D.build_strategy("auto", cpu_replicas=2)
 
 
-def test_auto_without_cluster_or_gpus_is_the_default_strategy():
-    assert D.build_strategy("auto", gpus=[]) is tf.distribute.get_strategy()
+def test_auto_without_cluster_or_gpus_is_the_default_strategy(gpus):
+    assert D.build_strategy("auto") is tf.distribute.get_strategy()
 
 
 class _FakeStrategy:
@@ -372,7 +385,7 @@ def test_two_tasks_at_one_address_are_refused_even_under_two_names():
         f"address 127.0.0.1:{port}, where only one task can listen.")
 
 
-def test_a_one_node_slurm_job_trains_without_a_cluster(monkeypatch):
+def test_a_one_node_slurm_job_trains_without_a_cluster(monkeypatch, gpus):
     # sbatch --nodes=1 launch/slurm.sbatch: one task, --strategy=auto, NUM_WORKERS = 1 node
     _fake_slurm(monkeypatch, procid=0, nodes="gpu07", tasks="1", num_tasks=1)
-    assert D.build_strategy("auto", num_workers=1, gpus=[]) is tf.distribute.get_strategy()
+    assert D.build_strategy("auto", num_workers=1) is tf.distribute.get_strategy()
