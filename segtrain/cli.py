@@ -60,156 +60,23 @@ USAGE = (f"usage: segtrain {{{'|'.join(COMMANDS)}}} [flags]\n"
          + "`segtrain <command> --help` lists a command's flags.")
 
 
-def _gin(fv):
-    flags.DEFINE_multi_string("gin_file", [], "Gin file; may be repeated, later files win.", flag_values=fv)
-    flags.DEFINE_multi_string("gin_param", [], "Gin binding such as 'train.num_steps = 100'; wins over files.",
-                              flag_values=fv)
+# Each command's module: its flags (define_flags) and what it does with them (main).
+MODULES = {"train": "train", "doctor": "doctor", "evaluate": "evaluate", "predict": "predict", "export": "export",
+           "explain": "explain", "prepare": "prepare", "data-service": "data_service", "list": "listing"}
 
 
-def _verbosity(fv):
-    flags.DEFINE_integer("verbosity", None, "Also show TensorFlow's own log lines, from this level up (0: INFO; "
-                         "default: none, only segtrain's lines).", flag_values=fv)
+def command_module(command: str):
+    import importlib
 
-
-def _train(fv):
-    _gin(fv)
-    flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard logs, configs, results.",
-                        flag_values=fv)
-    flags.DEFINE_enum("strategy", "auto", ["auto", "one_device", "mirrored", "multi_worker"],
-                      "tf.distribute strategy; auto picks multi-worker for a TF_CONFIG/SLURM cluster, mirrored "
-                      "for 2+ GPUs, else one device (gin: distribute.strategy).", flag_values=fv)
-    flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into N logical devices and mirror over them (machines "
-                         "without GPUs, tests; gin: distribute.cpu_replicas).", lower_bound=0, flag_values=fv)
-    flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
-                      "Numeric precision (gin: train.precision).", flag_values=fv)
-    flags.DEFINE_bool("xla", False, "Compile the per-replica step with XLA (gin: train.xla).", flag_values=fv)
-    flags.DEFINE_list("profile_steps", None, "Trace training steps A..B (1-based, inclusive, as the progress "
-                      "line counts) with the TensorFlow profiler into MODEL_DIR/train for TensorBoard's "
-                      "Profile tab (pip install 'segtrain[profile]'). Windows of train.steps_per_loop steps "
-                      "end after step A-1 and after B, so the trace holds exactly A..B, one step marker per "
-                      "window; B past train.num_steps stops there (gin: train.profile_steps = (A, B)).",
-                      flag_values=fv)
-    _verbosity(fv)
-
-
-def _trained_run(fv, what="evaluate"):
-    _gin(fv)
-    flags.DEFINE_string("model_dir", None, "The run directory `segtrain train` wrote.", flag_values=fv)
-    flags.DEFINE_string("checkpoint", "best", "Which checkpoint to restore: best (the latest when no best was kept), "
-                        "latest, or one by name (ckpt-600, best/ckpt-400) or path (gin: "
-                        f"{what}.checkpoint).", flag_values=fv)
-
-
-def _inference(fv, what):
-    flags.DEFINE_enum("mode", None, ["whole", "slide"], "Whole images at once, or sliding windows of --crop_size "
-                      "every --stride (gin: inference.mode; default whole).", flag_values=fv)
-    flags.DEFINE_list("crop_size", None, "Sliding-window size H,W (gin: inference.crop_size).", flag_values=fv)
-    flags.DEFINE_list("stride", None, "Sliding-window step H,W (default: two thirds of --crop_size; gin: "
-                      "inference.stride).", flag_values=fv)
-    flags.DEFINE_list("scales", None, "Test-time scales, e.g. 0.75,1.0,1.25: the softmax of every view is averaged "
-                      "(gin: inference.scales).", flag_values=fv)
-    flags.DEFINE_bool("flip", None, "Also infer on the left-right flipped image and average (gin: inference.flip).",
-                      flag_values=fv)
-    flags.DEFINE_string("postprocess", None, "A registered post-processor, e.g. dense_crf (`segtrain list` shows "
-                        f"them; gin: {what}.postprocess and postprocessors.NAME.*).", flag_values=fv)
-
-
-def _evaluate(fv):
-    _trained_run(fv, "evaluate")
-    flags.DEFINE_string("split", "test", "The dataset split to evaluate (gin: evaluate.split).", flag_values=fv)
-    flags.DEFINE_integer("batch_size", None, "Batch size (default: the run's; gin: evaluate.batch_size).",
-                         lower_bound=1, flag_values=fv)
-    _inference(fv, "evaluate")
-    flags.DEFINE_integer("cpu_replicas", 0, "Mirror the evaluation over N logical CPUs (machines without GPUs; "
-                         "several GPUs are used by themselves).", lower_bound=0, flag_values=fv)
-    _verbosity(fv)
-
-
-def _predict(fv):
-    _trained_run(fv, "predict")
-    flags.DEFINE_string("input", None, "Images: files, directories or glob patterns, comma-separated.", flag_values=fv)
-    flags.DEFINE_string("output", None, "Directory the masks, colour masks and overlays are written to.",
-                        flag_values=fv)
-    flags.DEFINE_bool("probabilities", False, "Also write each image's class probabilities as .npy [H,W,C].",
-                      flag_values=fv)
-    flags.DEFINE_bool("strict", False, "Stop at the first unreadable image (default: report it and go on).",
-                      flag_values=fv)
-    flags.DEFINE_integer("batch_size", None, "Images of one size inferred together (gin: predict.batch_size).",
-                         lower_bound=1, flag_values=fv)
-    _inference(fv, "predict")
-    _verbosity(fv)
-
-
-def _export(fv):
-    _trained_run(fv, "export")
-    flags.DEFINE_string("output", None, "The SavedModel directory to write.", flag_values=fv)
-    flags.DEFINE_bool("probabilities", False, "Also return softmax 'probabilities' from the signatures.",
-                      flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "Replace an existing --output directory.", flag_values=fv)
-    _verbosity(fv)
-
-
-def _explain(fv):
-    _trained_run(fv, "explain")
-    flags.DEFINE_string("input", None, "Images: files, directories or glob patterns, comma-separated.", flag_values=fv)
-    flags.DEFINE_string("output", None, "Directory the heat-map overlays are written to (default: "
-                        "MODEL_DIR/explain).", flag_values=fv)
-    flags.DEFINE_string("class", None, "The class to explain, by name (or index).", flag_values=fv)
-    flags.DEFINE_string("layer", None, "The layer whose activations are weighed (default: the model's deepest "
-                        "encoder stage; `--layer=list` lists the layers).", flag_values=fv)
-    flags.DEFINE_list("box", None, "Explain the class's logits in this box Y0,X0,Y1,X1 (pixels) instead of the "
-                      "pixels predicted as the class.", flag_values=fv)
-    flags.DEFINE_bool("activations", False, "Also write a grid of --layer's channels.", flag_values=fv)
-    _verbosity(fv)
-
-
-def _prepare(fv):
-    _gin(fv)
-    flags.DEFINE_string("dataset", None, "The dataset's registry name (voc2012, voc2012_aug, oxford_iiit_pet, "
-                        "cityscapes, folder); its other settings come from --gin_file/--gin_param "
-                        "(datasets.NAME.*).", flag_values=fv)
-    flags.DEFINE_string("source_dir", None, "The directory holding the raw files (gin: datasets.NAME.source_dir).",
-                        flag_values=fv)
-    flags.DEFINE_string("data_dir", None, "Where the prepared dataset is written (gin: datasets.NAME.data_dir).",
-                        flag_values=fv)
-    flags.DEFINE_integer("num_workers", None, "Processes that decode and check images (default: all cores).",
-                         lower_bound=1, flag_values=fv)
-    flags.DEFINE_list("splits", None, "The splits to prepare, e.g. train,val (default: all of the dataset's).",
-                      flag_values=fv)
-    flags.DEFINE_bool("skip_bad_examples", False, "Leave out bad examples (listed in skipped_examples.txt in the "
-                      "prepared dataset) instead of stopping.", flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "Rebuild a dataset that is already prepared.", flag_values=fv)
-    flags.DEFINE_bool("verify", False, "Read every record of the prepared dataset (of --splits, default all) and "
-                      "report damaged or missing shard files; exit 1 if there are any. Writes nothing.",
-                      flag_values=fv)
-    _verbosity(fv)
-
-
-def _data_service(fv):
-    flags.DEFINE_integer("port", None, "The port to serve on (0: any free port; the address is printed).",
-                         lower_bound=0, flag_values=fv)
-    flags.DEFINE_string("dispatcher", None, "Serve as a worker of the dispatcher at HOST:PORT (without it: be "
-                        "the dispatcher that training jobs name in pipeline.data_service_address).",
-                        flag_values=fv)
-    flags.DEFINE_string("host", None, "The name or IP the training jobs reach this machine by (default: its "
-                        "hostname); a worker's batches are fetched from it.", flag_values=fv)
-    _verbosity(fv)
-
-
-def _list(fv):
-    flags.DEFINE_bool("models", False, "Only the models.", flag_values=fv)
-    flags.DEFINE_bool("details", False, "With --models: a markdown table of parameters, GFLOPs at 512x512 with 21 "
-                      "classes, output stride and source (builds every model; takes a minute).", flag_values=fv)
+    return importlib.import_module(f"segtrain.commands.{MODULES[command]}")
 
 
 def flag_sets() -> dict[str, flags.FlagValues]:
-    """A fresh absl FlagValues per command."""
+    """A fresh absl FlagValues per command, defined by the command's own module."""
     sets = {}
-    for name, define in (("train", _train), ("doctor", _train), ("evaluate", _evaluate), ("predict", _predict),
-                         ("export", _export), ("explain", _explain), ("prepare", _prepare),
-                         ("data-service", _data_service), ("list", _list)):
+    for name in COMMANDS:
         sets[name] = flags.FlagValues()
-        define(sets[name])
+        command_module(name).define_flags(sets[name])
     return sets
 
 
@@ -304,42 +171,8 @@ def main(argv: list[str]) -> int:
         raise
 
 
-def _given(fv: flags.FlagValues, names) -> dict:
-    """The flags among ``names`` given on the command line, by name."""
-    return {name: fv[name].value for name in names if fv[name].present}
-
-
 def _run(command: str, fv: flags.FlagValues) -> int:
-    if command == "train":
-        from segtrain.commands import train
-
-        return train.run(fv.model_dir, fv.gin_file, fv.gin_param, _given(fv, train.FLAG_BINDINGS))
-    if command in ("evaluate", "predict", "export", "explain"):
-        import importlib
-
-        module = importlib.import_module(f"segtrain.commands.{command}")
-        names = [name for name in fv if name not in ("model_dir", "gin_file", "gin_param", "verbosity")
-                 and not name.startswith("help") and name in flag_sets()[command]]
-        return module.run(fv.model_dir, fv.gin_file, fv.gin_param, _given(fv, names))
-    if command == "prepare":
-        from segtrain.commands import prepare
-
-        if fv.verify:
-            return prepare.verify_prepared(fv.dataset, fv.data_dir, fv.gin_file, fv.gin_param, fv.splits)
-        return prepare.run(fv.dataset, fv.source_dir, fv.data_dir, fv.gin_file, fv.gin_param, fv.num_workers,
-                           fv.skip_bad_examples, fv.overwrite, fv.splits)
-    if command == "doctor":
-        from segtrain.commands import doctor
-
-        return doctor.run(fv.model_dir, fv.gin_file, fv.gin_param, _given(fv, doctor.FLAG_BINDINGS))
-    if command == "data-service":
-        from segtrain.commands import data_service
-
-        return data_service.run(fv.port, fv.dispatcher, fv.host)
-    from segtrain.commands import listing
-
-    print(listing.text(models_only=fv.models, details=fv.details))
-    return 0
+    return command_module(command).main(fv)
 
 
 def run() -> None:

@@ -285,13 +285,18 @@ class Experiment:
                  f"to use the weights' own.")
         return resolve_normalization(preprocessing(model_preprocessing), mean, std)
 
+    def _normalization_args(self) -> dict:
+        """The pipeline's normalisation, resolved here once: pipeline.mean/std (gin) are already in
+        it, so the pipeline gets none of its own to resolve again."""
+        return {"normalization": self.normalization, "mean": None, "std": None}
+
     def eval_dataset(self, split: str | None = None, batch_size: int | None = None) -> tf.data.Dataset:
         """One pass over ``split`` (default: the experiment's split) at full resolution."""
         split = split or self.split
         ds, info = self.read(split)
         batch_size = batch_size or self.config.eval_batch_size or self.config.batch_size
         return pipeline(ds, info, split, False, batch_size, self.facts.size_divisor, self.config.seed,
-                        normalization=self.normalization)
+                        **self._normalization_args())
 
     def train_dataset(self, seed: int, input_context: tf.distribute.InputContext | None = None,
                       run: str | None = None) -> tf.data.Dataset:
@@ -315,7 +320,7 @@ class Experiment:
             )
         ds, info = self.read(cfg.train_split)
         return pipeline(ds, info, cfg.train_split, True, cfg.batch_size, self.facts.size_divisor, seed,
-                        input_context, normalization=self.normalization, run=run)
+                        input_context, run=run, **self._normalization_args())
 
     def finish_batch(self, batch: dict) -> tuple[tf.Tensor, tf.Tensor]:
         """A training batch's (model input, int32 labels): what ``pipeline.colour_on_device``

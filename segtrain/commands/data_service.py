@@ -14,6 +14,9 @@ import signal
 import socket
 import threading
 
+from absl import flags
+
+from segtrain.commands.common_flags import verbosity_flag
 from segtrain.data import service
 from segtrain.errors import SegtrainError
 
@@ -56,3 +59,19 @@ def wait_for_signal() -> None:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def define_flags(fv):
+    flags.DEFINE_integer("port", None, "The port to serve on (0: any free port; the address is printed).",
+                         lower_bound=0, flag_values=fv)
+    flags.DEFINE_string("dispatcher", None, "Serve as a worker of the dispatcher at HOST:PORT (without it: be "
+                        "the dispatcher that training jobs name in pipeline.data_service_address).",
+                        flag_values=fv)
+    flags.DEFINE_string("host", None, "The name or IP the training jobs reach this machine by (default: its "
+                        "hostname); a worker's batches are fetched from it.", flag_values=fv)
+    verbosity_flag(fv)
+
+
+def main(fv: flags.FlagValues) -> int:
+    """`segtrain data-service` from its parsed flags."""
+    return run(fv.port, fv.dispatcher, fv.host)

@@ -18,7 +18,11 @@ import time
 from typing import Sequence
 
 from segtrain.commands.configure import parse_config
+from absl import flags
+
+from segtrain.commands.common_flags import given
 from segtrain.commands.train import FLAG_BINDINGS, gin_value
+from segtrain.commands.train import define_flags as train_flags
 from segtrain.errors import SegtrainError, user_message
 from segtrain.io import atomic_write_text
 from segtrain.train import preflight
@@ -132,3 +136,13 @@ def _model_dir(model_dir: str | None, chief: bool) -> preflight.Check:
         if created and os.path.isdir(model_dir) and not os.listdir(model_dir):
             os.rmdir(model_dir)
     return preflight.Check("model_dir", preflight.OK, f"the chief can write {model_dir} ({free:.1f} GiB free)")
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """The flags of `segtrain train`: the doctor runs with the job's own."""
+    train_flags(fv)
+
+
+def main(fv: flags.FlagValues) -> int:
+    """`segtrain doctor` from its parsed flags."""
+    return run(fv.model_dir, fv.gin_file, fv.gin_param, given(fv, FLAG_BINDINGS))

@@ -16,12 +16,15 @@ from typing import Sequence
 
 import gin
 import tensorflow as tf
+from absl import flags
 
 from segtrain import plots
 from segtrain import run_dir
+from segtrain.commands.common_flags import bindings, given, inference_flags, trained_run_flags, verbosity_flag
 from segtrain.commands.trained_run import parse_run, restored
 from segtrain.errors import data_errors
 from segtrain.evaluation import format_table, per_class, results_record, write_results
+
 
 INFERENCE_FLAGS = ("mode", "crop_size", "stride", "scales", "flip")
 
@@ -33,8 +36,8 @@ def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[st
       flags: the command line's flags (split, checkpoint, batch_size, the inference flags,
         postprocess, cpu_replicas); they win over gin.
     """
-    parse_run(model_dir, gin_files, gin_params)
-    evaluate(model_dir, **flags)
+    parse_run(model_dir, gin_files, [*gin_params, *bindings("evaluate", flags)])  # a flag given wins
+    evaluate(model_dir)
     return 0
 
 
@@ -114,3 +117,20 @@ def evaluate(model_dir: str, split: str = "test", checkpoint: str = "best", batc
         print(f"Wrote {picture}")
     return results
 
+
+def define_flags(fv):
+    trained_run_flags(fv, "evaluate")
+    flags.DEFINE_string("split", "test", "The dataset split to evaluate (gin: evaluate.split).", flag_values=fv)
+    flags.DEFINE_integer("batch_size", None, "Batch size (default: the run's; gin: evaluate.batch_size).",
+                         lower_bound=1, flag_values=fv)
+    inference_flags(fv, "evaluate")
+    flags.DEFINE_integer("cpu_replicas", 0, "Mirror the evaluation over N logical CPUs (machines without GPUs; "
+                         "several GPUs are used by themselves).", lower_bound=0, flag_values=fv)
+    verbosity_flag(fv)
+
+
+def main(fv: flags.FlagValues) -> int:
+    """`segtrain evaluate` from its parsed flags: each flag given is a gin binding of ``evaluate.*``."""
+    names = [name for name in fv if name not in ("model_dir", "gin_file", "gin_param", "verbosity")
+             and not name.startswith("help")]
+    return run(fv.model_dir, fv.gin_file, fv.gin_param, given(fv, names))

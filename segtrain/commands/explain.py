@@ -22,9 +22,11 @@ from typing import Sequence
 import gin
 import numpy as np
 import tensorflow as tf
+from absl import flags
 
 from segtrain import explain as gradcam
 from segtrain import run_dir
+from segtrain.commands.common_flags import bindings, given, trained_run_flags, verbosity_flag
 from segtrain.commands.trained_run import parse_run, restored
 from segtrain.errors import SegtrainError
 from segtrain.images import list_inputs, read_rgb, write_image
@@ -40,9 +42,8 @@ def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[st
       flags: input, output, class, layer, box, activations and checkpoint given on the command
         line; they win over gin.
     """
-    parse_run(model_dir, gin_files, gin_params)
-    kwargs = {("class_name" if key == "class" else key): value for key, value in flags.items()}
-    explain(model_dir, **kwargs)
+    parse_run(model_dir, gin_files, [*gin_params, *bindings("explain", flags, rename={"class": "class_name"})])
+    explain(model_dir)
     return 0
 
 
@@ -190,3 +191,24 @@ class _Summaries:
 
 def _safe_tag(tag: str) -> str:
     return re.sub(r"[^A-Za-z0-9._/-]+", "_", tag)
+
+
+def define_flags(fv):
+    trained_run_flags(fv, "explain")
+    flags.DEFINE_string("input", None, "Images: files, directories or glob patterns, comma-separated.", flag_values=fv)
+    flags.DEFINE_string("output", None, "Directory the heat-map overlays are written to (default: "
+                        "MODEL_DIR/explain).", flag_values=fv)
+    flags.DEFINE_string("class", None, "The class to explain, by name (or index).", flag_values=fv)
+    flags.DEFINE_string("layer", None, "The layer whose activations are weighed (default: the model's deepest "
+                        "encoder stage; `--layer=list` lists the layers).", flag_values=fv)
+    flags.DEFINE_list("box", None, "Explain the class's logits in this box Y0,X0,Y1,X1 (pixels) instead of the "
+                      "pixels predicted as the class.", flag_values=fv)
+    flags.DEFINE_bool("activations", False, "Also write a grid of --layer's channels.", flag_values=fv)
+    verbosity_flag(fv)
+
+
+def main(fv: flags.FlagValues) -> int:
+    """`segtrain explain` from its parsed flags: each flag given is a gin binding of ``explain.*``."""
+    names = [name for name in fv if name not in ("model_dir", "gin_file", "gin_param", "verbosity")
+             and not name.startswith("help")]
+    return run(fv.model_dir, fv.gin_file, fv.gin_param, given(fv, names))

@@ -13,7 +13,9 @@ import os
 from typing import Sequence
 
 import gin
+from absl import flags
 
+from segtrain.commands.common_flags import bindings, given, trained_run_flags, verbosity_flag
 from segtrain.commands.trained_run import parse_run, restored
 from segtrain.export import METADATA_FILE, check_output, export_model, output_names
 from segtrain.runtime.cluster import detect_cluster
@@ -26,8 +28,8 @@ def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[st
       flags: output, checkpoint, probabilities and overwrite given on the command line; they win
         over gin.
     """
-    parse_run(model_dir, gin_files, gin_params)
-    export(model_dir, **flags)
+    parse_run(model_dir, gin_files, [*gin_params, *bindings("export", flags)])  # a flag given wins
+    export(model_dir)
     return 0
 
 
@@ -77,3 +79,19 @@ def export(model_dir: str, output: str | None = None, checkpoint: str = "best", 
     print(f"Wrote {written} (outputs: {', '.join(output_names(probabilities))}; labels explained in "
           f"{METADATA_FILE}). Inspect it with `saved_model_cli show --dir {written} --all`.")
     return written
+
+
+def define_flags(fv):
+    trained_run_flags(fv, "export")
+    flags.DEFINE_string("output", None, "The SavedModel directory to write.", flag_values=fv)
+    flags.DEFINE_bool("probabilities", False, "Also return softmax 'probabilities' from the signatures.",
+                      flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Replace an existing --output directory.", flag_values=fv)
+    verbosity_flag(fv)
+
+
+def main(fv: flags.FlagValues) -> int:
+    """`segtrain export` from its parsed flags: each flag given is a gin binding of ``export.*``."""
+    names = [name for name in fv if name not in ("model_dir", "gin_file", "gin_param", "verbosity")
+             and not name.startswith("help")]
+    return run(fv.model_dir, fv.gin_file, fv.gin_param, given(fv, names))

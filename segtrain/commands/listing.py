@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from absl import flags
+
 import registry
 
 
@@ -24,3 +26,15 @@ def text(models_only: bool = False, details: bool = False) -> str:
                 lines.append(f"      {doc}")
         lines.append("")
     return "\n".join(lines)
+
+
+def define_flags(fv):
+    flags.DEFINE_bool("models", False, "Only the models.", flag_values=fv)
+    flags.DEFINE_bool("details", False, "With --models: a markdown table of parameters, GFLOPs at 512x512 with 21 "
+                      "classes, output stride and source (builds every model; takes a minute).", flag_values=fv)
+
+
+def main(fv: flags.FlagValues) -> int:
+    """`segtrain list` from its parsed flags."""
+    print(text(models_only=fv.models, details=fv.details))
+    return 0

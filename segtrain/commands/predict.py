@@ -28,20 +28,23 @@ import gin
 import numpy as np
 import tensorflow as tf
 from PIL import Image
+from absl import flags
 
 from segtrain import images
+from segtrain.commands.common_flags import bindings, given, inference_flags, trained_run_flags, verbosity_flag
 from segtrain.commands.evaluate import postprocessor_for
 from segtrain.commands.trained_run import parse_run, restored
 from segtrain.errors import SegtrainError
 from segtrain.io import atomic_write_bytes, write_json
 from segtrain.progress import Progress
 
+
 SUMMARY_FILE = "predictions.json"
 
 
 def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[str], flags: dict) -> int:
-    parse_run(model_dir, gin_files, gin_params)
-    predict(model_dir, **flags)
+    parse_run(model_dir, gin_files, [*gin_params, *bindings("predict", flags)])  # a flag given wins
+    predict(model_dir)
     return 0
 
 
@@ -184,3 +187,25 @@ def _results(image, probs, name, info, palette, processor, with_probabilities, a
 
 def _file_safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name))
+
+
+def define_flags(fv):
+    trained_run_flags(fv, "predict")
+    flags.DEFINE_string("input", None, "Images: files, directories or glob patterns, comma-separated.", flag_values=fv)
+    flags.DEFINE_string("output", None, "Directory the masks, colour masks and overlays are written to.",
+                        flag_values=fv)
+    flags.DEFINE_bool("probabilities", False, "Also write each image's class probabilities as .npy [H,W,C].",
+                      flag_values=fv)
+    flags.DEFINE_bool("strict", False, "Stop at the first unreadable image (default: report it and go on).",
+                      flag_values=fv)
+    flags.DEFINE_integer("batch_size", None, "Images of one size inferred together (gin: predict.batch_size).",
+                         lower_bound=1, flag_values=fv)
+    inference_flags(fv, "predict")
+    verbosity_flag(fv)
+
+
+def main(fv: flags.FlagValues) -> int:
+    """`segtrain predict` from its parsed flags: each flag given is a gin binding of ``predict.*``."""
+    names = [name for name in fv if name not in ("model_dir", "gin_file", "gin_param", "verbosity")
+             and not name.startswith("help")]
+    return run(fv.model_dir, fv.gin_file, fv.gin_param, given(fv, names))

@@ -9,8 +9,10 @@ import sys
 from typing import Sequence
 
 import gin
+from absl import flags
 
 from registry import DATASETS
+from segtrain.commands.common_flags import gin_flags, verbosity_flag
 from segtrain.commands.configure import parse_config
 from segtrain.data.files import preparable
 from segtrain.data.prepare import prepare, prepared_dir
@@ -96,3 +98,33 @@ def source(name: str, settings: dict) -> Source:
         raise SegtrainError(f"Dataset '{name}' has no raw files to prepare; preparable datasets: {', '.join(names)}.")
     accepted = inspect.signature(source_cls).parameters
     return source_cls(**{k: v for k, v in settings.items() if k in accepted})
+
+
+def define_flags(fv):
+    gin_flags(fv)
+    flags.DEFINE_string("dataset", None, "The dataset's registry name (voc2012, voc2012_aug, oxford_iiit_pet, "
+                        "cityscapes, folder); its other settings come from --gin_file/--gin_param "
+                        "(datasets.NAME.*).", flag_values=fv)
+    flags.DEFINE_string("source_dir", None, "The directory holding the raw files (gin: datasets.NAME.source_dir).",
+                        flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "Where the prepared dataset is written (gin: datasets.NAME.data_dir).",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_workers", None, "Processes that decode and check images (default: all cores).",
+                         lower_bound=1, flag_values=fv)
+    flags.DEFINE_list("splits", None, "The splits to prepare, e.g. train,val (default: all of the dataset's).",
+                      flag_values=fv)
+    flags.DEFINE_bool("skip_bad_examples", False, "Leave out bad examples (listed in skipped_examples.txt in the "
+                      "prepared dataset) instead of stopping.", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Rebuild a dataset that is already prepared.", flag_values=fv)
+    flags.DEFINE_bool("verify", False, "Read every record of the prepared dataset (of --splits, default all) and "
+                      "report damaged or missing shard files; exit 1 if there are any. Writes nothing.",
+                      flag_values=fv)
+    verbosity_flag(fv)
+
+
+def main(fv: flags.FlagValues) -> int:
+    """`segtrain prepare` (or, with --verify, the check of a prepared dataset) from its flags."""
+    if fv.verify:
+        return verify_prepared(fv.dataset, fv.data_dir, fv.gin_file, fv.gin_param, fv.splits)
+    return run(fv.dataset, fv.source_dir, fv.data_dir, fv.gin_file, fv.gin_param, fv.num_workers,
+               fv.skip_bad_examples, fv.overwrite, fv.splits)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from segtrain.commands.configure import parse_config
+from absl import flags
+
 from segtrain import run_dir
+from segtrain.commands.common_flags import gin_flags, given, verbosity_flag
+from segtrain.commands.configure import parse_config
 from segtrain.errors import SegtrainError
 from segtrain.train.trainer import train
+
 
 # Flags of `segtrain train` that are gin bindings too; a flag given on the command line wins.
 FLAG_BINDINGS = {"strategy": "distribute.strategy", "cpu_replicas": "distribute.cpu_replicas",
@@ -47,3 +51,29 @@ def gin_value(name: str, value):
             return text
 
     return tuple(number(v) for v in value)
+
+
+def define_flags(fv):
+    gin_flags(fv)
+    flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard logs, configs, results.",
+                        flag_values=fv)
+    flags.DEFINE_enum("strategy", "auto", ["auto", "one_device", "mirrored", "multi_worker"],
+                      "tf.distribute strategy; auto picks multi-worker for a TF_CONFIG/SLURM cluster, mirrored "
+                      "for 2+ GPUs, else one device (gin: distribute.strategy).", flag_values=fv)
+    flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into N logical devices and mirror over them (machines "
+                         "without GPUs, tests; gin: distribute.cpu_replicas).", lower_bound=0, flag_values=fv)
+    flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+                      "Numeric precision (gin: train.precision).", flag_values=fv)
+    flags.DEFINE_bool("xla", False, "Compile the per-replica step with XLA (gin: train.xla).", flag_values=fv)
+    flags.DEFINE_list("profile_steps", None, "Trace training steps A..B (1-based, inclusive, as the progress "
+                      "line counts) with the TensorFlow profiler into MODEL_DIR/train for TensorBoard's "
+                      "Profile tab (pip install 'segtrain[profile]'). Windows of train.steps_per_loop steps "
+                      "end after step A-1 and after B, so the trace holds exactly A..B, one step marker per "
+                      "window; B past train.num_steps stops there (gin: train.profile_steps = (A, B)).",
+                      flag_values=fv)
+    verbosity_flag(fv)
+
+
+def main(fv: flags.FlagValues) -> int:
+    """`segtrain train` from its parsed flags."""
+    return run(fv.model_dir, fv.gin_file, fv.gin_param, given(fv, FLAG_BINDINGS))
