@@ -44,6 +44,13 @@ def inference_flags(fv, what):
                         f"them; gin: {what}.postprocess and postprocessors.NAME.*).", flag_values=fv)
 
 
+def own_flags(fv: flags.FlagValues) -> dict:
+    """The flags given on the command line, but the ones every command shares (the run's
+    directory, the gin files and bindings, the verbosity): what becomes the command's gin bindings."""
+    shared = ("model_dir", "gin_file", "gin_param", "verbosity")
+    return given(fv, [name for name in fv if name not in shared and not name.startswith("help")])
+
+
 def given(fv: flags.FlagValues, names: Iterable[str]) -> dict:
     """The flags among ``names`` given on the command line, by name."""
     return {name: fv[name].value for name in names if name in fv and fv[name].present}

@@ -20,7 +20,7 @@ from absl import flags
 
 from segtrain import plots
 from segtrain import run_dir
-from segtrain.commands.common_flags import bindings, given, inference_flags, trained_run_flags, verbosity_flag
+from segtrain.commands.common_flags import bindings, own_flags, inference_flags, trained_run_flags, verbosity_flag
 from segtrain.commands.trained_run import parse_run, restored
 from segtrain.errors import data_errors
 from segtrain.evaluation import format_table, per_class, results_record, write_results
@@ -131,6 +131,4 @@ def define_flags(fv):
 
 def main(fv: flags.FlagValues) -> int:
     """`segtrain evaluate` from its parsed flags: each flag given is a gin binding of ``evaluate.*``."""
-    names = [name for name in fv if name not in ("model_dir", "gin_file", "gin_param", "verbosity")
-             and not name.startswith("help")]
-    return run(fv.model_dir, fv.gin_file, fv.gin_param, given(fv, names))
+    return run(fv.model_dir, fv.gin_file, fv.gin_param, own_flags(fv))

@@ -26,7 +26,7 @@ from absl import flags
 
 from segtrain import explain as gradcam
 from segtrain import run_dir
-from segtrain.commands.common_flags import bindings, given, trained_run_flags, verbosity_flag
+from segtrain.commands.common_flags import bindings, own_flags, trained_run_flags, verbosity_flag
 from segtrain.commands.trained_run import parse_run, restored
 from segtrain.errors import SegtrainError
 from segtrain.images import list_inputs, read_rgb, write_image
@@ -209,6 +209,4 @@ def define_flags(fv):
 
 def main(fv: flags.FlagValues) -> int:
     """`segtrain explain` from its parsed flags: each flag given is a gin binding of ``explain.*``."""
-    names = [name for name in fv if name not in ("model_dir", "gin_file", "gin_param", "verbosity")
-             and not name.startswith("help")]
-    return run(fv.model_dir, fv.gin_file, fv.gin_param, given(fv, names))
+    return run(fv.model_dir, fv.gin_file, fv.gin_param, own_flags(fv))

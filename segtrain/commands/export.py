@@ -15,7 +15,7 @@ from typing import Sequence
 import gin
 from absl import flags
 
-from segtrain.commands.common_flags import bindings, given, trained_run_flags, verbosity_flag
+from segtrain.commands.common_flags import bindings, own_flags, trained_run_flags, verbosity_flag
 from segtrain.commands.trained_run import parse_run, restored
 from segtrain.export import METADATA_FILE, check_output, export_model, output_names
 from segtrain.runtime.cluster import detect_cluster
@@ -92,6 +92,4 @@ def define_flags(fv):
 
 def main(fv: flags.FlagValues) -> int:
     """`segtrain export` from its parsed flags: each flag given is a gin binding of ``export.*``."""
-    names = [name for name in fv if name not in ("model_dir", "gin_file", "gin_param", "verbosity")
-             and not name.startswith("help")]
-    return run(fv.model_dir, fv.gin_file, fv.gin_param, given(fv, names))
+    return run(fv.model_dir, fv.gin_file, fv.gin_param, own_flags(fv))

@@ -31,7 +31,7 @@ from PIL import Image
 from absl import flags
 
 from segtrain import images
-from segtrain.commands.common_flags import bindings, given, inference_flags, trained_run_flags, verbosity_flag
+from segtrain.commands.common_flags import bindings, own_flags, inference_flags, trained_run_flags, verbosity_flag
 from segtrain.commands.evaluate import postprocessor_for
 from segtrain.commands.trained_run import parse_run, restored
 from segtrain.errors import SegtrainError
@@ -206,6 +206,4 @@ def define_flags(fv):
 
 def main(fv: flags.FlagValues) -> int:
     """`segtrain predict` from its parsed flags: each flag given is a gin binding of ``predict.*``."""
-    names = [name for name in fv if name not in ("model_dir", "gin_file", "gin_param", "verbosity")
-             and not name.startswith("help")]
-    return run(fv.model_dir, fv.gin_file, fv.gin_param, given(fv, names))
+    return run(fv.model_dir, fv.gin_file, fv.gin_param, own_flags(fv))
