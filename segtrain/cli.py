@@ -65,19 +65,29 @@ MODULES = {"train": "train", "doctor": "doctor", "evaluate": "evaluate", "predic
            "explain": "explain", "prepare": "prepare", "data-service": "data_service", "list": "listing"}
 
 
+# Set by run(): import TensorFlow quietly before the first command module (which loads it).
+_QUIET_IMPORT = False
+
+
 def command_module(command: str):
+    """The module of ``command``; the first one imported loads TensorFlow (quietly, from run())."""
     import importlib
 
+    if _QUIET_IMPORT and "tensorflow" not in sys.modules:
+        import_tensorflow_quietly()
     return importlib.import_module(f"segtrain.commands.{MODULES[command]}")
 
 
+def command_flags(command: str) -> flags.FlagValues:
+    """A fresh absl FlagValues of ``command``, defined by the command's own module."""
+    fv = flags.FlagValues()
+    command_module(command).define_flags(fv)
+    return fv
+
+
 def flag_sets() -> dict[str, flags.FlagValues]:
-    """A fresh absl FlagValues per command, defined by the command's own module."""
-    sets = {}
-    for name in COMMANDS:
-        sets[name] = flags.FlagValues()
-        command_module(name).define_flags(sets[name])
-    return sets
+    """Every command's flags (to name the commands a misplaced flag belongs to)."""
+    return {name: command_flags(name) for name in COMMANDS}
 
 
 class UsageError(Exception):
@@ -97,15 +107,15 @@ def parse(argv: list[str]) -> tuple[str, flags.FlagValues | None]:
     command = argv[1]
     if command not in COMMANDS:
         raise UsageError(f"unknown command {command!r}.\n{USAGE}")
-    sets = flag_sets()
-    fv = sets[command]
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[2:]):
         return command, None
+    fv = command_flags(command)  # only this command's module: a command line that parses imports no other
     try:
         rest = fv([f"segtrain {command}", *argv[2:]])
     except flags.UnrecognizedFlagError as e:
         name = e.flagname
-        owners = [c for c, other in sets.items() if name in other or (name.startswith("no") and name[2:] in other)]
+        owners = [c for c, other in flag_sets().items()
+                  if name in other or (name.startswith("no") and name[2:] in other)]
         if owners:
             raise UsageError(f"--{name} is not a flag of `segtrain {command}`; it belongs to "
                              + " and ".join(f"`segtrain {c}`" for c in owners)
@@ -125,7 +135,7 @@ def parse(argv: list[str]) -> tuple[str, flags.FlagValues | None]:
 def help_text(command: str) -> str:
     if command == "help":
         return USAGE
-    help_ = flag_sets()[command].get_help(prefix="  ", include_special_flags=False)
+    help_ = command_flags(command).get_help(prefix="  ", include_special_flags=False)
     # absl groups flags under a line naming the defining module: leave that line out.
     lines = [line[2:] for line in help_.splitlines() if line.startswith("    ")]
     return f"usage: segtrain {command} [flags]: {COMMANDS[command]}.\n\nflags:\n" + "\n".join(lines)
@@ -187,11 +197,12 @@ def run() -> None:
     from segtrain.io import use_process_tempdir
 
     use_process_tempdir()  # autograph's generated files go, however the process ends
-    if any(arg.startswith("--verbosity") for arg in sys.argv[2:]):
-        if "TF_CPP_MIN_LOG_LEVEL" not in _CHOSEN:
+    if "TF_CPP_MIN_LOG_LEVEL" not in _CHOSEN:
+        if any(arg.startswith("--verbosity") for arg in sys.argv[2:]):
             os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
-    elif "TF_CPP_MIN_LOG_LEVEL" not in _CHOSEN:
-        import_tensorflow_quietly()
+        else:
+            global _QUIET_IMPORT
+            _QUIET_IMPORT = True
     sys.exit(main(sys.argv))
 
 

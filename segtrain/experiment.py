@@ -21,18 +21,18 @@ import numpy as np
 import tensorflow as tf
 
 from registry import DATASETS, LOSSES, METRICS, MODELS
-from segtrain.metrics import DEFAULT_METRICS
-from segtrain.precision import PRECISIONS, set_precision
 from segtrain.data.files import damaged_data
 from segtrain.data.info import DatasetInfo
-from segtrain.data.verify import is_damaged_read
 from segtrain.data.pipeline import PASSED_ARGS, build_pipeline, resolve_normalization
 from segtrain.data.transforms import Normalization, finish_batch, preprocessing
+from segtrain.data.verify import is_damaged_read
 from segtrain.errors import SegtrainError, warn
 from segtrain.evaluation import Evaluator
 from segtrain.inference import Inference, InferenceOptions
 from segtrain.losses import ClassStatistics, build_loss
+from segtrain.metrics import DEFAULT_METRICS
 from segtrain.models.model import ModelFacts, facts, synchronize_batch_norm
+from segtrain.precision import PRECISIONS, set_precision
 from segtrain.run_dir import BEST_DIR, DamagedCheckpoint, diagnose, is_damage, problem, readable_others, resolve
 
 
@@ -355,9 +355,6 @@ class Experiment:
         path = resolve(model_dir, checkpoint)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         try:
-            missing = problem(path)
-            if missing:
-                raise DamagedCheckpoint(path, missing)
             restore_checkpoint(tf.train.Checkpoint(model=self.model, step=step), path, partial=True)
         except DamagedCheckpoint as e:
             others = readable_others(model_dir, path)
@@ -373,6 +370,7 @@ def restore_checkpoint(checkpoint: tf.train.Checkpoint, path: str, partial: bool
     """Restores ``path`` into every object of ``checkpoint``; ``partial``: the file may hold more
     (an optimizer the caller did not build).
 
+    Files missing or unreadable show before anything is read (run_dir.problem); after that,
     TensorFlow checks every tensor it reads against the checksum the checkpoint's index recorded,
     so a restore that succeeds read undamaged data.
 
@@ -380,6 +378,9 @@ def restore_checkpoint(checkpoint: tf.train.Checkpoint, path: str, partial: bool
       DamagedCheckpoint: the checkpoint's files are missing, cut short or changed.
       SegtrainError: the checkpoint was written by a different model or configuration.
     """
+    missing = problem(path)
+    if missing:
+        raise DamagedCheckpoint(path, missing)
     try:
         status = checkpoint.restore(path)
         if partial:

@@ -143,12 +143,13 @@ def diagnose(prefix: str, error: BaseException) -> str:
         return missing
     text = str(error)
     name = os.path.basename(prefix)
+    files = shards(prefix)
     if "Read less bytes" in text or "truncated" in text:
-        sizes = ", ".join(f"{os.path.basename(f)} ({os.path.getsize(f)} bytes)" for f in shards(prefix))
-        return f"its data is cut short: {sizes} hold{'s' * (len(shards(prefix)) == 1)} less than its index says (truncated)"
+        sizes = ", ".join(f"{os.path.basename(f)} ({os.path.getsize(f)} bytes)" for f in files)
+        return f"its data is cut short: {sizes} hold{'s' * (len(files) == 1)} less than its index says (truncated)"
     checksum = re.search(r"shard (\d+) \((\d+) bytes\): Checksum does not match", text)
     if checksum:
-        shard = shards(prefix)[int(checksum.group(1))] if int(checksum.group(1)) < len(shards(prefix)) else name
+        shard = files[int(checksum.group(1))] if int(checksum.group(1)) < len(files) else name
         return (f"a tensor of {checksum.group(2)} bytes in {os.path.basename(shard)} does not match the checksum its "
                 f"index recorded (bytes changed on disk)")
     return f"{name} is damaged ({_first_line(error)})"

@@ -141,6 +141,35 @@ def test_unknown_command_and_no_command():
         assert result.returncode == 2 and "usage: segtrain {train|doctor|evaluate|predict|export|explain|prepare|data-service|list}" in result.stderr
 
 
+_LIGHT_PATHS_PROBE = """
+import sys
+from segtrain import cli
+for argv in (["segtrain", "--help"], ["segtrain", "fit"], ["segtrain"]):
+    sys.argv = argv
+    try:
+        cli.run()  # the console script's entry point
+    except SystemExit:
+        pass
+print("loaded:", sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("segtrain.commands.")))
+sys.argv = ["segtrain", "list", "--help"]
+try:
+    cli.run()
+except SystemExit:
+    pass
+print("after list:", sorted(m for m in sys.modules if m.startswith("segtrain.commands.") and m != "segtrain.commands"))
+"""
+
+
+def test_usage_and_an_unknown_command_load_no_command_and_no_tensorflow():
+    """`segtrain --help` and a mistyped command answer at once: no command module is imported,
+    and with it no TensorFlow (seconds of start-up). A command's help loads that command alone."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # a user's plain shell
+    out = subprocess.run([sys.executable, "-c", _LIGHT_PATHS_PROBE], capture_output=True, text=True, timeout=120,
+                         check=True, cwd=REPO, env=env).stdout
+    assert "loaded: []" in out, out
+    assert "after list: ['segtrain.commands.listing']" in out, out
+
+
 def test_gin_file_with_a_failing_import(tmp_path):
     conf = tmp_path / "bad.gin"
     conf.write_text("import no_such_package_xyz\ntrain.model = 'unet'\n")

@@ -17,10 +17,10 @@ import tempfile
 import time
 from typing import Sequence
 
-from segtrain.commands.configure import parse_config
 from absl import flags
 
 from segtrain.commands.common_flags import given
+from segtrain.commands.configure import parse_config
 from segtrain.commands.train import FLAG_BINDINGS, gin_value
 from segtrain.commands.train import define_flags as train_flags
 from segtrain.errors import SegtrainError, user_message

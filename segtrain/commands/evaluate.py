@@ -20,7 +20,7 @@ from absl import flags
 
 from segtrain import plots
 from segtrain import run_dir
-from segtrain.commands.common_flags import bindings, own_flags, inference_flags, trained_run_flags, verbosity_flag
+from segtrain.commands.common_flags import bindings, inference_flags, own_flags, trained_run_flags, verbosity_flag
 from segtrain.commands.trained_run import parse_run, restored
 from segtrain.errors import data_errors
 from segtrain.evaluation import format_table, per_class, results_record, write_results

@@ -31,7 +31,7 @@ from PIL import Image
 from absl import flags
 
 from segtrain import images
-from segtrain.commands.common_flags import bindings, own_flags, inference_flags, trained_run_flags, verbosity_flag
+from segtrain.commands.common_flags import bindings, inference_flags, own_flags, trained_run_flags, verbosity_flag
 from segtrain.commands.evaluate import postprocessor_for
 from segtrain.commands.trained_run import parse_run, restored
 from segtrain.errors import SegtrainError

@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from segtrain import config
-from segtrain import run_dir
+from segtrain import config, run_dir
 from segtrain.errors import SegtrainError, data_errors
 from segtrain.experiment import Experiment
 

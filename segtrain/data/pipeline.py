@@ -11,8 +11,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from segtrain.data import service
-from segtrain.data import transforms
+from segtrain.data import service, transforms
 from segtrain.data.info import DatasetInfo
 from segtrain.errors import SegtrainError
 

@@ -17,12 +17,12 @@ import numpy as np
 import tensorflow as tf
 
 from segtrain import progress as progress_line
+from segtrain import run_dir
 from segtrain.data.info import DatasetInfo
 from segtrain.data.transforms import Normalization
 from segtrain.errors import SegtrainError
 from segtrain.evaluation import Evaluator, fit_to_labels, format_table, results_record, write_results
 from segtrain.inference import Inference
-from segtrain import run_dir
 from segtrain.io import atomic_write_text, read_json, write_json
 from segtrain.train import summaries
 from segtrain.train.checkpoints import Checkpoints

@@ -32,8 +32,6 @@ from segtrain.run_dir import (BEST_DIR, BEST_RECORD, STATE_FILE, DamagedCheckpoi
                               listed, move_aside, on_disk, problem, state_unreadable)
 from segtrain.run_dir import state as _state
 
-ON_DAMAGED = ("fallback", "stop")
-
 
 class Checkpoints:
     """Saves and restores the trackables of a training run (model, optimizer, step).
@@ -53,8 +51,6 @@ class Checkpoints:
 
     def __init__(self, model_dir: str, model: keras.Model, max_to_keep: int = 3, write_dir: str | None = None,
                  on_damaged: str = "fallback", **trackables):
-        if on_damaged not in ON_DAMAGED:
-            raise SegtrainError(f"train.on_damaged_checkpoint={on_damaged!r}: use 'fallback' or 'stop'.")
         self.model_dir = model_dir
         self.model = model
         self.write_dir = write_dir or model_dir
@@ -99,9 +95,6 @@ class Checkpoints:
         skipped = []
         for path in dict.fromkeys(candidates):
             try:
-                missing = problem(path)
-                if missing:
-                    raise DamagedCheckpoint(path, missing)
                 restore_checkpoint(self.checkpoint, path)
             except DamagedCheckpoint as e:
                 if self.on_damaged == "stop":

@@ -19,20 +19,18 @@ from segtrain import run_dir
 from segtrain.errors import DATA_ERROR_MARKER, SegtrainError, data_errors, warn, xla_reason
 from segtrain.experiment import Experiment, ExperimentConfig, restore_checkpoint
 from segtrain.io import read_json
+from segtrain.runtime.distribute import WriteDir, build_strategy, lost_peers, task_name
+from segtrain.runtime.lock import run_lock
 from segtrain.train import loop
 from segtrain.train import replicas as replica_state
 from segtrain.train import summaries
 from segtrain.train.actions import (EarlyStopping, EvalSummaries, Evaluate, ImagePanels, KeepBest, OnNonFinite,
                                     ProgressLine, SaveCheckpoints, TrainSummaries, WriteConfig)
 from segtrain.train.checkpoints import Checkpoints
-from segtrain.runtime.distribute import WriteDir, build_strategy, lost_peers, task_name
 from segtrain.train.hparams import HParams
-from segtrain.runtime.lock import run_lock
 from segtrain.train.optimizers import build_optimizer, current_learning_rate, loss_scale, loss_scaling
 from segtrain.train.preemption import Preemption
 from segtrain.train.profiler import Profiler
-
-
 
 
 def train(model_dir: str, strategy: tf.distribute.Strategy | None = None,
