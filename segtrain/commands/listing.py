@@ -8,7 +8,7 @@ import registry
 
 
 def text(models_only: bool = False, details: bool = False) -> str:
-    """The listing; ``details``: the README's model table instead (builds every model)."""
+    """The listing; ``details``: the model table of docs/pages/models.md instead (builds every model)."""
     registry.load_all()
     if details:
         from segtrain.models import zoo

@@ -86,7 +86,7 @@ class Source:
     palette: tuple[tuple[int, int, int], ...] = ()
     ignore_label: int = 255
     ignore_colour: tuple[int, int, int] | None = None  # RGB masks: the colour of the ignore label
-    layout: str = ""  # where the files go, for messages and the README
+    layout: str = ""  # where the files go, for messages and the datasets page
 
     @property
     def num_classes(self) -> int:

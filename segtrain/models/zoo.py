@@ -1,4 +1,4 @@
-"""Facts about registered models for the README's model table: ``segtrain list --models --details``.
+"""Facts about registered models for the model table of docs/pages/models.md: ``segtrain list --models --details``.
 
 Parameters and forward GFLOPs are measured on the model built at 512x512 with 21 classes (Pascal
 VOC), with the defaults of its registered function; GFLOPs are TensorFlow's profiler count (a

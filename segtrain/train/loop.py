@@ -90,6 +90,7 @@ def due(window: Window, every: int | None) -> bool:
     return window.last or bool(every and window.step % every == 0)
 
 
+# --8<-- [start:run]  (docs/pages/architecture.md includes the loop from here)
 def run(train_window: Callable[[int, int], Window], actions: Sequence[Action], start: int, num_steps: int,
         steps_per_loop: int) -> int:
     """Trains from ``start`` to ``num_steps`` in windows of at most ``steps_per_loop`` steps.
@@ -126,3 +127,4 @@ def run(train_window: Callable[[int, int], Window], actions: Sequence[Action], s
     finally:
         for action in actions:
             action.close()
+# --8<-- [end:run]

@@ -227,7 +227,7 @@ def test_every_registered_model_has_a_tiny_form_for_the_training_tests():
 
 
 @pytest.mark.slow
-def test_readme_model_table_is_the_generated_one():
+def test_the_docs_model_table_is_the_generated_one():
     """Every column but GFLOPs is recomputed (GFLOPs: one cheap model, the rest take a minute)."""
     import re
 
@@ -236,7 +236,7 @@ def test_readme_model_table_is_the_generated_one():
     from tests.conftest import REPO
 
     registry.load_all()
-    readme = open(f"{REPO}/README.md").read()
+    readme = open(f"{REPO}/docs/pages/models.md").read()
     block = readme.split("<!-- model table: segtrain list --models --details -->\n")[1].split("\n<!-- end")[0]
     lines = block.splitlines()
     assert "\n".join(lines[:2]) == zoo.HEADER
@@ -246,7 +246,7 @@ def test_readme_model_table_is_the_generated_one():
     for name in built_in:
         d = zoo.details(name, flops=name == "xception_unet")
         expected = zoo.row(d)
-        if d["gflops"] is None:  # keep the README's GFLOPs cell
+        if d["gflops"] is None:  # keep the page's GFLOPs cell
             gflops = rows[name].split(" | ")[2]
             expected = zoo.row({**d, "gflops": float(gflops)})
         assert rows[name] == expected
