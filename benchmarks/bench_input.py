@@ -48,7 +48,7 @@ above 1 the input pipeline keeps up with training on the same machine.
 
 ``--stages`` also times growing parts of the segtrain pipeline, each with the same parallel map
 (one process, the first allocator): reading the records; + decoding (the floor segtrain's CPU
-time per image is compared with); decoding only the crop's window of the JPEG (and the whole
+time per image is compared with); decoding only the crop's region of the JPEG (and the whole
 PNG), as build_pipeline does; the old way's resize of the whole image to 444x444;
 ``build_pipeline`` without colour jitter (crop, flip, normalisation); + brightness and contrast;
 + hue (the full pipeline); the full pipeline with ``pipeline.colour_on_device`` (uint8 crops and
@@ -274,7 +274,7 @@ def stage_pipelines(data_dir: str, batch: int, seed: int) -> dict:
 
     from registry import DATASETS
     from segtrain.data.pipeline import build_pipeline
-    from segtrain.data.transforms import random_window
+    from segtrain.data.transforms import random_region
 
     ds, info = DATASETS.original("voc2012")("train", data_dir=data_dir)
     n = info.num_examples["train"]
@@ -287,15 +287,15 @@ def stage_pipelines(data_dir: str, batch: int, seed: int) -> dict:
     def decoded(ex):  # the image's height only: nothing to batch but the decoding
         return {"height": tf.shape(info.decode(ex)["image"])[0]}
 
-    def window(ex):  # the crop's window of the JPEG and the PNG, as build_pipeline draws it
+    def region(ex):  # the crop's region of the JPEG and the PNG, as build_pipeline draws it
         seeds = tf.unstack(tf.random.experimental.stateless_split(tf.stack([tf.constant(seed, tf.int64), 0]), 4))
         drawn = []
 
         def choose(size):
-            drawn.append(random_window(size, seeds[0], seeds[1], RESIZE, 1.0, 1.0, CROP))
+            drawn.append(random_region(size, seeds[0], seeds[1], RESIZE, 1.0, 1.0, CROP))
             return drawn[0].offset, drawn[0].extent
 
-        return {"height": tf.shape(info.decode_window(ex, choose)["image"])[0]}
+        return {"height": tf.shape(info.decode_region(ex, choose)["image"])[0]}
 
     def resized(ex):  # the top-left corner of the resized pair: batchable, no crop work
         ex = info.decode(ex)
@@ -310,7 +310,7 @@ def stage_pipelines(data_dir: str, batch: int, seed: int) -> dict:
     return {
         "read records (shuffle, batch)": ds.shuffle(n, seed=seed).repeat().batch(batch).prefetch(-1),
         DECODE_STAGE: parallel(decoded),
-        "decode the crop's window of the JPEG, and the PNG": parallel(window),
+        "decode the crop's region of the JPEG, and the PNG": parallel(region),
         "+ cast, resize image and label to 444": parallel(resized),
         "build_pipeline, no colour jitter": segtrain(),
         "build_pipeline, brightness + contrast": segtrain(brightness=BRIGHTNESS, contrast=CONTRAST),

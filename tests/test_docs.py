@@ -163,6 +163,7 @@ def test_the_site_builds_strictly(tmp_path):
 
     # The loop is included from segtrain/train/loop.py, not copied; the reference is made from docstrings.
     assert "train_window = action.around(train_window)" in text("architecture")
+    assert open(os.path.join(REPO, "gin/quickstart.gin")).read().strip() in text("configuration")
     assert "The actions of a run, in the order the loop calls them" in text("reference/training")
 
 

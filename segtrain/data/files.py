@@ -91,18 +91,18 @@ def load(source: Source, split: str, data_dir: str | None, source_dir: str | Non
         )
     info, fn = source.read_time_labels(info)
     if fn is not None:
-        decode, decode_window = info.decode, info.decode_window
+        decode, decode_region = info.decode, info.decode_region
 
         def mapped(example, decode=decode):
             example = decode(example)
             return {**example, "label": fn(example["label"])}
 
-        def mapped_window(example, choose, decode_window=decode_window):
-            example = decode_window(example, choose)
+        def mapped_region(example, choose, decode_region=decode_region):
+            example = decode_region(example, choose)
             return {**example, "label": fn(example["label"])}
 
         info = dataclasses.replace(info, decode=mapped,
-                                   decode_window=mapped_window if decode_window else None)
+                                   decode_region=mapped_region if decode_region else None)
     return ds, info
 
 

@@ -22,11 +22,11 @@ class DatasetInfo:
       decode: set by datasets whose elements are still encoded (files, prepared datasets):
         maps an element to {'image': uint8 [H,W,3], 'label': uint8 [H,W]}. The pipeline then
         shuffles and shards the small encoded elements and decodes inside its parallel map.
-      decode_window: optional, with ``decode``: (element, choose) -> {'image': uint8 [h,w,3],
-        'label': uint8 [h,w]}, a window of the decoded element only. ``choose`` takes the
-        image's (height, width) [2] and returns the window's offset and extent ([2] each); call
+      decode_region: optional, with ``decode``: (element, choose) -> {'image': uint8 [h,w,3],
+        'label': uint8 [h,w]}, a region of the decoded element only. ``choose`` takes the
+        image's (height, width) [2] and returns the region's offset and extent ([2] each); call
         it once, outside any tf.cond. Training crops use it to decode only what they keep (a
-        JPEG's window alone).
+        JPEG's region alone).
       labels_checked: every label value is known to be a class or the ignore label (a dataset
         `segtrain prepare` checked): the pipeline skips its per-example check.
       class_pixel_counts: per split, the pixels of each class (ignore-label pixels not
@@ -45,7 +45,7 @@ class DatasetInfo:
     num_examples: Mapping[str, int] = dataclasses.field(default_factory=dict)
     name: str = ""
     decode: Callable[[dict], dict] | None = dataclasses.field(default=None, compare=False, repr=False)
-    decode_window: Callable[[dict, Callable], dict] | None = dataclasses.field(
+    decode_region: Callable[[dict, Callable], dict] | None = dataclasses.field(
         default=None, compare=False, repr=False)
     labels_checked: bool = False
     class_pixel_counts: Mapping[str, Sequence[int]] = dataclasses.field(

@@ -60,8 +60,8 @@ def build_pipeline(
     [resize], random scale, random crop (labels padded with the ignore label), flip, colour
     jitter, normalise; batch with drop_remainder. Datasets that yield encoded examples (files,
     prepared datasets) are shuffled and sharded while still encoded and decoded in that map.
-    Resize, scale and crop are drawn first, as one window of the source image: only that
-    window is decoded (where the dataset's ``decode_window`` can) and resized.
+    Resize, scale and crop are drawn first, as one region of the source image: only that
+    region is decoded (where the dataset's ``decode_region`` can) and resized.
     Evaluation:
     [resize the image to eval_size], normalise, pad to a multiple of the model's ``size_divisor``
     (labels padded with the ignore label), batch images of one padded size together (any sizes
@@ -146,32 +146,32 @@ def build_pipeline(
             label = transforms.check_labels(label, info.num_classes, ignore, where)
         return image, label
 
-    # A window's label cannot be checked whole: labels to check are decoded whole.
-    windowed = (info.decode is not None and info.decode_window is not None
-                and (info.labels_checked or not check_labels))
+    # A region's label cannot be checked whole: labels to check are decoded whole.
+    by_region = (info.decode is not None and info.decode_region is not None
+                 and (info.labels_checked or not check_labels))
 
     def augment(index, ex):
         seeds = tf.unstack(tf.random.experimental.stateless_split(tf.stack([tf.constant(seed, tf.int64), index]), 4))
 
-        def draw(image_size):  # resize, random scale and crop as one window of the source image
-            return transforms.random_window(image_size, seeds[0], seeds[1], resize, min_scale, max_scale, crop_size)
+        def draw(image_size):  # resize, random scale and crop as one region of the source image
+            return transforms.random_region(image_size, seeds[0], seeds[1], resize, min_scale, max_scale, crop_size)
 
-        if windowed:
-            # Encoded examples are decoded inside the window only: what the crop keeps.
+        if by_region:
+            # Encoded examples are decoded inside the region only: what the crop keeps.
             drawn = []
 
             def choose(image_size):
                 drawn.append(draw(image_size))
                 return drawn[0].offset, drawn[0].extent
 
-            ex = info.decode_window(ex, choose)
-            image, label, window = ex["image"], tf.cast(ex["label"], tf.uint8), drawn[0]
+            ex = info.decode_region(ex, choose)
+            image, label, region = ex["image"], tf.cast(ex["label"], tf.uint8), drawn[0]
         else:
             image, label = prepare(ex)
-            window = draw(tf.shape(image)[:2])
-            image, label = transforms.take_window(image, label, window)
+            region = draw(tf.shape(image)[:2])
+            image, label = transforms.take_region(image, label, region)
         mirror = tf.random.stateless_uniform([], seeds[2]) < 0.5 if flip else None
-        image, label = transforms.resize_window(image, label, window.size, mirror, crop_size, ignore, fill)
+        image, label = transforms.resize_region(image, label, region.size, mirror, crop_size, ignore, fill)
         if colour_on_device:  # the training step jitters and normalises (transforms.finish_batch)
             out = {"image": tf.cast(tf.round(image), tf.uint8), "label": label}
             draws = transforms.colour_draws(seeds[3], brightness, contrast, hue, saturation)

@@ -378,7 +378,7 @@ def load_prepared(source: Source, split: str, data_dir: str,
         num_examples={s: splits[s].num_examples for s in splits},
         name=source.name,
         decode=decode_prepared,
-        decode_window=decode_prepared_window,
+        decode_region=decode_prepared_region,
         labels_checked=True,
         # Datasets prepared before the counts were recorded have none (losses say so).
         class_pixel_counts={k: tuple(v) for k, v in meta.get("class_pixel_counts", {}).items()},
@@ -415,10 +415,10 @@ def decode_prepared(example: dict) -> dict:
     return {"image": image, "label": label, "key": example["key"]}
 
 
-def decode_prepared_window(example: dict, choose) -> dict:
-    """``decode_prepared`` of a window only: a JPEG decodes just the window's pixels.
+def decode_prepared_region(example: dict, choose) -> dict:
+    """``decode_prepared`` of a region only: a JPEG decodes just the region's pixels.
 
-    The window is chosen from the label's size, which `segtrain prepare` checked is the image's.
+    The region is chosen from the label's size, which `segtrain prepare` checked is the image's.
     """
     label = tf.io.decode_png(example["label"], channels=1)[..., 0]
     offset, extent = choose(tf.shape(label))

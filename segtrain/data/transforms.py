@@ -5,9 +5,9 @@ transforms work on either); labels are uint8 [H,W] class ids. Every geometric tr
 image and label together, and labels only ever use nearest-neighbour sampling. Random transforms are stateless: they take a seed [2], so the
 pipeline gives the same augmentations for the same seed however many threads run it.
 
-Training draws its geometry once, as a window of the source image (``random_window``): the
+Training draws its geometry once, as a region of the source image (``random_region``): the
 pixels that a resize, a random scale and a random crop would keep, so only they are decoded and
-resized (``resize_window``); ``jitter_and_normalize`` then works on the crop alone, or
+resized (``resize_region``); ``jitter_and_normalize`` then works on the crop alone, or
 ``finish_batch`` on a whole batch inside the training step (``pipeline.colour_on_device``). The
 step-by-step transforms they replace live on in tests/data/stepwise.py, as the reference the
 tests hold them to (the same draws from the same seeds).
@@ -98,11 +98,11 @@ def pad_to_multiple(
     return pad_to_size(image, label, target, ignore_label, image_fill)
 
 
-class Window(NamedTuple):
+class Region(NamedTuple):
     """Where a training crop comes from in its source image, and what it becomes.
 
     Attributes:
-      offset: [2] int32, top and left of the window in source pixels.
+      offset: [2] int32, top and left of the region in source pixels.
       extent: [2] int32, its height and width in source pixels.
       size: [2] int32, the height and width it is resized to: the crop's, less the padding
         where the scaled image is smaller than the crop.
@@ -113,7 +113,7 @@ class Window(NamedTuple):
     size: tf.Tensor
 
 
-def random_window(
+def random_region(
     image_size: tf.Tensor,
     scale_seed: tf.Tensor,
     crop_seed: tf.Tensor,
@@ -121,11 +121,11 @@ def random_window(
     min_scale: float = 1.0,
     max_scale: float = 1.0,
     crop_size: Size | None = None,
-) -> Window:
-    """The source window of a resize, a random scale and a random crop, from the sizes alone.
+) -> Region:
+    """The source region of a resize, a random scale and a random crop, from the sizes alone.
 
     The draws are those of the step-by-step transforms (same seeds, same formulas), so the
-    scale and the crop offsets have the same distribution; the window is rounded to whole
+    scale and the crop offsets have the same distribution; the region is rounded to whole
     source pixels, which moves the crop by at most half a source pixel.
 
     Args:
@@ -152,16 +152,16 @@ def random_window(
     begin = tf.minimum(tf.cast(tf.round(tf.cast(start, tf.float32) * ratio), tf.int32), source - 1)
     end = tf.cast(tf.round(tf.cast(start + size, tf.float32) * ratio), tf.int32)
     end = tf.clip_by_value(end, begin + 1, source)
-    return Window(begin, end - begin, size)
+    return Region(begin, end - begin, size)
 
 
-def take_window(image: tf.Tensor, label: tf.Tensor, window: Window) -> tuple[tf.Tensor, tf.Tensor]:
-    """The window's pixels of a decoded image and label."""
-    image = tf.slice(image, tf.concat([window.offset, [0]], 0), tf.concat([window.extent, [-1]], 0))
-    return image, tf.slice(label, window.offset, window.extent)
+def take_region(image: tf.Tensor, label: tf.Tensor, region: Region) -> tuple[tf.Tensor, tf.Tensor]:
+    """The region's pixels of a decoded image and label."""
+    image = tf.slice(image, tf.concat([region.offset, [0]], 0), tf.concat([region.extent, [-1]], 0))
+    return image, tf.slice(label, region.offset, region.extent)
 
 
-def resize_window(
+def resize_region(
     image: tf.Tensor,
     label: tf.Tensor,
     size: tf.Tensor,
@@ -170,7 +170,7 @@ def resize_window(
     ignore_label: int,
     image_fill: float = 0.0,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """A window (``take_window``, or decoded as one) to its training crop.
+    """A region (``take_region``, or decoded as one) to its training crop.
 
     Resizes to ``size`` (bilinear, float32 out; nearest for the label), mirrors both when
     ``flip``, and pads up to ``crop_size`` (labels with the ignore label) on the side the
@@ -178,7 +178,7 @@ def resize_window(
     """
     if flip is not None:
         # Mirroring commutes with a half-pixel-centre bilinear resize, and costs a quarter as much
-        # on the uint8 window as on the float32 crop.
+        # on the uint8 region as on the float32 crop.
         image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
     image = tf.cast(image, tf.float32)  # float in: the resize runs faster than on uint8
     same = tf.reduce_all(tf.equal(tf.shape(image)[:2], size))

@@ -238,10 +238,10 @@ CODED = DatasetInfo(num_classes=128, name="coded", num_examples={"train": 4})
 
 def _prepared_like(images, labels):
     """Encoded like a prepared dataset (PNG image bytes: lossless, so pixels compare exactly)."""
-    from segtrain.data.prepare import decode_prepared, decode_prepared_window
+    from segtrain.data.prepare import decode_prepared, decode_prepared_region
 
     info = DatasetInfo(num_classes=128, name="coded", num_examples={"train": len(images)}, decode=decode_prepared,
-                       decode_window=decode_prepared_window, labels_checked=True)
+                       decode_region=decode_prepared_region, labels_checked=True)
     ds = tf.data.Dataset.from_tensor_slices({
         "image": [tf.io.encode_png(x).numpy() for x in images],
         "label": [tf.io.encode_png(y[..., None]).numpy() for y in labels],
@@ -256,7 +256,7 @@ AUGMENT = dict(crop_size=(32, 40), flip=True, min_scale=0.5, max_scale=1.5, n_ba
 def test_label_is_the_image_coordinates_code_after_augmentation_on_both_paths():
     images, labels = _coordinates()
     decoded = tf.data.Dataset.from_tensor_slices({"image": np.stack(images), "label": np.stack(labels)})
-    runs = {"decoded": _train_batches_of(decoded, CODED), "windowed": _train_batches_of(*_prepared_like(images, labels))}
+    runs = {"decoded": _train_batches_of(decoded, CODED), "by_region": _train_batches_of(*_prepared_like(images, labels))}
     for path, batches in runs.items():
         padded = mirrored = compared = 0
         for batch in batches:
@@ -272,8 +272,8 @@ def test_label_is_the_image_coordinates_code_after_augmentation_on_both_paths():
                 assert np.all(image[..., 2][~valid] != 7)  # padding in the image where the label is ignore
                 mirrored += np.mean(np.diff(image[..., 1], axis=1)[valid[:, 1:] & valid[:, :-1]] < 0) > 0.5
         assert padded and mirrored and compared > 0.7, path  # scales below 32/45 pad; half the crops mirrored
-    # The same draws and pixels whether the pipeline decodes whole examples or windows of them.
-    for a, b in zip(runs["decoded"], runs["windowed"]):
+    # The same draws and pixels whether the pipeline decodes whole examples or regions of them.
+    for a, b in zip(runs["decoded"], runs["by_region"]):
         np.testing.assert_array_equal(a["label"], b["label"])
         np.testing.assert_allclose(a["image"], b["image"], atol=1e-4)
 

@@ -1,4 +1,4 @@
-"""Training crops drawn as a source window: the same geometry and colours as the step-by-step transforms."""
+"""Training crops drawn as a source region: the same geometry and colours as the step-by-step transforms."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 from segtrain.data import transforms as T
-from segtrain.data.prepare import decode_prepared, decode_prepared_window
+from segtrain.data.prepare import decode_prepared, decode_prepared_region
 from tests.data import stepwise
 
 
@@ -23,7 +23,7 @@ def _ramps(h, w):
 def _draws(n, image_size, *args, **kwargs):
     """Windows for seeds 0..n-1 in one graph: offsets, extents and sizes, [n, 2] each."""
     def draw(i):
-        return tuple(T.random_window(tf.constant(image_size), *_seeds(i)[:2], *args, **kwargs))
+        return tuple(T.random_region(tf.constant(image_size), *_seeds(i)[:2], *args, **kwargs))
 
     spec = (tf.TensorSpec([2], tf.int32),) * 3
     return [x.numpy() for x in tf.function(lambda: tf.map_fn(draw, tf.range(n, dtype=tf.int64), fn_output_signature=spec))()]
@@ -33,10 +33,10 @@ def _seeds(i):
     return tf.unstack(tf.random.experimental.stateless_split(tf.stack([tf.constant(3, tf.int64), tf.cast(i, tf.int64)]), 4))
 
 
-def _windowed(image, label, seeds, resize, min_scale, max_scale, crop):
-    window = T.random_window(tf.shape(label), seeds[0], seeds[1], resize, min_scale, max_scale, crop)
-    image, label = T.take_window(image, label, window)
-    return T.resize_window(image, label, window.size, None, crop, 255, -1.0)
+def _by_region(image, label, seeds, resize, min_scale, max_scale, crop):
+    region = T.random_region(tf.shape(label), seeds[0], seeds[1], resize, min_scale, max_scale, crop)
+    image, label = T.take_region(image, label, region)
+    return T.resize_region(image, label, region.size, None, crop, 255, -1.0)
 
 
 def _step_by_step(image, label, seeds, resize, min_scale, max_scale, crop):
@@ -50,16 +50,16 @@ def _step_by_step(image, label, seeds, resize, min_scale, max_scale, crop):
     ((60, 80), None, (0.5, 2.0), (32, 40)),  # crops, and padding when scaled below the crop
     ((45, 37), (50, 50), (1.0, 1.0), (40, 40)),  # chapter 8: resize, then crop
 ])
-def test_window_crops_the_source_where_the_step_by_step_transforms_do(src, resize, scales, crop):
+def test_region_crops_the_source_where_the_step_by_step_transforms_do(src, resize, scales, crop):
     image, label = _ramps(*src)
     for i in range(16):
         seeds = _seeds(i)
-        new_image, new_label = _windowed(image, label, seeds, resize, *scales, crop)
+        new_image, new_label = _by_region(image, label, seeds, resize, *scales, crop)
         old_image, old_label = _step_by_step(image, label, seeds, resize, *scales, crop)
         # The same draws: the same pixels are padding (ignore label) ...
         np.testing.assert_array_equal(new_label.numpy() == 255, old_label.numpy() == 255)
         # ... and every other pixel samples the same source point, within the rounding of the
-        # window to whole source pixels (half a pixel) and the clamping at the image's edges.
+        # region to whole source pixels (half a pixel) and the clamping at the image's edges.
         valid = old_label.numpy() != 255
         step = max(s / c for s, c in zip(src, resize or src)) / scales[0]
         diff = np.abs(new_image.numpy() - old_image.numpy())[..., :2][valid]
@@ -67,7 +67,7 @@ def test_window_crops_the_source_where_the_step_by_step_transforms_do(src, resiz
         assert diff.max() <= 0.5 + step, i
 
 
-def test_window_offsets_cover_every_position_uniformly():
+def test_region_offsets_cover_every_position_uniformly():
     offsets, extents, sizes = _draws(540, [6, 5], crop_size=(4, 3))
     assert np.all(extents == [4, 3]) and np.all(sizes == [4, 3])
     counts = {}
@@ -77,7 +77,7 @@ def test_window_offsets_cover_every_position_uniformly():
     assert min(counts.values()) > 0.6 * 60 and max(counts.values()) < 1.4 * 60  # 60 each expected
 
 
-def test_window_scales_span_the_range_uniformly():
+def test_region_scales_span_the_range_uniformly():
     offsets, extents, _ = _draws(300, [400, 400], None, 0.5, 2.0, (100, 100))
     assert np.all(offsets >= 0) and np.all(offsets + extents <= 400)
     scales = 100 / extents[:, 0]
@@ -88,10 +88,10 @@ def test_window_scales_span_the_range_uniformly():
 def test_small_scaled_images_are_padded_with_the_ignore_label_on_the_mirrored_side():
     image, label = tf.fill([20, 20, 3], 9.0), tf.ones([20, 20], tf.uint8)
     seeds = _seeds(0)
-    window = T.random_window(tf.constant([20, 20]), seeds[0], seeds[1], crop_size=(32, 32))
-    assert window.extent.numpy().tolist() == [20, 20] and window.size.numpy().tolist() == [20, 20]
+    region = T.random_region(tf.constant([20, 20]), seeds[0], seeds[1], crop_size=(32, 32))
+    assert region.extent.numpy().tolist() == [20, 20] and region.size.numpy().tolist() == [20, 20]
     for mirror, kept in ((False, np.s_[:20, :20]), (True, np.s_[:20, 12:])):
-        out_image, out_label = T.resize_window(image, label, window.size, tf.constant(mirror), (32, 32), 255, -1.0)
+        out_image, out_label = T.resize_region(image, label, region.size, tf.constant(mirror), (32, 32), 255, -1.0)
         expected = np.full((32, 32), 255)
         expected[kept] = 1
         np.testing.assert_array_equal(out_label.numpy(), expected)
@@ -169,7 +169,7 @@ def _encoded(pixels, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "png"])
-def test_prepared_window_decodes_the_pixels_a_full_decode_has_there(fmt):
+def test_prepared_region_decodes_the_pixels_a_full_decode_has_there(fmt):
     rng = np.random.default_rng(3)
     pixels = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
     label = rng.integers(0, 21, (37, 53), dtype=np.uint8)
@@ -178,15 +178,15 @@ def test_prepared_window_decodes_the_pixels_a_full_decode_has_there(fmt):
     full = decode_prepared(example)
     for offset, extent in (((0, 0), (37, 53)), ((5, 11), (20, 30)), ((36, 52), (1, 1)), ((17, 0), (20, 53))):
         seen = []
-        window = decode_prepared_window(example, lambda size: seen.append(size.numpy().tolist())
+        region = decode_prepared_region(example, lambda size: seen.append(size.numpy().tolist())
                                         or (tf.constant(offset), tf.constant(extent)))
         assert seen == [[37, 53]]  # chosen from the full size
         rows, cols = slice(offset[0], offset[0] + extent[0]), slice(offset[1], offset[1] + extent[1])
-        np.testing.assert_array_equal(window["image"].numpy(), full["image"].numpy()[rows, cols])
-        np.testing.assert_array_equal(window["label"].numpy(), label[rows, cols])
+        np.testing.assert_array_equal(region["image"].numpy(), full["image"].numpy()[rows, cols])
+        np.testing.assert_array_equal(region["label"].numpy(), label[rows, cols])
 
 
-def test_read_time_label_changes_apply_to_decoded_windows_too(tmp_path):
+def test_read_time_label_changes_apply_to_decoded_regions_too(tmp_path):
     from registry import DATASETS
     from segtrain.data import pets
     from segtrain.data.prepare import prepare
@@ -198,5 +198,5 @@ def test_read_time_label_changes_apply_to_decoded_windows_too(tmp_path):
     example = next(iter(ds))
     want = labels["pug_7"].copy()
     want[want == 2] = 255
-    window = info.decode_window(example, lambda size: (tf.constant([1, 2]), size - 3))
-    np.testing.assert_array_equal(window["label"].numpy(), want[1:-2, 2:-1])
+    region = info.decode_region(example, lambda size: (tf.constant([1, 2]), size - 3))
+    np.testing.assert_array_equal(region["label"].numpy(), want[1:-2, 2:-1])
