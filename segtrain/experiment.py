@@ -23,7 +23,7 @@ import tensorflow as tf
 from registry import DATASETS, LOSSES, METRICS, MODELS
 from segtrain.data.files import damaged_data
 from segtrain.data.info import DatasetInfo
-from segtrain.data.pipeline import PASSED_ARGS, build_pipeline, resolve_normalization
+from segtrain.data.pipeline import PipelineConfig, build_pipeline, resolve_normalization
 from segtrain.data.transforms import Normalization, finish_batch, preprocessing
 from segtrain.data.verify import is_damaged_read
 from segtrain.errors import SegtrainError, warn
@@ -36,8 +36,8 @@ from segtrain.precision import PRECISIONS, set_precision
 from segtrain.run_dir import BEST_DIR, DamagedCheckpoint, diagnose, is_damage, problem, readable_others, resolve
 
 
-# The shared input pipeline, configured in gin under pipeline.*; the experiment passes the rest.
-pipeline = gin.external_configurable(build_pipeline, name="pipeline", denylist=list(PASSED_ARGS))
+# The shared input pipeline's settings, configured in gin under pipeline.*; the experiment passes the rest.
+pipeline_config = gin.external_configurable(PipelineConfig, name="pipeline")
 
 
 @gin.configurable("inference")
@@ -277,26 +277,31 @@ class Experiment:
     def normalization(self) -> Normalization:
         """The input normalisation: the model's weights' preprocessing, unless pipeline.mean/std are set."""
         model_preprocessing = self.facts.preprocessing
-        bound = gin.get_bindings("pipeline")
-        mean, std = bound.get("mean"), bound.get("std")
+        mean, std = self.pipeline_config.mean, self.pipeline_config.std
         if model_preprocessing and (mean is not None or std is not None):
             warn(f"pipeline.mean/std are set, so they replace the '{model_preprocessing}' preprocessing that model "
                  f"'{self.config.model}'s backbone weights expect (with BGR order for 'caffe'). Leave them unset "
                  f"to use the weights' own.")
         return resolve_normalization(preprocessing(model_preprocessing), mean, std)
 
-    def _normalization_args(self) -> dict:
-        """The pipeline's normalisation, resolved here once: pipeline.mean/std (gin) are already in
-        it, so the pipeline gets none of its own to resolve again."""
-        return {"normalization": self.normalization, "mean": None, "std": None}
+    @functools.cached_property
+    def pipeline_config(self) -> PipelineConfig:
+        """The input pipeline's settings (gin: ``pipeline.*``), checked once."""
+        return pipeline_config()
+
+    def _pipeline_args(self) -> dict:
+        """The pipeline's settings and normalisation, resolved here once: pipeline.mean/std are
+        already in it, so the pipeline gets none of its own to resolve again."""
+        return {"normalization": self.normalization,
+                "settings": dataclasses.replace(self.pipeline_config, mean=None, std=None)}
 
     def eval_dataset(self, split: str | None = None, batch_size: int | None = None) -> tf.data.Dataset:
         """One pass over ``split`` (default: the experiment's split) at full resolution."""
         split = split or self.split
         ds, info = self.read(split)
         batch_size = batch_size or self.config.eval_batch_size or self.config.batch_size
-        return pipeline(ds, info, split, False, batch_size, self.facts.size_divisor, self.config.seed,
-                        **self._normalization_args())
+        return build_pipeline(ds, info, split, False, batch_size, self.facts.size_divisor, self.config.seed,
+                              **self._pipeline_args())
 
     def train_dataset(self, seed: int, input_context: tf.distribute.InputContext | None = None,
                       run: str | None = None) -> tf.data.Dataset:
@@ -319,8 +324,8 @@ class Experiment:
                 f"accumulation steps."
             )
         ds, info = self.read(cfg.train_split)
-        return pipeline(ds, info, cfg.train_split, True, cfg.batch_size, self.facts.size_divisor, seed,
-                        input_context, run=run, **self._normalization_args())
+        return build_pipeline(ds, info, cfg.train_split, True, cfg.batch_size, self.facts.size_divisor, seed,
+                              input_context, run=run, **self._pipeline_args())
 
     def finish_batch(self, batch: dict) -> tuple[tf.Tensor, tf.Tensor]:
         """A training batch's (model input, int32 labels): what ``pipeline.colour_on_device``

@@ -100,6 +100,11 @@ def test_unknown_configurable_suggests_the_closest(tmp_path):
            "No configurable matching 'pipelin'. Did you mean 'pipeline'?")
 
 
+def test_a_bad_pipeline_setting_is_one_error_naming_the_binding(tmp_path):
+    _fails(segtrain_main("train", f"--model_dir={tmp_path}", *_params("pipeline.hue = 0.7")),
+           "pipeline.hue must be a number in [0, 0.5], got 0.7.")
+
+
 def test_unknown_gin_binding(tmp_path):
     _fails(segtrain_main("train", f"--model_dir={tmp_path}", *_params("train.num_step = 5")),
            "Configurable 'train' doesn't have a parameter named 'num_step'", "Did you mean 'train.num_steps'")

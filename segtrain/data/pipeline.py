@@ -7,6 +7,7 @@ model needs (its size divisor and input normalisation).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import tensorflow as tf
@@ -15,9 +16,100 @@ from segtrain.data import service, transforms
 from segtrain.data.info import DatasetInfo
 from segtrain.errors import SegtrainError
 
-# The arguments the experiment passes; the rest are the user's settings (gin: pipeline.*).
-PASSED_ARGS = ("dataset", "info", "split", "training", "batch_size", "size_divisor", "seed", "input_context",
-               "normalization", "run")
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """The user's settings of the shared input pipeline (gin scope ``pipeline``), checked when made.
+
+    Attributes:
+      resize: (height, width) every image is resized to first, or None.
+      min_scale, max_scale: random rescaling range (training).
+      crop_size: (height, width) of training crops; needed unless ``resize`` fixes the size.
+      flip: random left-right flip (training).
+      brightness: max additive brightness change on [0, 1] images (e.g. 0.1).
+      contrast, saturation: (lower, upper) random factor ranges, e.g. (0.8, 1.2).
+      hue: max hue shift (e.g. 0.1).
+      mean, std: per-channel normalisation on the [0, 255] scale, RGB order; set, they replace
+        ``normalization``.
+      eval_size: (height, width) evaluation images are resized to, or None for full size (labels
+        are never resized: the logits are resized back to them).
+      shuffle_buffer: examples in the shuffle buffer (training).
+      cache: cache the decoded examples in memory (small datasets).
+      check_labels: fail on a label that is neither a class nor the ignore label.
+      deterministic: keep the training examples' order fixed for a seed. Off by default: the
+        parallel map then hands on whichever example is ready first, which keeps the cores busy.
+        The augmentation of each example is the same either way.
+      data_service_address: 'grpc://host:port' of a tf.data service dispatcher (`segtrain
+        data-service`): its workers make the training batches (segtrain.data.service).
+      colour_on_device: leave colour jitter and normalisation of training batches to the
+        training step (``transforms.finish_batch``), on the accelerator: the pipeline then hands
+        over uint8 crops and labels (a quarter of the bytes; the resized crop is rounded to whole
+        levels) and each image's colour draws under 'colour'. Evaluation is unchanged.
+    """
+
+    resize: Sequence[int] | None = None
+    min_scale: float = 1.0
+    max_scale: float = 1.0
+    crop_size: Sequence[int] | None = None
+    flip: bool = True
+    brightness: float = 0.0
+    contrast: Sequence[float] | None = None
+    saturation: Sequence[float] | None = None
+    hue: float = 0.0
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    eval_size: Sequence[int] | None = None
+    shuffle_buffer: int = 1024
+    cache: bool = False
+    check_labels: bool = True
+    deterministic: bool = False
+    data_service_address: str | None = None
+    colour_on_device: bool = False
+
+    def __post_init__(self):
+        def bad(field: str, what: str):
+            raise SegtrainError(f"pipeline.{field} must be {what}, got {getattr(self, field)!r}.")
+
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        for field in ("resize", "crop_size", "eval_size"):
+            value = getattr(self, field)
+            if value is not None:
+                if (not isinstance(value, (list, tuple)) or len(value) != 2
+                        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+                    bad(field, "None or (height, width), two integers >= 1")
+                object.__setattr__(self, field, tuple(value))
+        for field in ("mean", "std"):
+            value = getattr(self, field)
+            if value is not None:
+                if (not isinstance(value, (list, tuple)) or len(value) != 3 or not all(map(number, value))
+                        or (field == "std" and min(value) <= 0)):
+                    bad(field, "None or three numbers (R, G, B on the 0-255 scale)"
+                        + (", each > 0" if field == "std" else ""))
+                object.__setattr__(self, field, tuple(float(v) for v in value))
+        for field in ("contrast", "saturation"):
+            value = getattr(self, field)
+            if value is not None:
+                if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(map(number, value))
+                        or not 0 <= value[0] <= value[1]):
+                    bad(field, "None or a (lower, upper) factor range, 0 <= lower <= upper, e.g. (0.8, 1.2)")
+                object.__setattr__(self, field, tuple(float(v) for v in value))
+        if not number(self.min_scale) or self.min_scale <= 0:
+            bad("min_scale", "a number > 0")
+        if not number(self.max_scale) or self.max_scale < self.min_scale:
+            bad("max_scale", f"a number >= pipeline.min_scale ({self.min_scale})")
+        if not number(self.brightness) or self.brightness < 0:
+            bad("brightness", "a number >= 0")
+        if not number(self.hue) or not 0 <= self.hue <= 0.5:
+            bad("hue", "a number in [0, 0.5]")
+        buffer = self.shuffle_buffer
+        if not isinstance(buffer, int) or isinstance(buffer, bool) or buffer < 1:
+            bad("shuffle_buffer", "an integer >= 1")
+        for field in ("flip", "cache", "check_labels", "deterministic", "colour_on_device"):
+            if not isinstance(getattr(self, field), bool):
+                bad(field, "True or False")
+        if self.data_service_address is not None and not isinstance(self.data_service_address, str):
+            bad("data_service_address", "None or 'grpc://host:port'")
 
 
 def build_pipeline(
@@ -31,25 +123,8 @@ def build_pipeline(
     input_context: tf.distribute.InputContext | None = None,
     normalization: transforms.Normalization | None = None,
     run: str | None = None,
-    *,
-    resize: Sequence[int] | None = None,
-    min_scale: float = 1.0,
-    max_scale: float = 1.0,
-    crop_size: Sequence[int] | None = None,
-    flip: bool = True,
-    brightness: float = 0.0,
-    contrast: Sequence[float] | None = None,
-    saturation: Sequence[float] | None = None,
-    hue: float = 0.0,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    eval_size: Sequence[int] | None = None,
-    shuffle_buffer: int = 1024,
-    cache: bool = False,
-    check_labels: bool = True,
-    deterministic: bool = False,
-    data_service_address: str | None = None,
-    colour_on_device: bool = False,
+    settings: PipelineConfig | None = None,
+    **overrides,
 ) -> tf.data.Dataset:
     """Turns a plugin's dataset into batches of {'image': float32, 'label': int32}.
 
@@ -80,43 +155,23 @@ def build_pipeline(
       normalization: what the model expects (its backbone weights' preprocessing); default:
         ImageNet mean and std in RGB order.
       run: the training run (its model_dir), which names its tf.data service job.
-      resize: (height, width) every image is resized to first, or None.
-      min_scale, max_scale: random rescaling range (training).
-      crop_size: (height, width) of training crops; needed unless ``resize`` fixes the size.
-      flip: random left-right flip (training).
-      brightness: max additive brightness change on [0, 1] images (e.g. 0.1).
-      contrast, saturation: (lower, upper) random factor ranges, e.g. (0.8, 1.2).
-      hue: max hue shift (e.g. 0.1).
-      mean, std: per-channel normalisation on the [0, 255] scale, RGB order; set, they replace
-        ``normalization``.
-      eval_size: (height, width) evaluation images are resized to, or None for full size (labels
-        are never resized: the logits are resized back to them).
-      shuffle_buffer: examples in the shuffle buffer (training).
-      cache: cache the decoded examples in memory (small datasets).
-      check_labels: fail on a label that is neither a class nor the ignore label.
-      deterministic: keep the training examples' order fixed for a seed. Off by default: the
-        parallel map then hands on whichever example is ready first, which keeps the cores busy.
-        The augmentation of each example is the same either way.
-      data_service_address: 'grpc://host:port' of a tf.data service dispatcher (`segtrain
-        data-service`): its workers make the training batches (segtrain.data.service).
-      colour_on_device: leave colour jitter and normalisation of training batches to the
-        training step (``transforms.finish_batch``), on the accelerator: the pipeline then hands
-        over uint8 crops and labels (a quarter of the bytes; the resized crop is rounded to whole
-        levels) and each image's colour draws under 'colour'. Evaluation is unchanged.
+      settings: the user's settings (gin: ``pipeline.*``); default: PipelineConfig().
+      **overrides: fields of ``settings`` to replace (``crop_size=(64, 64)``).
 
     Raises:
       SegtrainError: sizes that cannot work with the model or the batch size.
     """
+    config = dataclasses.replace(settings or PipelineConfig(), **overrides)
     ignore = info.ignore_label
     where = f"dataset '{info.name}' split '{split}'"
     num_examples = info.num_examples.get(split)
-    normalize = resolve_normalization(normalization, mean, std)
+    normalize = resolve_normalization(normalization, config.mean, config.std)
     fill = normalize.fill
 
     global_batch, pipelines, pipeline_id = batch_size, 1, 0
     if training and input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
-        if not data_service_address:  # with the service, every worker builds one job's pipeline
+        if not config.data_service_address:  # with the service, every worker builds one job's pipeline
             pipelines, pipeline_id = input_context.num_input_pipelines, input_context.input_pipeline_id
             seed = seed + 7919 * pipeline_id  # every worker its own shuffling and augmentation draws
     if training:
@@ -125,13 +180,13 @@ def build_pipeline(
                 f"train.batch_size={global_batch} is larger than {where} ({num_examples} "
                 f"examples): lower train.batch_size or use a larger split."
             )
-        fixed = crop_size or resize
+        fixed = config.crop_size or config.resize
         if fixed is None:
             raise SegtrainError(
                 "Training batches need one image size: set pipeline.crop_size (or pipeline.resize)."
             )
         if size_divisor > 1 and (fixed[0] % size_divisor or fixed[1] % size_divisor):
-            name = "pipeline.crop_size" if crop_size else "pipeline.resize"
+            name = "pipeline.crop_size" if config.crop_size else "pipeline.resize"
             raise SegtrainError(
                 f"{name}={tuple(fixed)} does not suit the model: its height and width must be "
                 f"multiples of {size_divisor}."
@@ -142,19 +197,20 @@ def build_pipeline(
         if info.decode is not None:
             ex = info.decode(ex)
         image, label = ex["image"], tf.cast(ex["label"], tf.uint8)
-        if check_labels and not info.labels_checked:
+        if config.check_labels and not info.labels_checked:
             label = transforms.check_labels(label, info.num_classes, ignore, where)
         return image, label
 
     # A region's label cannot be checked whole: labels to check are decoded whole.
     by_region = (info.decode is not None and info.decode_region is not None
-                 and (info.labels_checked or not check_labels))
+                 and (info.labels_checked or not config.check_labels))
 
     def augment(index, ex):
         seeds = tf.unstack(tf.random.experimental.stateless_split(tf.stack([tf.constant(seed, tf.int64), index]), 4))
 
         def draw(image_size):  # resize, random scale and crop as one region of the source image
-            return transforms.random_region(image_size, seeds[0], seeds[1], resize, min_scale, max_scale, crop_size)
+            return transforms.random_region(image_size, seeds[0], seeds[1], config.resize, config.min_scale,
+                                            config.max_scale, config.crop_size)
 
         if by_region:
             # Encoded examples are decoded inside the region only: what the crop keeps.
@@ -170,27 +226,30 @@ def build_pipeline(
             image, label = prepare(ex)
             region = draw(tf.shape(image)[:2])
             image, label = transforms.take_region(image, label, region)
-        mirror = tf.random.stateless_uniform([], seeds[2]) < 0.5 if flip else None
-        image, label = transforms.resize_region(image, label, region.size, mirror, crop_size, ignore, fill)
-        if colour_on_device:  # the training step jitters and normalises (transforms.finish_batch)
+        mirror = tf.random.stateless_uniform([], seeds[2]) < 0.5 if config.flip else None
+        image, label = transforms.resize_region(image, label, region.size, mirror, config.crop_size, ignore,
+                                                fill)
+        if config.colour_on_device:  # the training step jitters and normalises (transforms.finish_batch)
             out = {"image": tf.cast(tf.round(image), tf.uint8), "label": label}
-            draws = transforms.colour_draws(seeds[3], brightness, contrast, hue, saturation)
+            draws = transforms.colour_draws(seeds[3], config.brightness, config.contrast, config.hue,
+                                            config.saturation)
             return {**out, "colour": draws} if draws else out
-        image = transforms.jitter_and_normalize(image, seeds[3], normalize, brightness, contrast, hue, saturation)
+        image = transforms.jitter_and_normalize(image, seeds[3], normalize, config.brightness,
+                                                config.contrast, config.hue, config.saturation)
         return {"image": image, "label": tf.cast(label, tf.int32)}
 
     def evaluate(ex):
         image, label = prepare(ex)
         out = {"label_size": tf.shape(label)[:2]}
-        if eval_size:
+        if config.eval_size:
             # The model sees the resized image; metrics stay at the label's own size (the
             # evaluation resizes the logits back), so the label is left as it is.
-            image = tf.image.resize(image, eval_size, method="bilinear")
+            image = tf.image.resize(image, config.eval_size, method="bilinear")
         image = normalize(image)
         out["image_size"] = tf.shape(image)[:2]
         if size_divisor > 1:
             image, padded_label = transforms.pad_to_multiple(image, label, size_divisor, ignore)
-            if not eval_size:
+            if not config.eval_size:
                 label = padded_label
         return {**out, "image": image, "label": tf.cast(label, tf.int32)}
 
@@ -207,22 +266,22 @@ def build_pipeline(
         # n-th element (tf.distribute would try files first, fail and fall back, with a warning).
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     ds = dataset.with_options(options)
-    if cache:
+    if config.cache:
         ds = ds.cache()
     if training:
-        ds = ds.shuffle(min(shuffle_buffer, num_examples or shuffle_buffer), seed=seed)
+        ds = ds.shuffle(min(config.shuffle_buffer, num_examples or config.shuffle_buffer), seed=seed)
         ds = ds.repeat().enumerate()
-        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=config.deterministic)
         ds = ds.batch(batch_size, drop_remainder=True)
-        if data_service_address:
+        if config.data_service_address:
             job = service.job_name(info.name, split, global_batch, batch_size, seed, run)
-            ds = service.distribute(ds, data_service_address, job, where)
+            ds = service.distribute(ds, config.data_service_address, job, where)
     else:
         if num_examples and ds.cardinality() == tf.data.UNKNOWN_CARDINALITY:  # for the progress line
             ds = ds.apply(tf.data.experimental.assert_cardinality(num_examples))
         ds = ds.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE)
         padding = {"image": 0.0, "label": ignore, "image_size": 0, "label_size": 0}
-        if eval_size or batch_size == 1:
+        if config.eval_size or batch_size == 1:
             ds = ds.padded_batch(batch_size, padding_values=padding)
         else:
             # Images of one padded size per batch. Padded further to a larger image of its batch,

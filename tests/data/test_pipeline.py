@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from segtrain.data.info import DatasetInfo
-from segtrain.data.pipeline import build_pipeline
+from segtrain.data.pipeline import PipelineConfig, build_pipeline
 from segtrain.errors import SegtrainError, data_errors
 from tests.data import stepwise
 
@@ -307,3 +307,29 @@ def test_colour_on_device_hands_over_uint8_crops_that_finish_as_the_pipeline_wou
 def test_colour_on_device_without_jitter_has_no_draws():
     batch = _train_batches(_coded(), crop_size=(16, 16), colour_on_device=True, n_batches=1)[0]
     assert set(batch) == {"image", "label"} and batch["image"].dtype == np.uint8
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"crop_size": (0, 32)}, "pipeline.crop_size must be None or (height, width), two integers >= 1, got (0, 32)."),
+    ({"eval_size": (32,)}, "pipeline.eval_size must be None or (height, width)"),
+    ({"min_scale": 1.5, "max_scale": 1.0}, "pipeline.max_scale must be a number >= pipeline.min_scale (1.5), got 1.0."),
+    ({"std": (58.0, 0.0, 57.0)}, "pipeline.std must be None or three numbers (R, G, B on the 0-255 scale), each > 0"),
+    ({"mean": (1.0, 2.0)}, "pipeline.mean must be None or three numbers"),
+    ({"contrast": (1.2, 0.8)}, "pipeline.contrast must be None or a (lower, upper) factor range"),
+    ({"hue": 0.7}, "pipeline.hue must be a number in [0, 0.5], got 0.7."),
+    ({"shuffle_buffer": 0}, "pipeline.shuffle_buffer must be an integer >= 1, got 0."),
+    ({"flip": "yes"}, "pipeline.flip must be True or False, got 'yes'."),
+])
+def test_pipeline_settings_are_checked_when_made(settings, message):
+    """One validated settings object (gin: pipeline.*): a bad value is one message naming the
+    binding, before any dataset is read."""
+    with pytest.raises(SegtrainError) as e:
+        PipelineConfig(**settings)
+    assert message in str(e.value)
+
+
+def test_pipeline_settings_are_normalised_and_overridable():
+    config = PipelineConfig(crop_size=[32, 48], mean=[1, 2, 3], contrast=[0.8, 1.2])
+    assert config.crop_size == (32, 48) and config.mean == (1.0, 2.0, 3.0) and config.contrast == (0.8, 1.2)
+    pipe = build_pipeline(_coded(n=5), INFO, "train", True, 4, 1, settings=config, crop_size=(16, 16), flip=False)
+    assert next(iter(pipe))["image"].shape == (4, 16, 16, 3)  # keyword overrides win over the settings
