@@ -7,7 +7,7 @@ train` and `segtrain doctor` get ``TINY_SETTINGS`` appended, and ``/data/`` is t
 that cannot run here says so in an HTML comment on the line before it:
 
     <!-- docs: needs a cluster -->      (also: needs a GPU, needs Docker)  not run
-    <!-- docs: runs a server -->        started, stopped once it listens
+    <!-- docs: runs a server -->        started on a free port, stopped once it listens
     <!-- docs: a benchmark -->          each script's --help (the measurement takes minutes)
     <!-- docs: run by tests/test_launch.py::test_name -->   that test runs it; it must exist
 
@@ -25,6 +25,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -255,7 +256,11 @@ class Runner:
     def server(self, where: str, argv: list[str]) -> None:
         """Starts the server, waits until it says where it listens, stops it."""
         program = os.path.join(os.path.dirname(sys.executable), argv[0])
-        process = subprocess.Popen([program, *argv[1:]], cwd=self.ws, stdout=subprocess.PIPE,
+        port = {"tensorboard": ["--port={}"], "mkdocs": ["--dev-addr=127.0.0.1:{}"]}.get(argv[0], [])
+        with socket.socket() as s:  # a free port, so that a server already running here does not matter
+            s.bind(("127.0.0.1", 0))
+            port = [p.format(s.getsockname()[1]) for p in port]
+        process = subprocess.Popen([program, *argv[1:], *port], cwd=self.ws, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True,
                                    env=dict(os.environ, NO_MKDOCS_2_WARNING="1"))
         lines: list[str] = []
