@@ -168,6 +168,22 @@ def test_the_site_builds_strictly(tmp_path):
     assert "The actions of a run, in the order the loop calls them" in text("reference/training")
 
 
+def test_the_configuration_page_names_every_setting_of_the_run_pipeline_inference_and_strategy():
+    """The gin surface table cannot miss a setting: each field of the scopes segtrain owns is named."""
+    import inspect
+
+    from segtrain.data.pipeline import PipelineConfig
+    from segtrain.experiment import ExperimentConfig, inference_options
+    from segtrain.runtime.distribute import build_strategy
+
+    page = open(os.path.join(REPO, "docs/pages/configuration.md")).read()
+    names = [f"train.{f.name}" for f in dataclasses.fields(ExperimentConfig)]
+    names += [f"pipeline.{f.name}" for f in dataclasses.fields(PipelineConfig)]
+    names += [f"inference.{p}" for p in inspect.signature(inference_options).parameters]
+    names += [f"distribute.{p}" for p in inspect.signature(build_strategy).parameters]
+    assert [n for n in names if f"`{n}`" not in page] == []
+
+
 def test_the_layout_names_every_module():
     page = open(os.path.join(REPO, "docs/pages/architecture.md")).read()
     layout = page.split("## Layout")[1].split("```text")[1].split("```")[0]
