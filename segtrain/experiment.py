@@ -284,9 +284,9 @@ class Experiment:
                  f"to use the weights' own.")
         return resolve_normalization(preprocessing(model_preprocessing), mean, std)
 
-    @functools.cached_property
+    @property
     def pipeline_config(self) -> PipelineConfig:
-        """The input pipeline's settings (gin: ``pipeline.*``), checked once."""
+        """The input pipeline's settings (gin: ``pipeline.*``) as gin has them now, checked."""
         return pipeline_config()
 
     def _pipeline_args(self) -> dict:
