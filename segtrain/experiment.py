@@ -37,7 +37,7 @@ from segtrain.run_dir import BEST_DIR, DamagedCheckpoint, diagnose, is_damage, p
 
 
 # The shared input pipeline's settings, configured in gin under pipeline.*; the experiment passes the rest.
-pipeline_config = gin.external_configurable(PipelineConfig, name="pipeline")
+configured_pipeline = gin.external_configurable(PipelineConfig, name="pipeline")
 
 
 @gin.configurable("inference")
@@ -287,7 +287,7 @@ class Experiment:
     @property
     def pipeline_config(self) -> PipelineConfig:
         """The input pipeline's settings (gin: ``pipeline.*``) as gin has them now, checked."""
-        return pipeline_config()
+        return configured_pipeline()
 
     def _pipeline_args(self) -> dict:
         """The pipeline's settings and normalisation, resolved here once: pipeline.mean/std are

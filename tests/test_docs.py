@@ -38,6 +38,7 @@ from tests.conftest import REPO, TINY, segtrain_main
 PAGES = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(f"{REPO}/docs/pages/**/*.md", recursive=True))
 SHELL = ("bash", "sh", "shell", "console")
 NEEDS = ("needs a cluster", "needs a GPU", "needs Docker")
+RUN_MARKS = ("runs a server", "a benchmark")  # marked blocks that are run here all the same
 MARK = re.compile(r"<!-- docs: (.+?) -->")
 # The experiment's own model (the pages name its layers) and dataset, trained for a moment on small crops.
 TINY_SETTINGS = [b for b in TINY if not b.startswith(("train.model", "models."))] + [
@@ -112,7 +113,7 @@ def test_every_code_block_names_its_language():
 
 
 def test_every_shell_block_is_run_or_says_why_not():
-    known = NEEDS + ("runs a server", "a benchmark")
+    known = NEEDS + RUN_MARKS
     for block in ALL:
         if block.lang not in SHELL:
             continue
@@ -211,9 +212,12 @@ def workspace(tmp_path_factory):
     return ws
 
 
+def runs_here(block: Block) -> bool:
+    return block.lang in SHELL and (block.mark is None or block.mark in RUN_MARKS)
+
+
 def _pages_with_commands():
-    return [p for p in PAGES if any(b.lang in SHELL and (b.mark is None or b.mark in ("runs a server", "a benchmark"))
-                                    for b in blocks(p))]
+    return [p for p in PAGES if any(runs_here(b) for b in ALL if b.page == p)]
 
 
 class Runner:
@@ -313,5 +317,5 @@ def test_the_commands_of_each_page_run(page, runner):
             if block.lang in SHELL and block.mark is None:
                 runner.run_block(block)
     for block in blocks(page):
-        if block.lang in SHELL and (block.mark is None or block.mark in ("runs a server", "a benchmark")):
+        if runs_here(block):
             runner.run_block(block)

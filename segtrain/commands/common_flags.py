@@ -22,6 +22,10 @@ def verbosity_flag(fv):
                          "default: none, only segtrain's lines).", flag_values=fv)
 
 
+def input_flag(fv):
+    flags.DEFINE_string("input", None, "Images: files, directories or glob patterns, comma-separated.", flag_values=fv)
+
+
 def trained_run_flags(fv, what="evaluate"):
     gin_flags(fv)
     flags.DEFINE_string("model_dir", None, "The run directory `segtrain train` wrote.", flag_values=fv)

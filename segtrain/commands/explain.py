@@ -26,7 +26,7 @@ from absl import flags
 
 from segtrain import explain as gradcam
 from segtrain import run_dir
-from segtrain.commands.common_flags import bindings, own_flags, trained_run_flags, verbosity_flag
+from segtrain.commands.common_flags import bindings, input_flag, own_flags, trained_run_flags, verbosity_flag
 from segtrain.commands.trained_run import parse_run, restored
 from segtrain.errors import SegtrainError
 from segtrain.images import list_inputs, read_rgb, write_image
@@ -195,7 +195,7 @@ def _safe_tag(tag: str) -> str:
 
 def define_flags(fv):
     trained_run_flags(fv, "explain")
-    flags.DEFINE_string("input", None, "Images: files, directories or glob patterns, comma-separated.", flag_values=fv)
+    input_flag(fv)
     flags.DEFINE_string("output", None, "Directory the heat-map overlays are written to (default: "
                         "MODEL_DIR/explain).", flag_values=fv)
     flags.DEFINE_string("class", None, "The class to explain, by name (or index).", flag_values=fv)

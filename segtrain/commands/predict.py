@@ -31,7 +31,8 @@ from PIL import Image
 from absl import flags
 
 from segtrain import images
-from segtrain.commands.common_flags import bindings, inference_flags, own_flags, trained_run_flags, verbosity_flag
+from segtrain.commands.common_flags import (bindings, inference_flags, input_flag, own_flags, trained_run_flags,
+                                             verbosity_flag)
 from segtrain.commands.evaluate import postprocessor_for
 from segtrain.commands.trained_run import parse_run, restored
 from segtrain.errors import SegtrainError
@@ -191,7 +192,7 @@ def _file_safe(name: str) -> str:
 
 def define_flags(fv):
     trained_run_flags(fv, "predict")
-    flags.DEFINE_string("input", None, "Images: files, directories or glob patterns, comma-separated.", flag_values=fv)
+    input_flag(fv)
     flags.DEFINE_string("output", None, "Directory the masks, colour masks and overlays are written to.",
                         flag_values=fv)
     flags.DEFINE_bool("probabilities", False, "Also write each image's class probabilities as .npy [H,W,C].",
