@@ -15,6 +15,7 @@
     segtrain prepare --dataset=voc2012 --data_dir=OUT --verify [--splits=train,val]
     segtrain data-service --port=P [--dispatcher=HOST:PORT] [--host=NAME]
     segtrain list [--models [--details]]
+    segtrain weights list | fetch NAME [NAME ...]   # ImageNet weights of the backbones, in the Keras cache
     segtrain doctor [the flags of `segtrain train`]     # a pre-flight check, started the way the job starts
 
 A flag belongs to the commands that use it: given to another command it is an error that says
@@ -54,6 +55,7 @@ COMMANDS = {
     "prepare": "check a dataset's raw files once and store them for fast reading",
     "data-service": "a tf.data service dispatcher (or, with --dispatcher, a worker) that makes training input",
     "list": "show every registered plugin and its arguments",
+    "weights": "list or fetch the backbones' ImageNet weights (`segtrain weights fetch resnet50 ...`)",
 }
 USAGE = (f"usage: segtrain {{{'|'.join(COMMANDS)}}} [flags]\n"
          + "".join(f"  {name:<13} {what}\n" for name, what in COMMANDS.items())
@@ -62,7 +64,8 @@ USAGE = (f"usage: segtrain {{{'|'.join(COMMANDS)}}} [flags]\n"
 
 # Each command's module: its flags (define_flags) and what it does with them (main).
 MODULES = {"train": "train", "doctor": "doctor", "evaluate": "evaluate", "predict": "predict", "export": "export",
-           "explain": "explain", "prepare": "prepare", "data-service": "data_service", "list": "listing"}
+           "explain": "explain", "prepare": "prepare", "data-service": "data_service", "list": "listing",
+           "weights": "weights"}
 
 
 # Set by run(): import TensorFlow quietly before the first command module (which loads it).
@@ -126,7 +129,10 @@ def parse(argv: list[str]) -> tuple[str, flags.FlagValues | None]:
                          f"lists its flags.") from None
     except flags.Error as e:
         raise UsageError(f"{e} (`segtrain {command} --help` lists the flags).") from None
-    if len(rest) > 1:
+    positional = getattr(command_module(command), "POSITIONAL", None)
+    if positional:  # a command of words (`segtrain weights fetch resnet50`): they become its flag
+        fv[positional].value = rest[1:]
+    elif len(rest) > 1:
         raise UsageError(f"`segtrain {command}` takes flags only; unexpected argument(s): {' '.join(rest[1:])}. "
                          f"Did you mean a flag such as --model_dir={rest[1]}?")
     return command, fv

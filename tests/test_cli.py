@@ -143,7 +143,7 @@ def test_unknown_dataset(tmp_path):
 def test_unknown_command_and_no_command():
     for args in (("fit",), ()):
         result = segtrain_main(*args)
-        assert result.returncode == 2 and "usage: segtrain {train|doctor|evaluate|predict|export|explain|prepare|data-service|list}" in result.stderr
+        assert result.returncode == 2 and "usage: segtrain {train|doctor|evaluate|predict|export|explain|prepare|data-service|list|weights}" in result.stderr
 
 
 _LIGHT_PATHS_PROBE = """

@@ -3,7 +3,7 @@
 Importing this package registers the built-in models and backbones.
 """
 
-from segtrain.models import backbones, deeplab, encoder_decoder, fcn, unet, xception  # noqa: F401  (registers)
+from segtrain.models import backbones, deeplab, encoder_decoder, fcn, segformer, unet, xception  # noqa: F401  (registers)
 from segtrain.models.model import ModelFacts, SegmentationModel, facts, leaf_layers, synchronize_batch_norm
 
 __all__ = ["ModelFacts", "SegmentationModel", "facts", "leaf_layers", "synchronize_batch_norm"]

@@ -225,6 +225,58 @@ class CenterCropLike(keras.layers.Layer):
         return (x_shape[0], like_shape[1], like_shape[2], x_shape[3])
 
 
+def encoder_unet(num_classes: int, backbone: str, decoder_filters: tuple, input_shape, *, name: str) -> keras.Model:
+    """A U-Net decoder on a registered backbone's stride-16 features; see unet_encoder."""
+    if len(decoder_filters) != 4:
+        raise SegtrainError(f"models.{name}.decoder_filters={decoder_filters!r}: give 4 widths (strides 8, 4, 2, 1).")
+    encoder = backbones.get(backbone, owner=name)
+    available = encoder.strides()
+    skips = [s for s in (2, 4, 8) if s in available]  # ConvNeXt starts at stride 4: no stride-2 skip
+    inputs = image_input(input_shape)
+    *features, x = encoder.pyramid(inputs, (*skips, 16))
+    features = dict(zip(skips, features))
+    for filters, stride in zip(decoder_filters, (8, 4, 2)):
+        step = f"decoder.stride{stride}"
+        x = keras.layers.Conv2DTranspose(filters, 2, strides=2, activation="relu", name=f"{step}.upconv")(x)
+        if stride in features:
+            x = CropLike(name=f"{step}.crop")(x, features[stride])
+            x = keras.layers.Concatenate(name=f"{step}.concat")([x, features[stride]])
+        x = double_conv(x, filters, step, batch_norm=True)
+    x = keras.layers.Conv2DTranspose(decoder_filters[3], 2, strides=2, activation="relu", name="decoder.stride1.upconv")(x)
+    x = CropLike(name="decoder.stride1.crop")(x, inputs)
+    x = double_conv(x, decoder_filters[3], "decoder.stride1", batch_norm=True)
+    # The encoder's stride-16 features: the last of the nested backbone model's outputs.
+    return SegmentationModel(inputs, classifier(x, num_classes), name=name, output_stride=16,
+                             preprocessing=encoder.input_preprocessing, cam_layer=f"backbone:{len(skips)}")
+
+
+@MODELS.register("unet_encoder")
+def unet_encoder(
+    num_classes: int,
+    backbone: str = "resnet50",
+    decoder_filters: tuple = (512, 256, 64, 32),
+    input_shape=None,
+) -> keras.Model:
+    """U-Net decoder on any registered backbone, up to its stride-16 stage.
+
+    Each decoder step is a 2x2 stride-2 transposed convolution, concatenation with the encoder
+    features of the same stride (8, 4 and 2, where the backbone has them: ConvNeXt starts at
+    stride 4), and two 3x3 convolutions; a last transposed convolution returns to the input
+    size. Same padding, so any input size works: a 2x-upsampled odd-sized map is cropped to its
+    skip.
+
+    Source: U-Net decoder (Ronneberger et al. 2015) on a registered encoder.
+
+    Args:
+      num_classes: output channels (logits).
+      backbone: a registered backbone ('resnet50', 'convnext_tiny', 'mobilenetv3_large', ...);
+        its weights and freezing are set under backbones.<name>.*.
+      decoder_filters: filters of the steps to strides 8, 4, 2 and 1.
+      input_shape: (H, W, 3) to fix the input size, or None for any size.
+    """
+    return encoder_unet(num_classes, backbone, decoder_filters, input_shape, name="unet_encoder")
+
+
 @MODELS.register("unet_resnet50")
 def unet_resnet50(
     num_classes: int,
@@ -232,42 +284,24 @@ def unet_resnet50(
     decoder_filters: tuple = (512, 256, 64, 32),
     input_shape=None,
 ) -> keras.Model:
-    """U-Net with a ResNet-50 encoder (up to conv4, stride 16) and a transposed-conv decoder.
+    """U-Net with a ResNet-50 encoder (up to conv4, stride 16): unet_encoder on 'resnet50'.
 
-    Each decoder step is a 2x2 stride-2 transposed convolution, concatenation with the encoder
-    features of the same stride (conv3, conv2 and conv1 outputs), and two 3x3 convolutions; a last
-    transposed convolution returns to the input size. Same padding, so any input size works: a
-    2x-upsampled odd-sized map is cropped to its skip.
+    Skips from the conv3, conv2 and conv1 outputs. The same network as ``unet_encoder`` with
+    ``backbone='resnet50'``, under the name its runs and configurations were saved with.
 
     Source: U-Net decoder on a ResNet-50 encoder (He et al. 2016).
 
     Args:
       num_classes: output channels (logits).
-      backbone: a registered ResNet ('resnet50' or 'resnet101'); its weights file and
-        freezing are set under backbones.<name>.*.
+      backbone: a registered ResNet ('resnet50' or 'resnet101'); another backbone belongs in
+        unet_encoder.
       decoder_filters: filters of the steps to strides 8, 4, 2 and 1.
       input_shape: (H, W, 3) to fix the input size, or None for any size.
     """
-    if len(decoder_filters) != 4:
-        raise SegtrainError(f"models.unet_resnet50.decoder_filters={decoder_filters!r}: give 4 widths (strides 8, 4, 2, 1).")
-    encoder = backbones.get(backbone, owner="unet_resnet50")
     if backbone != "resnet50":  # the model's name says ResNet-50: say what is built instead
         warn(f"models.unet_resnet50.backbone={backbone!r}: building the U-Net decoder on {backbone}, not on the "
-             f"ResNet-50 the model's name says.")
-    inputs = image_input(input_shape)
-    *skips, x = encoder.pyramid(inputs, (2, 4, 8, 16))
-    for skip, filters, stride in zip(reversed(skips), decoder_filters, (8, 4, 2)):
-        name = f"decoder.stride{stride}"
-        x = keras.layers.Conv2DTranspose(filters, 2, strides=2, activation="relu", name=f"{name}.upconv")(x)
-        x = CropLike(name=f"{name}.crop")(x, skip)
-        x = keras.layers.Concatenate(name=f"{name}.concat")([x, skip])
-        x = double_conv(x, filters, name, batch_norm=True)
-    x = keras.layers.Conv2DTranspose(decoder_filters[3], 2, strides=2, activation="relu", name="decoder.stride1.upconv")(x)
-    x = CropLike(name="decoder.stride1.crop")(x, inputs)
-    x = double_conv(x, decoder_filters[3], "decoder.stride1", batch_norm=True)
-    # The encoder's stride-16 features: the last of the nested backbone model's four outputs.
-    return SegmentationModel(inputs, classifier(x, num_classes), name="unet_resnet50", output_stride=16,
-                             preprocessing=encoder.input_preprocessing, cam_layer="backbone:3")
+             f"ResNet-50 the model's name says (models.unet_encoder takes any backbone).")
+    return encoder_unet(num_classes, backbone, decoder_filters, input_shape, name="unet_resnet50")
 
 
 @MODELS.register("unet_compact")

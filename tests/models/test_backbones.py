@@ -83,7 +83,7 @@ def test_missing_weights_file_is_a_clear_error(tmp_path, backbone_settings):
     path = str(tmp_path / "nowhere" / "resnet50.h5")
     backbone_settings(f"backbones.resnet_tiny.weights = '{path}'")
     with pytest.raises(SegtrainError, match=r"backbones.resnet_tiny.weights='.*nowhere/resnet50.h5': no such file. "
-                                            r"segtrain downloads nothing"):
+                                            r"Give a local resnet_tiny weights file \(include_top=False\), or 'imagenet'"):
         MODELS.get("deeplabv3")(num_classes=2, backbone="resnet_tiny")
 
 

@@ -52,6 +52,68 @@ def vgg_tiny_backbone(weights=None, freeze=False, freeze_batch_norm=False) -> Ba
     return Backbone("vgg_tiny", vgg_tiny, VGG_STAGES, "caffe", weights, freeze, freeze_batch_norm, "tests")
 
 
+def resnet_v2_tiny(input_shape) -> keras.Model:
+    """keras.applications' ResNet v2 (pre-activation; downsampling in each stage's last block)."""
+    from keras.src.applications.resnet import ResNet, stack_residual_blocks_v2
+
+    def stack_fn(x):
+        x = stack_residual_blocks_v2(x, 4, 2, name="conv2")
+        x = stack_residual_blocks_v2(x, 8, 2, name="conv3")
+        x = stack_residual_blocks_v2(x, 8, 2, name="conv4")
+        return stack_residual_blocks_v2(x, 16, 2, stride1=1, name="conv5")
+
+    return ResNet(stack_fn, True, True, include_top=False, weights=None, input_shape=input_shape, name="resnet_v2_tiny")
+
+
+def convnext_mini(input_shape) -> keras.Model:
+    """keras.applications' ConvNeXt (patchify stem, 2x2 downsampling, 7x7 depthwise blocks, one per stage)."""
+    from keras.src.applications.convnext import ConvNeXt
+
+    return ConvNeXt([1, 1, 1, 1], [16, 16, 32, 32], include_top=False, weights=None, input_shape=input_shape,
+                    include_preprocessing=False, name="convnext_mini")
+
+
+def efficientnetv2_mini(input_shape) -> keras.Model:
+    """keras.applications' EfficientNetV2-B0 blocks (fused and depthwise MBConv) at a quarter width and depth."""
+    from keras.src.applications.efficientnet_v2 import DEFAULT_BLOCKS_ARGS, EfficientNetV2
+
+    return EfficientNetV2(0.25, 0.25, 64, blocks_args=DEFAULT_BLOCKS_ARGS["efficientnetv2-b0"], include_top=False,
+                          weights=None, input_shape=input_shape, include_preprocessing=False, name="efficientnetv2-mini")
+
+
+def mobilenetv3_mini(input_shape) -> keras.Model:
+    """keras.applications' MobileNetV3-Small (explicit padding before strided depthwise convolutions) at alpha 0.25."""
+    return keras.applications.MobileNetV3Small(input_shape=input_shape, alpha=0.25, include_top=False, weights=None,
+                                               include_preprocessing=False)
+
+
+@BACKBONES.register("mit_mini", override=True)
+def mit_mini_backbone(weights=None, freeze=False, freeze_batch_norm=False) -> Backbone:
+    """SegFormer's Mix Transformer with one block per stage and few channels (multiples of 16)."""
+    from segtrain.models.segformer import mix_transformer
+
+    return Backbone("mit_mini", lambda shape: mix_transformer(shape, (16, 32, 80, 128), (1, 1, 1, 1), 0.1, "mit_mini"),
+                    None, "torch", weights, freeze, freeze_batch_norm, "tests")
+
+
+# The small members of each keras.applications family segtrain registers, by the preprocessing
+# of their ImageNet weights: the same layer types, names and strides, at a few channels.
+FAMILIES = {"resnet_v2_tiny": (resnet_v2_tiny, "tf"), "convnext_mini": (convnext_mini, "torch"),
+            "efficientnetv2_mini": (efficientnetv2_mini, "torch"), "mobilenetv3_mini": (mobilenetv3_mini, "tf")}
+
+
+def _register_family(name, network, preprocessing):
+    def factory(weights=None, freeze=False, freeze_batch_norm=False) -> Backbone:
+        return Backbone(name, network, None, preprocessing, weights, freeze, freeze_batch_norm, "tests")
+
+    factory.__doc__ = network.__doc__
+    BACKBONES.register(name, override=True)(factory)
+
+
+for _name, (_network, _preprocessing) in FAMILIES.items():
+    _register_family(_name, _network, _preprocessing)
+
+
 # The arguments that shrink each built-in model.
 TINY_MODELS: dict[str, dict] = {
     "unet": {"depth": 2, "base_filters": 4},
@@ -61,6 +123,8 @@ TINY_MODELS: dict[str, dict] = {
     **{f"fcn{v}s": {"backbone": "vgg_tiny", "fc_filters": 16} for v in (32, 16, 8)},
     "unet_original": {"depth": 2, "base_filters": 4},
     "unet_resnet50": {"backbone": "resnet_tiny", "decoder_filters": (16, 8, 8, 4)},
+    "unet_encoder": {"backbone": "resnet_tiny", "decoder_filters": (16, 8, 8, 4)},
+    "segformer": {"backbone": "mit_mini", "decoder_dim": 16},
     "unet_compact": {"levels": 3, "base_filters": 4, "max_filters": 16},
     "xception_unet": {"stem_filters": 16, "filters": (16, 32)},  # multiples of 16: see tiny.py doc
 }
