@@ -201,9 +201,11 @@ def adamw(learning_rate, weight_decay: float = 0.004, beta_1: float = 0.9, beta_
                                   epsilon=epsilon)
 
 
-@gin.configurable("optimizer", denylist=["total_steps", "precision", "lr_factor"])
+@gin.configurable("optimizer", denylist=["total_steps", "precision", "lr_factor", "model"])
 def build_optimizer(total_steps: int, precision: str = "float32", name: str = "adam",
-                    lr_factor: tf.Variable | None = None) -> keras.optimizers.Optimizer:
+                    lr_factor: tf.Variable | None = None, model: keras.Model | None = None,
+                    lr_multipliers: dict | None = None, layer_decay: float | None = None,
+                    freeze_backbone_steps: int = 0, decay_norm_and_bias: bool = False) -> keras.optimizers.Optimizer:
     """The configured optimizer on the ``learning_rate`` schedule, with loss scaling for float16.
 
     Args:
@@ -212,11 +214,25 @@ def build_optimizer(total_steps: int, precision: str = "float32", name: str = "a
         LossScaleOptimizer (dynamic scale; a step with non-finite gradients is skipped and
         the scale halves).
       lr_factor: a variable the schedule's rate is multiplied by (None: none).
+      model: the model trained (for the settings below that pick its parts).
       name: a registered optimizer ('sgd', 'adam', 'adamw'); its own settings are under
         optimizers.<name>.*.
+      lr_multipliers: part -> multiplier of the learning rate (and of the weight decay, which
+        Keras scales by the rate), e.g. ``{'backbone': 0.1}`` (a pretrained encoder at a tenth of
+        the head's rate, as the DeepLab papers' 10x head rate). 'backbone' is the model's
+        nested backbone, 'head' the rest; any other key is a regular expression searched in the
+        variable's path ('decoder'). The first matching key applies.
+      layer_decay: layer-wise learning-rate decay of the backbone (0.65-0.9 for transformers):
+        its last stage's rate is multiplied by ``layer_decay``, the one before by its square,
+        and so on down to the stem; None: off.
+      freeze_backbone_steps: the backbone does not change during the first N steps (its rate
+        and weight decay are 0; its batch norm statistics still adapt unless
+        backbones.<name>.freeze_batch_norm), then trains at its rate.
+      decay_norm_and_bias: weight decay also on the scales and offsets of normalisation
+        layers and on biases; off by default, as the reference recipes do.
 
     Raises:
-      SegtrainError: an unknown optimizer.
+      SegtrainError: an unknown optimizer, or settings that need a backbone the model lacks.
     """
     try:
         optimizer_fn = OPTIMIZERS.get(name)
@@ -227,9 +243,126 @@ def build_optimizer(total_steps: int, precision: str = "float32", name: str = "a
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise SegtrainError(f"Optimizer plugin {name!r} returned {type(optimizer).__name__}, not a "
                             f"keras.optimizers.Optimizer.")
+    if model is not None:
+        if not decay_norm_and_bias and optimizer.weight_decay:
+            optimizer.exclude_from_weight_decay(var_list=norm_and_bias(model))
+        multipliers = part_multipliers(model, lr_multipliers or {}, layer_decay)
+        frozen = backbone_variables(model, "optimizer.freeze_backbone_steps") if freeze_backbone_steps else []
+        if multipliers or frozen:
+            partwise(optimizer, multipliers, frozen, freeze_backbone_steps)
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+# ---- fine-tuning: learning rates per part, no decay on norms and biases, a frozen start ----
+
+
+def norm_and_bias(model: keras.Model) -> list:
+    """The trainable scales and offsets of every normalisation layer and every bias."""
+    from segtrain.models.model import leaf_layers
+
+    norms = (keras.layers.BatchNormalization, keras.layers.LayerNormalization, keras.layers.GroupNormalization)
+    found = []
+    for layer in leaf_layers(model):
+        for variable in layer.trainable_weights:
+            if isinstance(layer, norms) or variable.name == "bias" or variable.path.endswith("/bias"):
+                found.append(variable)
+    return found
+
+
+def backbone_variables(model: keras.Model, setting: str) -> list:
+    try:
+        return list(model.get_layer("backbone").trainable_weights)
+    except ValueError:
+        raise SegtrainError(f"{setting}: model {model.name!r} has no nested 'backbone' (a model built on a "
+                            f"registered backbone has one).") from None
+
+
+def part_multipliers(model: keras.Model, multipliers: dict, layer_decay: float | None) -> list:
+    """[(variable, learning-rate multiplier)] of the variables whose multiplier is not 1."""
+    import re
+
+    from segtrain.models.model import leaf_layers
+
+    backbone = {id(v) for v in backbone_variables(model, "optimizer.lr_multipliers['backbone']")} \
+        if "backbone" in multipliers or layer_decay else set()
+    found = {}
+    for variable in model.trainable_weights:
+        for key, value in multipliers.items():
+            if key == "backbone":
+                hit = id(variable) in backbone
+            elif key == "head":
+                hit = id(variable) not in backbone
+            else:
+                hit = re.search(key, variable.path) is not None
+            if hit:
+                found[id(variable)] = float(value)
+                break
+    if layer_decay:
+        layers = model.get_layer("backbone")
+        strides = dict(getattr(layers, "layer_strides", ()))
+        if not strides:
+            raise SegtrainError("optimizer.layer_decay: the model's backbone does not say which stage each layer is "
+                                "in (a registered backbone does).")
+        stages = sorted({strides[layer.name] for layer in leaf_layers(layers) if layer.trainable_weights})
+        for layer in leaf_layers(layers):
+            depth = len(stages) - stages.index(strides[layer.name]) if layer.trainable_weights else 0
+            for variable in layer.trainable_weights:
+                found[id(variable)] = found.get(id(variable), 1.0) * float(layer_decay) ** depth
+    return [(v, found[id(v)]) for v in model.trainable_weights if found.get(id(v), 1.0) != 1.0]
+
+
+class _Partwise:
+    """Mixed into an optimizer's class: per-variable learning-rate multipliers and a frozen start.
+
+    Keras' TF optimizers call ``update_step(gradient, variable, learning_rate)`` per variable
+    (per replica under a strategy) and decay weights by ``learning_rate * weight_decay``: both
+    take the variable's multiplier here.
+    """
+
+    def _segtrain_factor(self, variable):
+        key = self._var_key(variable)
+        factor = self._segtrain_multipliers.get(key, 1.0)
+        if key in self._segtrain_frozen:
+            frozen = tf.cast(self.iterations < self._segtrain_frozen_steps, tf.float32)
+            return (1.0 - frozen) * factor
+        return factor if factor != 1.0 else None
+
+    def update_step(self, gradient, variable, learning_rate):
+        factor = self._segtrain_factor(variable)
+        if factor is not None:
+            learning_rate = tf.cast(learning_rate, variable.dtype) * tf.cast(factor, variable.dtype)
+        return super().update_step(gradient, variable, learning_rate)
+
+    def _apply_weight_decay(self, variables):
+        if self.weight_decay is None:
+            return
+
+        def apply(distribution, variables):
+            def decay(variable):
+                if self._use_weight_decay(variable):
+                    factor = self._segtrain_factor(variable)
+                    lr = tf.cast(self.learning_rate, variable.dtype)
+                    if factor is not None:
+                        lr = lr * tf.cast(factor, variable.dtype)
+                    variable.assign_sub(variable * tf.cast(self.weight_decay, variable.dtype) * lr)
+
+            for variable in variables:
+                variable = getattr(variable, "value", variable)  # a keras Variable's tf.Variable
+                distribution.extended.update(variable, decay, group=False)
+
+        tf.__internal__.distribute.interim.maybe_merge_call(apply, self._distribution_strategy, variables)
+
+
+def partwise(optimizer: keras.optimizers.Optimizer, multipliers: list, frozen: list, frozen_steps: int) -> None:
+    """Makes ``optimizer`` apply ``multipliers`` ([(variable, factor)]) and keep ``frozen`` (variables)
+    unchanged for its first ``frozen_steps`` updates. Before it is built."""
+    optimizer._segtrain_multipliers = {optimizer._var_key(v): m for v, m in multipliers}
+    optimizer._segtrain_frozen = {optimizer._var_key(v) for v in frozen}
+    optimizer._segtrain_frozen_steps = int(frozen_steps)
+    base = type(optimizer)
+    optimizer.__class__ = type(f"Partwise{base.__name__}", (_Partwise, base), {})
 
 
 def loss_scaling(optimizer: keras.optimizers.Optimizer) -> bool:

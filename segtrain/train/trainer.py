@@ -79,7 +79,7 @@ class Trainer:
             self.lr_factor = (tf.Variable(1.0, trainable=False, name="lr_factor",
                                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
                               if cfg.on_nan == "restore" else None)
-            self.optimizer = build_optimizer(cfg.num_steps, cfg.precision, lr_factor=self.lr_factor)
+            self.optimizer = build_optimizer(cfg.num_steps, cfg.precision, lr_factor=self.lr_factor, model=self.model)
             self.optimizer.build(self.model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         # Only the chief writes into model_dir; every worker restores from it.
