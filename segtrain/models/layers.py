@@ -85,13 +85,17 @@ class ResizeLike(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="segtrain")
 class CropLike(keras.layers.Layer):
     """Keeps the top-left part of ``x`` the size of ``like``: undoes the extra row or column of
-    a 2x upsampling of an odd-sized map, or the padding a model added around its input."""
+    a 2x upsampling of an odd-sized map, or the padding a model added around its input. Where
+    ``x`` is smaller (a backbone that rounds odd sizes down, as MobileNetV3's explicit padding
+    does), its last rows or columns are repeated."""
 
     def call(self, x, like):
         import tensorflow as tf
 
         size = tf.shape(like)[1:3]
-        return x[:, : size[0], : size[1]]
+        x = x[:, : size[0], : size[1]]
+        missing = tf.maximum(size - tf.shape(x)[1:3], 0)
+        return tf.pad(x, [[0, 0], [0, missing[0]], [0, missing[1]], [0, 0]], mode="SYMMETRIC")
 
     def compute_output_shape(self, x_shape, like_shape):
         return (x_shape[0], like_shape[1], like_shape[2], x_shape[3])

@@ -57,6 +57,17 @@ def test_every_backbone_model_takes_every_family(backbone, model_name):
 
 
 @pytest.mark.parametrize("backbone", FAMILIES)
+def test_odd_input_sizes_give_logits_at_the_input_size(backbone):
+    """MobileNetV3's explicit padding rounds odd sizes down where 'same' padding rounds up: the
+    U-Net's skips and DeepLab's decoder meet maps of either size."""
+    for name in ("unet_encoder", "deeplabv3_plus"):
+        settings = {k: v for k, v in MODEL_SETTINGS[name].items()}
+        model = MODELS.get(name)(num_classes=3, backbone=backbone, **settings)
+        for size in ((65, 97), (71, 33)):
+            assert model(np.zeros((1, *size, 3), np.float32)).shape == (1, *size, 3), (name, size)
+
+
+@pytest.mark.parametrize("backbone", FAMILIES)
 def test_deeplabv3_plus_on_each_family_saves_exports_and_explains(backbone, tmp_path):
     keras.utils.set_random_seed(0)
     model = MODELS.get("deeplabv3_plus")(num_classes=3, backbone=backbone, **SMALL)
