@@ -14,7 +14,7 @@
         [--skip_bad_examples] [--overwrite] [--gin_param='datasets.voc2012_aug.sbd_dir = "..."']
     segtrain prepare --dataset=voc2012 --data_dir=OUT --verify [--splits=train,val]
     segtrain data-service --port=P [--dispatcher=HOST:PORT] [--host=NAME]
-    segtrain list [--models [--details]]
+    segtrain list [--models|--backbones [--details]]
     segtrain weights list | fetch NAME [NAME ...]   # ImageNet weights of the backbones, in the Keras cache
     segtrain doctor [the flags of `segtrain train`]     # a pre-flight check, started the way the job starts
 

@@ -6,7 +6,7 @@ train` and `segtrain doctor` get ``TINY_SETTINGS`` appended, and ``/data/`` is t
 ``data/``, where the raw datasets the pages prepare are fabricated in their real formats. A block
 that cannot run here says so in an HTML comment on the line before it:
 
-    <!-- docs: needs a cluster -->      (also: needs a GPU, needs Docker)  not run
+    <!-- docs: needs a cluster -->      (also: needs a GPU, needs Docker, needs the internet)  not run
     <!-- docs: runs a server -->        started on a free port, stopped once it listens
     <!-- docs: a benchmark -->          each script's --help (the measurement takes minutes)
     <!-- docs: run by tests/test_launch.py::test_name -->   that test runs it; it must exist
@@ -37,7 +37,7 @@ from tests.conftest import REPO, TINY, segtrain_main
 
 PAGES = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(f"{REPO}/docs/pages/**/*.md", recursive=True))
 SHELL = ("bash", "sh", "shell", "console")
-NEEDS = ("needs a cluster", "needs a GPU", "needs Docker")
+NEEDS = ("needs a cluster", "needs a GPU", "needs Docker", "needs the internet")
 RUN_MARKS = ("runs a server", "a benchmark")  # marked blocks that are run here all the same
 MARK = re.compile(r"<!-- docs: (.+?) -->")
 # The experiment's own model (the pages name its layers) and dataset, trained for a moment on small crops.

@@ -159,7 +159,7 @@ def _register_mit(size: str):
 
     source = f"Xie et al. 2021 (SegFormer), Mix Transformer {size.upper()}, arXiv:2105.15203"
     factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"""Mix Transformer {size.upper()}: channels {dims}, blocks {depths} at strides 4-32.
+    factory.__doc__ = f"""Xie et al. 2021 (SegFormer), Mix Transformer {size.upper()}: channels {dims}, blocks {depths}.
 
     Source: {source}.
 

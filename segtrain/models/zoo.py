@@ -1,4 +1,5 @@
-"""Facts about registered models for the model table of docs/pages/models.md: ``segtrain list --models --details``.
+"""Facts about registered models and backbones for the tables of docs/pages/models.md:
+``segtrain list --models --details`` and ``segtrain list --backbones --details``.
 
 Parameters and forward GFLOPs are measured on the model built at 512x512 with 21 classes (Pascal
 VOC), with the defaults of its registered function; GFLOPs are TensorFlow's profiler count (a
@@ -69,3 +70,37 @@ def row(d: dict) -> str:
 
 def table(names, flops: bool = True) -> str:
     return "\n".join([HEADER] + [row(details(n, flops)) for n in names])
+
+
+BACKBONE_HEADER = ("| backbone | parameters | GFLOPs at 512x512 | stages (strides) | preprocessing of its weights "
+                   "| ImageNet weights | source |\n|---|---:|---:|---|---|---|---|")
+
+
+def backbone_details(name: str, flops: bool = True) -> dict:
+    """{'backbone', 'parameters', 'gflops', 'strides', 'preprocessing', 'imagenet', 'source'} of a
+    registered backbone: the network up to its stride-32 stage, at 512x512."""
+    from registry import BACKBONES
+    from segtrain.models import pretrained
+
+    backbone = BACKBONES.get(name)()
+    strides = backbone.strides()
+    network = backbone.network(strides[-1:], input_shape=(SIZE, SIZE, 3))
+    return {
+        "backbone": name,
+        "parameters": network.count_params(),
+        "gflops": forward_flops(network, SIZE) / 1e9 if flops else None,
+        "strides": strides,
+        "preprocessing": backbone.preprocessing,
+        "imagenet": name in pretrained.IMAGENET,
+        "source": backbone.source,
+    }
+
+
+def backbone_row(d: dict) -> str:
+    gflops = "" if d["gflops"] is None else f"{d['gflops']:.1f}"
+    return (f"| `{d['backbone']}` | {d['parameters'] / 1e6:.2f} M | {gflops} | {', '.join(map(str, d['strides']))} "
+            f"| {d['preprocessing'] or ''} | {'yes' if d['imagenet'] else ''} | {d['source']} |")
+
+
+def backbone_table(names, flops: bool = True) -> str:
+    return "\n".join([BACKBONE_HEADER] + [backbone_row(backbone_details(n, flops)) for n in names])

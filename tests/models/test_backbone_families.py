@@ -119,6 +119,19 @@ def test_each_kind_of_full_size_backbone_has_its_stages_and_dilates_to_output_st
     assert backbone.preprocessing in ("tf", "torch") and "keras.applications" in backbone.source
 
 
+def test_segtrain_list_shows_the_backbones_with_their_sources():
+    from segtrain.commands.listing import text
+
+    listing = text(backbones_only=True)
+    assert listing.startswith("backbones:\n") and "models:" not in listing
+    for name, source in (("convnext_tiny", "Liu et al. 2022, keras.applications.ConvNeXtTiny"),
+                         ("efficientnetv2_s", "Tan & Le 2021, keras.applications.EfficientNetV2S"),
+                         ("mobilenetv3_large", "Howard et al. 2019, keras.applications.MobileNetV3Large"),
+                         ("resnet101_v2", "keras.applications.ResNet101V2"), ("mit_b3", "Xie et al. 2021 (SegFormer)")):
+        entry = listing.split(f"\n  {name}(")[1].split("\n  ")[1]
+        assert source in entry, (name, entry)
+
+
 def test_every_family_member_is_registered_with_imagenet_weights():
     from segtrain.models import pretrained
 

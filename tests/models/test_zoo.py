@@ -252,6 +252,35 @@ def test_the_docs_model_table_is_the_generated_one():
         assert rows[name] == expected
 
 
+@pytest.mark.slow
+def test_the_docs_backbone_table_is_the_generated_one():
+    """Every backbone's cheap columns (preprocessing, ImageNet weights, source); all columns of the
+    small ones (building all 25 at 512x512 takes minutes)."""
+    import re
+
+    from registry import BACKBONES
+    from segtrain.models import pretrained, zoo
+    from tests.conftest import REPO
+
+    page = open(f"{REPO}/docs/pages/models.md").read()
+    block = page.split("<!-- backbone table: segtrain list --backbones --details -->\n")[1].split("\n<!-- end")[0]
+    lines = block.splitlines()
+    assert "\n".join(lines[:2]) == zoo.BACKBONE_HEADER
+    rows = {re.match(r"\| `(\w+)`", line).group(1): line for line in lines[2:]}
+    built_in = [n for n in BACKBONES.names() if BACKBONES.original(n).__module__.startswith("segtrain.")]
+    assert sorted(rows) == sorted(built_in)
+    for name in built_in:
+        backbone = BACKBONES.get(name)()
+        cells = rows[name].split(" | ")
+        assert cells[4:] == [backbone.preprocessing or "", "yes" if name in pretrained.IMAGENET else "",
+                             f"{backbone.source} |"], name
+    for name in ("mobilenetv3_small", "efficientnetv2_b0", "mit_b0"):
+        measured = zoo.backbone_details(name, flops=name == "mobilenetv3_small")
+        if measured["gflops"] is None:  # keep the page's GFLOPs cell
+            measured["gflops"] = float(rows[name].split(" | ")[2])
+        assert rows[name] == zoo.backbone_row(measured)
+
+
 def test_every_model_has_a_gin_file_that_selects_it():
     import glob
     import os
