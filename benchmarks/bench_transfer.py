@@ -4,6 +4,7 @@ file, against from random weights, over seeds.
 
     python benchmarks/bench_transfer.py                       # mobilenetv3_small, seeds 0,1,2
     python benchmarks/bench_transfer.py --backbone=efficientnetv2_b0 --json=transfer.json
+    python benchmarks/bench_transfer.py --gin_param="backbones.mobilenetv3_small.batch_norm_momentum = 0.9"
 
 1. Pretrain: `segtrain train` trains ``unet_encoder`` on ``--backbone`` on the `shapes` task
    (each class has its colour) for ``--pretrain_steps``.
@@ -42,9 +43,9 @@ def model_bindings(backbone: str) -> list[str]:
             "pipeline.mean = (123.675, 116.28, 103.53)", "pipeline.std = (58.395, 57.12, 57.375)"]
 
 
-def pretrain(backbone: str, steps: int, run: str) -> None:
+def pretrain(backbone: str, steps: int, run: str, extra: list[str]) -> None:
     command = [sys.executable, "-m", "segtrain.cli", "train", f"--gin_file={REPO}/gin/quickstart.gin",
-               *[f"--gin_param={b}" for b in model_bindings(backbone)],
+               *[f"--gin_param={b}" for b in model_bindings(backbone) + extra],
                f"--gin_param=train.num_steps = {steps}", f"--gin_param=train.eval_every = {steps}",
                f"--model_dir={run}"]
     print(f"[bench_transfer] pretraining {backbone} on shapes for {steps} steps", file=sys.stderr, flush=True)
@@ -86,19 +87,22 @@ def main(argv=None) -> int:
     p.add_argument("--thresholds", default="0.5,0.7")
     p.add_argument("--workdir", default=None, help="keep the pretraining run and the weights file here")
     p.add_argument("--json", default=None)
+    p.add_argument("--gin_param", action="append", default=[],
+                   help="gin bindings for the pretraining and every fine-tuning run, e.g. "
+                        "\"backbones.mobilenetv3_small.batch_norm_momentum = 0.9\"")
     args = p.parse_args(argv)
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="segtrain-bench-transfer-"))
     os.makedirs(workdir, exist_ok=True)
     weights = os.path.join(workdir, f"{args.backbone}_shapes.weights.h5")
     started = time.perf_counter()
     if not os.path.isfile(weights):
-        pretrain(args.backbone, args.pretrain_steps, os.path.join(workdir, "pretrain"))
+        pretrain(args.backbone, args.pretrain_steps, os.path.join(workdir, "pretrain"), args.gin_param)
         save_backbone(os.path.join(workdir, "pretrain"), args.backbone, weights)
     print(f"[bench_transfer] pretraining and saving took {time.perf_counter() - started:.0f} s",
           file=sys.stderr, flush=True)
     import bench_accuracy
 
-    bindings = ";".join(model_bindings(args.backbone))
+    bindings = ";".join(model_bindings(args.backbone) + args.gin_param)
     accuracy = ["--recipe", f"random:{bindings}",
                 "--recipe", f"pretrained:{bindings};backbones.{args.backbone}.weights = '{weights}'",
                 "--variants=colour_free", f"--seeds={args.seeds}", f"--steps={args.steps}", f"--every={args.every}",

@@ -1,5 +1,6 @@
-"""The modern backbones (ConvNeXt, EfficientNetV2, MobileNetV3, ResNet v2): every model that takes a
-backbone takes each of them, at any output stride, through .keras, export and Grad-CAM.
+"""The modern backbones (ConvNeXt, EfficientNetV2, MobileNetV3, ResNet v2, the Mix Transformer):
+every model that takes a backbone takes each of them, at any output stride, through .keras,
+export and Grad-CAM.
 
 The contract runs on a small member of each family (tests/models/tiny.py: keras.applications'
 own code at a few channels, so the same layers, names and strides); every registered full-size
@@ -21,13 +22,14 @@ from segtrain.models import facts
 from segtrain.models.zoo import measured_output_stride
 from tests.models import tiny
 
-FAMILIES = sorted(tiny.FAMILIES)
+FAMILIES = sorted(tiny.FAMILIES) + ["mit_mini"]  # and SegFormer's Mix Transformer
 SMALL = {"aspp_filters": 16, "low_level_filters": 16, "decoder_filters": 16}
 MODEL_SETTINGS = {
     "deeplabv3": {"aspp_filters": 16, "output_stride": 8, "multi_grid": (1, 2, 4)},
     "deeplabv3_plus": SMALL,
     "fcn8s": {"fc_filters": 16},
     "unet_encoder": {"decoder_filters": (16, 16, 16, 16)},
+    "segformer": {"decoder_dim": 16},
 }
 
 # The registered keras.applications networks, with the strides of their stages. Each family's
@@ -52,7 +54,7 @@ def test_every_backbone_model_takes_every_family(backbone, model_name):
                                    input_shape=(64, 64, 3))
     assert model(images()).shape == (2, 64, 64, 3)
     declared = facts(model).output_stride
-    assert declared == {"deeplabv3": 8, "deeplabv3_plus": 16, "fcn8s": 32, "unet_encoder": 16}[model_name]
+    assert declared == {"deeplabv3": 8, "deeplabv3_plus": 16, "fcn8s": 32, "unet_encoder": 16, "segformer": 32}[model_name]
     assert measured_output_stride(model, 64) == declared
 
 
@@ -98,8 +100,22 @@ def test_pretrained_preprocessing_travels_with_the_weights(backbone, tmp_path, c
     network.save_weights(path)
     configure(f"backbones.{backbone}.weights = '{path}'", tiny=False)
     model = MODELS.get("fcn8s")(num_classes=2, backbone=backbone, fc_filters=8)
-    assert model.preprocessing == tiny.FAMILIES[backbone][1]
+    assert model.preprocessing == (tiny.FAMILIES[backbone][1] if backbone in tiny.FAMILIES else "torch")
     np.testing.assert_array_equal(model.get_layer("backbone").get_weights()[0], network.get_weights()[0])
+
+
+def test_batch_norm_momentum_sets_every_batch_norm_of_the_backbone(configure):
+    from segtrain.models import leaf_layers
+
+    configure("backbones.mobilenetv3_small.batch_norm_momentum = 0.9", tiny=False)
+    model = MODELS.get("deeplabv3_plus")(num_classes=2, backbone="mobilenetv3_small", **SMALL)
+    norms = [layer for layer in leaf_layers(model.get_layer("backbone"))
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and {layer.momentum for layer in norms} == {0.9}  # keras.applications' own: 0.999
+    assert model.get_layer("decoder.conv1.bn").momentum == 0.99  # the head keeps its own
+    configure("backbones.mobilenetv3_small.batch_norm_momentum = 1.5", tiny=False)
+    with pytest.raises(SegtrainError, match=r"backbones.mobilenetv3_small.batch_norm_momentum=1.5: give a number in \[0, 1\)"):
+        MODELS.get("fcn8s")(num_classes=2, backbone="mobilenetv3_small", fc_filters=8)
 
 
 def test_a_stride_the_backbone_lacks_is_a_clear_error():
