@@ -223,7 +223,7 @@ def test_unknown_flag_suggests_the_closest_and_bad_values_are_named():
                  "activations", "verbosity"}),
     ("prepare", {"gin_file", "gin_param", "dataset", "source_dir", "data_dir", "num_workers", "splits",
                  "skip_bad_examples", "overwrite", "verify", "verbosity"}),
-    ("list", {"models", "details"}),
+    ("list", {"models", "backbones", "details"}),
 ])
 def test_help_of_a_command_shows_its_flags_and_only_those(command, flags):
     import re

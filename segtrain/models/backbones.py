@@ -94,7 +94,7 @@ class Backbone:
         Args:
           strides: the strides of the feature maps to return; each is the output of the stage
             that ends at that stride (e.g. 4 -> ``conv2_block3_out`` of a ResNet-50).
-          input_shape: (H, W, 3) or None for any size (a dilated network takes any size).
+          input_shape: (H, W, 3) or None for any size.
           output_stride: None for the network's own; else the stages past it run at this
             stride: their strided layers take stride 1 and the layers after them dilate
             (rate 2, then 4).
@@ -107,9 +107,9 @@ class Backbone:
         """
         shape = tuple(input_shape) if input_shape else (None, None, 3)
         dilate = output_stride is not None
-        if dilate:  # nested blocks (ConvNeXt's downsampling) keep their input shape when cloned
-            shape = (None, None, shape[-1])
-        model = self.build(shape)
+        # Nested blocks (ConvNeXt's downsampling) keep the input shape they were built with when
+        # cloned: a network to dilate is built for any size, and given ``shape`` by the clone.
+        model = self.build((None, None, shape[-1]) if dilate else shape)
         measured = _stages(model, self.build)
         available = sorted(self.stages) if self.stages is not None else measured.strides
         for stride in strides:
@@ -125,7 +125,7 @@ class Backbone:
         else:
             taps = [measured.tap(model, s) for s in strides]
         if dilate and output_stride != max(available):
-            model = _dilate(model, measured, self.name, available, output_stride, multi_grid)
+            model = _dilate(model, measured, self.name, available, output_stride, multi_grid, shape)
         features = keras.Model(model.input, [model.get_layer(t).output for t in taps], name="backbone")
         # The stride of each layer's stage, for layer-wise learning rates (segtrain.train.optimizers);
         # a layer between stages (padding, squeeze-excitation on a 1x1 map) counts with the one before.
@@ -345,7 +345,7 @@ _BLOCK = re.compile(r"(?:block_?|expanded_conv_)(\d+[a-z]?)")
 
 
 def _dilate(model: keras.Model, measured: _Measured, name: str, available: Sequence[int], output_stride: int,
-            multi_grid) -> keras.Model:
+            multi_grid, input_shape: tuple) -> keras.Model:
     """Rebuilds ``model`` with the stages past ``output_stride`` at stride 1 and dilated.
 
     In each such stage the strided layers (convolutions, depthwise convolutions, pooling) take
@@ -401,6 +401,6 @@ def _dilate(model: keras.Model, measured: _Measured, name: str, available: Seque
             config.update(strides=(1, 1), padding="same")
         return layer.__class__.from_config(config)
 
-    new = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    new = keras.models.clone_model(model, input_tensors=keras.Input(input_shape), clone_function=clone, recursive=True)
     new.set_weights(model.get_weights())
     return new

@@ -131,7 +131,7 @@ def test_each_kind_of_full_size_backbone_has_its_stages_and_dilates_to_output_st
     backbone = BACKBONES.get(name)()
     strides = FULL_SIZE[name]
     network = backbone.network(strides, input_shape=(64, 64, 3), output_stride=16)
-    assert [o.shape[1] for o in network(np.zeros((1, 64, 64, 3), np.float32))] == [64 // min(s, 16) for s in strides]
+    assert [o.shape[1] for o in network.outputs] == [64 // min(s, 16) for s in strides]
     assert backbone.preprocessing in ("tf", "torch") and "keras.applications" in backbone.source
 
 
