@@ -47,6 +47,7 @@ def images(side: int = 64, batch: int = 2) -> np.ndarray:
     return np.random.default_rng(0).normal(size=(batch, side, side, 3)).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", FAMILIES)
 @pytest.mark.parametrize("model_name", sorted(MODEL_SETTINGS))
 def test_every_backbone_model_takes_every_family(backbone, model_name):
@@ -58,6 +59,7 @@ def test_every_backbone_model_takes_every_family(backbone, model_name):
     assert measured_output_stride(model, 64) == declared
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", FAMILIES)
 def test_odd_input_sizes_give_logits_at_the_input_size(backbone):
     """MobileNetV3's explicit padding rounds odd sizes down where 'same' padding rounds up: the
@@ -69,6 +71,7 @@ def test_odd_input_sizes_give_logits_at_the_input_size(backbone):
             assert model(np.zeros((1, *size, 3), np.float32)).shape == (1, *size, 3), (name, size)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", FAMILIES)
 def test_deeplabv3_plus_on_each_family_saves_exports_and_explains(backbone, tmp_path):
     keras.utils.set_random_seed(0)
