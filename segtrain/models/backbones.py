@@ -134,19 +134,18 @@ class Backbone:
             stride = measured_stride or stride
             layer_strides.append((layer.name, stride))
         features.layer_strides = tuple(layer_strides)
+        norms = [layer for layer in leaf_layers(features) if isinstance(layer, keras.layers.BatchNormalization)]
         if self.batch_norm_momentum is not None:
             if not 0 <= self.batch_norm_momentum < 1:
                 raise SegtrainError(f"backbones.{self.name}.batch_norm_momentum={self.batch_norm_momentum!r}: "
                                     f"give a number in [0, 1).")
-            for layer in leaf_layers(features):
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.momentum = float(self.batch_norm_momentum)
+            for layer in norms:
+                layer.momentum = float(self.batch_norm_momentum)
         if self.freeze:
             features.trainable = False
         elif self.freeze_batch_norm:
-            for layer in leaf_layers(features):
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.trainable = False
+            for layer in norms:
+                layer.trainable = False
         return features
 
     def pyramid(self, inputs, strides: Sequence[int], **kwargs) -> list:

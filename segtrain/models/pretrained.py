@@ -116,10 +116,8 @@ def resolve(name: str, weights: str) -> str:
     """
     if weights != "imagenet":
         return weights
-    if os.path.isfile(cached_path(name)):
-        return cached_path(name)
     try:
-        return fetch(name)
+        return fetch(name)  # the cached file, when it is there
     except SegtrainError as e:
         raise SegtrainError(
             f"backbones.{name}.weights='imagenet': {entry(name).file} is not in the Keras cache "

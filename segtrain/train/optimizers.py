@@ -349,7 +349,8 @@ class _Partwise:
                     variable.assign_sub(variable * tf.cast(self.weight_decay, variable.dtype) * lr)
 
             for variable in variables:
-                variable = getattr(variable, "value", variable)  # a keras Variable's tf.Variable
+                if isinstance(variable, keras.Variable):  # its tf.Variable, as Keras' own decay does
+                    variable = variable.value
                 distribution.extended.update(variable, decay, group=False)
 
         tf.__internal__.distribute.interim.maybe_merge_call(apply, self._distribution_strategy, variables)

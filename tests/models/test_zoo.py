@@ -222,26 +222,36 @@ def test_every_registered_model_has_a_tiny_form_for_the_training_tests():
     import registry
 
     registry.load_all()
-    built_in = {n for n in MODELS.names() if MODELS.original(n).__module__.startswith("segtrain.")}
-    assert built_in == set(tiny.TINY_MODELS)
+    assert set(_built_in(MODELS)) == set(tiny.TINY_MODELS)
+
+
+def _page_table(marker: str, header: str) -> dict[str, str]:
+    """{name: row} of the table after ``<!-- marker -->`` in docs/pages/models.md, whose first two
+    lines must be ``header``."""
+    import re
+
+    from tests.conftest import REPO
+
+    page = open(f"{REPO}/docs/pages/models.md").read()
+    lines = page.split(f"<!-- {marker} -->\n")[1].split("\n<!-- end")[0].splitlines()
+    assert "\n".join(lines[:2]) == header
+    return {re.match(r"\| `(\w+)`", line).group(1): line for line in lines[2:]}
+
+
+def _built_in(registry) -> list[str]:
+    """The names registered by segtrain itself (not by tests or installed plugins)."""
+    return [n for n in registry.names() if registry.original(n).__module__.startswith("segtrain.")]
 
 
 @pytest.mark.slow
 def test_the_docs_model_table_is_the_generated_one():
     """Every column but GFLOPs is recomputed (GFLOPs: one cheap model, the rest take a minute)."""
-    import re
-
     import registry
     from segtrain.models import zoo
-    from tests.conftest import REPO
 
     registry.load_all()
-    readme = open(f"{REPO}/docs/pages/models.md").read()
-    block = readme.split("<!-- model table: segtrain list --models --details -->\n")[1].split("\n<!-- end")[0]
-    lines = block.splitlines()
-    assert "\n".join(lines[:2]) == zoo.HEADER
-    rows = {re.match(r"\| `(\w+)`", l).group(1): l for l in lines[2:]}
-    built_in = [n for n in MODELS.names() if MODELS.original(n).__module__.startswith("segtrain.")]
+    rows = _page_table("model table: segtrain list --models --details", zoo.HEADER)
+    built_in = _built_in(MODELS)
     assert sorted(rows) == sorted(built_in)
     for name in built_in:
         d = zoo.details(name, flops=name == "xception_unet")
@@ -256,18 +266,11 @@ def test_the_docs_model_table_is_the_generated_one():
 def test_the_docs_backbone_table_is_the_generated_one():
     """Every backbone's cheap columns (preprocessing, ImageNet weights, source); all columns of the
     small ones (building all 25 at 512x512 takes minutes)."""
-    import re
-
     from registry import BACKBONES
     from segtrain.models import pretrained, zoo
-    from tests.conftest import REPO
 
-    page = open(f"{REPO}/docs/pages/models.md").read()
-    block = page.split("<!-- backbone table: segtrain list --backbones --details -->\n")[1].split("\n<!-- end")[0]
-    lines = block.splitlines()
-    assert "\n".join(lines[:2]) == zoo.BACKBONE_HEADER
-    rows = {re.match(r"\| `(\w+)`", line).group(1): line for line in lines[2:]}
-    built_in = [n for n in BACKBONES.names() if BACKBONES.original(n).__module__.startswith("segtrain.")]
+    rows = _page_table("backbone table: segtrain list --backbones --details", zoo.BACKBONE_HEADER)
+    built_in = _built_in(BACKBONES)
     assert sorted(rows) == sorted(built_in)
     for name in built_in:
         backbone = BACKBONES.get(name)()
