@@ -219,6 +219,7 @@ class Experiment:
         self.metric_names = tuple(self.config.metrics)
         # Resolve every plugin name now: a typo fails before any work.
         self._dataset_fn = DATASETS.get(self.config.dataset)
+        self._reads: dict[str, tuple[tf.data.Dataset, DatasetInfo]] = {}
         self._model_fn = MODELS.get(self.config.model)
         self._loss_factory = LOSSES.get(self.config.loss)
 
@@ -231,8 +232,15 @@ class Experiment:
         return damaged_data(DATASETS.original(name), splits, gin.get_bindings(f"datasets.{name}"))
 
     def read(self, split: str) -> tuple[tf.data.Dataset, DatasetInfo]:
-        """What the dataset plugin returns for ``split``: examples (maybe encoded) and facts."""
-        return self._dataset_fn(split=split)
+        """What the dataset plugin returns for ``split``: examples (maybe encoded) and facts.
+
+        Read once per split: the facts and the pipeline of a split share one dataset object
+        (a tf.data graph is reused, not consumed), so a plugin that traces its own ops, as
+        `shapes` does, pays for that once.
+        """
+        if split not in self._reads:
+            self._reads[split] = self._dataset_fn(split=split)
+        return self._reads[split]
 
     @functools.cached_property
     def info(self) -> DatasetInfo:

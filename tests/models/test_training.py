@@ -49,7 +49,7 @@ CASES = [(setting, model) for setting in SETTINGS for model in SETTINGS[setting]
 def trained(tmp_path_factory):
     spec = {"root": str(tmp_path_factory.mktemp("zoo")), "models": TRAINED, "settings": SETTINGS}
     # One process, one setting after the other: side by side they would only contend for the
-    # same cores, with the other test worker. XLA_FLAGS (tests/conftest.py) shorten the compiles.
+    # same cores, with the other test worker.
     proc = subprocess.run([sys.executable, "-m", "tests.models.train_all", json.dumps(spec)], cwd=REPO,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True, timeout=1500)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
