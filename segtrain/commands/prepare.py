@@ -15,7 +15,7 @@ from registry import DATASETS
 from segtrain.commands.common_flags import gin_flags, verbosity_flag
 from segtrain.commands.configure import parse_config
 from segtrain.data.files import preparable
-from segtrain.data.prepare import prepare, prepared_dir
+from segtrain.data.prepare import EXAMPLES_PER_WORKER, prepare, prepared_dir
 from segtrain.data.raw import Source
 from segtrain.errors import SegtrainError
 from segtrain.runtime.lock import DirectoryLock
@@ -109,7 +109,8 @@ def define_flags(fv):
                         flag_values=fv)
     flags.DEFINE_string("data_dir", None, "Where the prepared dataset is written (gin: datasets.NAME.data_dir).",
                         flag_values=fv)
-    flags.DEFINE_integer("num_workers", None, "Processes that decode and check images (default: all cores).",
+    flags.DEFINE_integer("num_workers", None, "Processes that decode and check images (default: all cores, at most one per "
+                         f"{EXAMPLES_PER_WORKER} images).",
                          lower_bound=1, flag_values=fv)
     flags.DEFINE_list("splits", None, "The splits to prepare, e.g. train,val (default: all of the dataset's).",
                       flag_values=fv)

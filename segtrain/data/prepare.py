@@ -235,6 +235,17 @@ def remove_unfinished(data_dir: str, source: Source, stream: TextIO) -> None:
               f"not finish.", file=stream, flush=True)
 
 
+# A worker process starts by importing TensorFlow (about 6 s of CPU); decoding and checking an
+# example takes milliseconds, so a worker pays for itself only over hundreds of examples.
+EXAMPLES_PER_WORKER = 500
+
+
+def default_workers(total: int) -> int:
+    """Worker processes for ``total`` examples when --num_workers is not given: every core, but no
+    more than one per ``EXAMPLES_PER_WORKER`` examples (a small dataset is decoded here)."""
+    return max(1, min(os.cpu_count() or 1, -(-total // EXAMPLES_PER_WORKER)))
+
+
 def prepare(
     source: Source,
     source_dir: str,
@@ -251,7 +262,8 @@ def prepare(
       source: the dataset layout.
       source_dir: the raw files.
       data_dir: where the prepared dataset goes (``<data_dir>/<name>/<version>``).
-      num_workers: processes that decode and check examples (default: every CPU core).
+      num_workers: processes that decode and check examples (default: every CPU core, but no
+        more than one per ``EXAMPLES_PER_WORKER`` examples; 1 decodes in this process).
       skip_bad_examples: leave bad examples out (listed in skipped_examples.txt) instead of failing.
       overwrite: rebuild a dataset that is already prepared.
       splits: the splits to prepare (default: every split of the dataset), e.g. Cityscapes'
@@ -303,7 +315,7 @@ def prepare(
             "Add the missing files or remove the strays, or run again with --skip_bad_examples. Nothing was written.",
         ))
     total = sum(len(v) for v in examples.values())
-    workers = max(1, min(num_workers or os.cpu_count() or 1, total))
+    workers = max(1, min(num_workers or default_workers(total), total))
     sizes = ", ".join(f"{s} {len(v)}" for s, v in examples.items())
     print(f"Preparing {source.name} from {source_dir} into {target}: {sizes} examples, {workers} worker(s).",
           file=stream, flush=True)
