@@ -26,13 +26,15 @@ def test_prepare_then_train_on_two_replicas(tmp_path):
     (raw / "images" / "cat_3.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     args = ["prepare", "--dataset=oxford_iiit_pet", f"--source_dir={raw}", f"--data_dir={out}", "--num_workers=2"]
 
-    failed = segtrain_cli(*args)
+    # In this process (the worker pool's processes are fresh ones all the same); the training
+    # below needs one of its own for its logical devices.
+    failed = segtrain_main(*args)
     assert failed.returncode == 1, failed.stderr[-2000:]
     assert "error: oxford_iiit_pet in" in failed.stderr and "cat_3.jpg: corrupt or truncated image" in failed.stderr
     assert "Traceback" not in failed.stderr
     assert not (out / "oxford_iiit_pet" / "1.0.0").exists()
 
-    done = segtrain_cli(*args, "--skip_bad_examples")
+    done = segtrain_main(*args[:-1], "--num_workers=1", "--skip_bad_examples")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "prepare trainval image 8/8" in done.stdout and "img/s" in done.stdout
     assert "Skipped 1 bad example(s)" in done.stdout and "trainval 7, test 3 examples" in done.stdout
@@ -195,3 +197,15 @@ def test_a_worker_killed_mid_prepare_is_one_message_and_nothing_is_written(tmp_p
                                             r"--num_workers \(now 2\)"):
         prepare(pets.OxfordIiitPet(), str(raw), str(out), num_workers=2)
     assert not is_prepared(str(out), pets.OxfordIiitPet()) and not unfinished(str(out), pets.OxfordIiitPet())
+
+
+def test_a_small_dataset_is_decoded_in_one_process_unless_workers_are_asked_for(monkeypatch):
+    """A worker process starts by importing TensorFlow (seconds): without --num_workers, one per
+    EXAMPLES_PER_WORKER examples at most, and never more than the cores."""
+    from segtrain.data import prepare as P
+
+    monkeypatch.setattr(P.os, "cpu_count", lambda: 8)
+    per = P.EXAMPLES_PER_WORKER
+    assert [P.default_workers(n) for n in (1, per, per + 1, 3 * per, 100 * per)] == [1, 1, 2, 3, 8]
+    monkeypatch.setattr(P.os, "cpu_count", lambda: None)
+    assert P.default_workers(100 * per) == 1
