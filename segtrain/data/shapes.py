@@ -78,7 +78,7 @@ def shapes(
     stream = seed * len(SPLITS) + SPLITS.index(split)
 
     # Plain TF ops and Python loops over Python numbers: nothing for autograph to convert, and
-    # its conversion cost a second at every process start.
+    # converting it cost about half a second at every process start.
     @tf.autograph.experimental.do_not_convert
     def generate(index):
         return draw_example(
