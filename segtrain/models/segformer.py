@@ -76,6 +76,10 @@ class EfficientAttention(keras.layers.Layer):
         head_dim = self.dim // self.heads
 
         def split_heads(t):  # [B, h, w, C] -> [B, heads, h*w, C/heads]
+            if self.heads == 1:
+                # A reshape, not a transpose that moves a size-1 axis: tf2onnx rewrites such a
+                # transpose into a reshape that loses the batch (ONNX Runtime fails at batch > 1).
+                return ops.reshape(t, (batch, 1, -1, head_dim))
             t = ops.reshape(t, (batch, -1, self.heads, head_dim))
             return ops.transpose(t, (0, 2, 1, 3))
 
@@ -85,7 +89,9 @@ class EfficientAttention(keras.layers.Layer):
         k, v = split_heads(k), split_heads(v)
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / ops.cast(head_dim ** 0.5, q.dtype)
         attended = ops.matmul(ops.softmax(scores, axis=-1), v)  # [B, heads, h*w, C/heads]
-        attended = ops.reshape(ops.transpose(attended, (0, 2, 1, 3)), (batch, height, width, self.dim))
+        if self.heads > 1:
+            attended = ops.transpose(attended, (0, 2, 1, 3))
+        attended = ops.reshape(attended, (batch, height, width, self.dim))
         return self.projection(attended)
 
     def compute_output_shape(self, input_shape):

@@ -138,11 +138,14 @@ class OverlapTilePad(keras.layers.Layer):
         scale, margin = 2**self.depth, 6 * 2**self.depth - 4
         for axis in (1, 2):
             size = tf.shape(images)[axis]
-            bottom = tf.maximum(5, -((-(size + 8 * scale - 4)) // scale))
+            # A ceiling division of positive numbers only (see the floormod below).
+            bottom = tf.maximum(5, (size + 8 * scale - 4 + scale - 1) // scale)
             padded = scale * bottom + 4 * (scale - 1)
-            index = tf.range(padded) - margin
             # Reflection without repeating the edge pixel, periodic for pads longer than the image.
             period = tf.maximum(2 * (size - 1), 1)
+            # Shifted by whole periods to be non-negative first: converters (tf2onnx) compute an
+            # integer floormod of a negative number as a truncating remainder.
+            index = tf.range(padded) - margin + period * (margin // period + 1)
             index = tf.math.floormod(index, period)
             index = tf.where(index >= size, period - index, index)
             images = tf.gather(images, index, axis=axis)
