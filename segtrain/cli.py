@@ -5,9 +5,12 @@
         [--precision=float32|mixed_float16|mixed_bfloat16] [--xla] [--profile_steps=A,B]
     segtrain evaluate --model_dir=D [--split=test] [--checkpoint=best|latest|ckpt-N] [--batch_size=N]
         [--mode=whole|slide --crop_size=H,W --stride=H,W] [--scales=0.75,1.0,1.25 --flip] [--postprocess=dense_crf]
+    segtrain evaluate --export=E [--split=test]      # an export of any format, in its own runtime
     segtrain predict --model_dir=D --input=FILES_GLOB_OR_DIR --output=OUT [--probabilities] [--strict]
         [--mode/--crop_size/--stride/--scales/--flip/--postprocess as evaluate]
-    segtrain export --model_dir=D --output=E [--probabilities] [--overwrite]
+    segtrain predict --export=E --input=... --output=OUT
+    segtrain export --model_dir=D --output=E [--format=saved_model|tflite|onnx] [--quantize=float16|dynamic|int8]
+        [--image_size=H,W] [--calibration_images=N] [--opset=N] [--evaluate_split=S] [--probabilities] [--overwrite]
     segtrain explain --model_dir=D --input=... --class=NAME [--layer=L|list] [--box=Y0,X0,Y1,X1] [--activations]
         [--output=O] [--checkpoint=best|latest|ckpt-N]
     segtrain prepare --dataset=voc2012 --source_dir=RAW --data_dir=OUT [--num_workers=K] [--splits=train,val]

@@ -233,6 +233,53 @@ class Evaluator:
         return results, cm
 
 
+def evaluate_exported(exported, dataset: tf.data.Dataset, info: DatasetInfo, loss_fn, normalization,
+                      metric_names: Sequence[str] = metrics.DEFAULT_METRICS, label: str = "eval") -> tuple[dict, np.ndarray]:
+    """One pass over ``dataset`` with an exported model; returns ({'loss': ..., metric: ...}, confusion matrix).
+
+    The export gets what a client would send: each example's image, cropped to its own size and
+    turned back into uint8 RGB (``normalization.invert``), alone or with the examples of its batch
+    that share its size. Its logits are then scored exactly as a checkpoint's are: mapped onto the
+    label (``fit_to_labels``), counted in one confusion matrix, the run's loss averaged.
+
+    Args:
+      exported: a callable ``logits(uint8 [B,H,W,3]) -> float32 [B,H,W,C]`` (an Exported's ``logits``).
+      dataset: finite batches of the evaluation pipeline (one process, no strategy).
+      info: the dataset's facts.
+      loss_fn: per-example loss, ``loss(labels, logits) -> [B]``.
+      normalization: the pipeline's input normalisation (inverted to give the export its pixels).
+      metric_names: registered metrics to compute.
+      label: the progress line's name.
+    """
+    progress, by_image = _progress(label, dataset)
+    c = info.num_classes
+    cm, loss_sum, count, done, t0 = np.zeros([c, c], np.int64), 0.0, 0.0, 0, time.perf_counter()
+    for batch in dataset:
+        image_sizes, label_sizes = batch["image_size"].numpy(), batch["label_size"].numpy()
+        labels = batch["label"]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (h, w) in enumerate(image_sizes):
+            groups.setdefault((int(h), int(w)), []).append(i)
+        for (h, w), members in groups.items():
+            pixels = np.stack([normalization.invert(batch["image"][i, :h, :w]) for i in members])
+            logits = tf.constant(np.asarray(exported(pixels), np.float32))
+            group_labels = tf.gather(labels, members)
+            fitted = fit_to_labels(logits, {"image_size": image_sizes[members], "label_size": label_sizes[members]},
+                                   tf.shape(group_labels)[1:3])
+            cm += metrics.confusion_matrix(group_labels, tf.argmax(fitted, -1), c, info.ignore_label).numpy()
+            loss_sum += float(tf.reduce_sum(loss_fn(group_labels, fitted)))
+            count += len(members)
+        done += 1
+        elapsed = time.perf_counter() - t0
+        progress.update(int(count) if by_image else done, count / elapsed if elapsed > 0 else None)
+    progress.close()
+    if not count:
+        raise SegtrainError(f"{label}: the evaluation split of dataset '{info.name}' is empty.")
+    results = {"loss": loss_sum / count}
+    results.update(metrics.compute(cm, metric_names))
+    return results, cm
+
+
 def fit_to_labels(logits: tf.Tensor, batch: dict, label_shape: tf.Tensor) -> tf.Tensor:
     """``logits`` of a batch mapped onto its labels' (padded) grid.
 

@@ -160,13 +160,22 @@ def test_output_is_required(trained_run):
 @pytest.mark.slow
 def test_overwrite_replaces_the_old_export(exported_mixed):
     assert sorted(os.listdir(exported_mixed)) == sorted(["assets", "fingerprint.pb", "saved_model.pb", "variables",
-                                                         export_lib.METADATA_FILE])
+                                                         export_lib.METADATA_FILE, "MODEL_CARD.md", "gradcam.png"])
     assert os.listdir(os.path.dirname(exported_mixed)) == ["1"]
 
 
 def _tiny_model():
     inputs = keras.Input((None, None, 3))
     return keras.Model(inputs, keras.layers.Conv2D(3, 1, name="logits")(inputs))
+
+
+def test_a_saved_model_stores_each_weight_once(tmp_path):
+    inputs = keras.Input((None, None, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(256, 3, padding="same")(inputs))  # 27 kB of weights
+    export_lib.export_model(str(tmp_path / "export"), model, model, lambda v: v / 255.0, 256)
+    data = sum(os.path.getsize(p) for p in (tmp_path / "export" / "variables").glob("variables.data-*"))
+    weights = sum(np.asarray(w).nbytes for w in model.weights)
+    assert weights <= data < 1.1 * weights
 
 
 def test_export_model_replaces_an_old_export_once_the_new_one_is_complete(tmp_path):

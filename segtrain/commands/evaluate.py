@@ -22,7 +22,7 @@ from segtrain import plots
 from segtrain import run_dir
 from segtrain.commands.common_flags import bindings, inference_flags, own_flags, trained_run_flags, verbosity_flag
 from segtrain.commands.trained_run import parse_run, restored
-from segtrain.errors import data_errors
+from segtrain.errors import SegtrainError, data_errors
 from segtrain.evaluation import format_table, per_class, results_record, write_results
 
 
@@ -36,9 +36,19 @@ def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[st
       flags: the command line's flags (split, checkpoint, batch_size, the inference flags,
         postprocess, cpu_replicas); they win over gin.
     """
+    model_dir = model_dir or export_run(flags.get("export"))
     parse_run(model_dir, gin_files, [*gin_params, *bindings("evaluate", flags)])  # a flag given wins
     evaluate(model_dir)
     return 0
+
+
+def export_run(export: str | None) -> str | None:
+    """The run directory an export came from (its segtrain_export.json says), or None."""
+    if not export:
+        return None
+    from segtrain.export.runtime import read_metadata
+
+    return read_metadata(export)[1].get("model_dir")
 
 
 def strategy_for(cpu_replicas: int = 0) -> tf.distribute.Strategy:
@@ -69,7 +79,7 @@ def postprocessor_for(name: str | None, refine: bool = True):
 def evaluate(model_dir: str, split: str = "test", checkpoint: str = "best", batch_size: int | None = None,
              mode: str | None = None, crop_size: Sequence[int] | None = None, stride: Sequence[int] | None = None,
              scales: Sequence[float] | None = None, flip: bool | None = None, postprocess: str | None = None,
-             cpu_replicas: int = 0) -> dict:
+             cpu_replicas: int = 0, export: str | None = None) -> dict:
     """Evaluates a trained run on a split; prints the table and writes the results and the picture.
 
     Args:
@@ -82,11 +92,17 @@ def evaluate(model_dir: str, split: str = "test", checkpoint: str = "best", batc
       postprocess: a registered refining post-processor (e.g. 'dense_crf'): the metrics are
         reported with and without it.
       cpu_replicas: mirror over this many logical CPUs (machines without GPUs; tests).
+      export: evaluate this export (a directory `segtrain export` wrote, or its model file) in its
+        own runtime instead of a checkpoint; the results and picture go into the export's directory.
 
     Returns:
       The results: loss and every metric, plus 'split', 'step', 'checkpoint', 'inference',
       'class_names', 'per_class', 'confusion_matrix' (and 'postprocessed').
     """
+    if export:
+        given = {"--mode": mode, "--crop_size": crop_size, "--stride": stride, "--scales": scales, "--flip": flip,
+                 "--postprocess": postprocess, "--cpu_replicas": cpu_replicas or None}
+        return evaluate_export(model_dir, export, split, batch_size, [k for k, v in given.items() if v is not None])
     processor = postprocessor_for(postprocess)
     from segtrain.experiment import Experiment
 
@@ -118,12 +134,53 @@ def evaluate(model_dir: str, split: str = "test", checkpoint: str = "best", batc
     return results
 
 
+def evaluate_export(model_dir: str, export: str, split: str = "test", batch_size: int | None = None,
+                    refused: Sequence[str] = ()) -> dict:
+    """Evaluates an export (any format) in its own runtime on a split of its run's dataset.
+
+    Writes eval_results.json and confusion_matrix.png into the export's directory.
+    """
+    from segtrain.evaluation import evaluate_exported
+    from segtrain.experiment import Experiment
+    from segtrain.export.runtime import load
+
+    if refused:
+        raise SegtrainError(f"{', '.join(refused)}: an export runs as it was exported (its inference settings are "
+                            f"inside it); evaluate the checkpoint for other settings, or export again.")
+    exported = load(export)
+    metadata = exported.metadata
+    experiment = Experiment(split=split)
+    if int(experiment.info.num_classes) != exported.num_classes:
+        raise SegtrainError(f"--export={export} has {exported.num_classes} classes, but split '{split}' of "
+                            f"{model_dir}'s dataset has {experiment.info.num_classes}: not this run's export.")
+    step = int(metadata.get("step", -1))
+    with data_errors(lambda e: experiment.damaged_data(e, [split])):
+        print(f"Evaluating the {exported.describe()} (step {step} of {model_dir}) on split '{split}'")
+        results, cm = evaluate_exported(exported.logits, experiment.eval_dataset(split, batch_size), experiment.info,
+                                        experiment.loss_fn, experiment.normalization, experiment.metric_names)
+    names = list(experiment.info.class_names)
+    print(format_table(results, names))
+    results = results_record(results, cm, names, split, step, exported.describe(),
+                             os.path.basename(metadata.get("checkpoint", "")))
+    results["export"] = os.path.abspath(exported.path)
+    out = os.path.join(exported.directory, run_dir.RESULTS)
+    write_results(out, results)
+    print(f"Wrote {out}")
+    picture = os.path.join(exported.directory, run_dir.CONFUSION_PICTURE)
+    if plots.write_confusion_matrix(picture, cm, names, f"{exported.describe()}\n{split}, step {step}"):
+        print(f"Wrote {picture}")
+    return results
+
+
 def define_flags(fv):
     trained_run_flags(fv, "evaluate")
     flags.DEFINE_string("split", "test", "The dataset split to evaluate (gin: evaluate.split).", flag_values=fv)
     flags.DEFINE_integer("batch_size", None, "Batch size (default: the run's; gin: evaluate.batch_size).",
                          lower_bound=1, flag_values=fv)
     inference_flags(fv, "evaluate")
+    flags.DEFINE_string("export", None, "Evaluate this export (a directory `segtrain export` wrote, or its "
+                        "model.tflite / model.onnx) in its own runtime instead of a checkpoint; --model_dir defaults "
+                        "to its run. Results go into the export's directory.", flag_values=fv)
     flags.DEFINE_integer("cpu_replicas", 0, "Mirror the evaluation over N logical CPUs (machines without GPUs; "
                          "several GPUs are used by themselves).", lower_bound=0, flag_values=fv)
     verbosity_flag(fv)

@@ -22,6 +22,7 @@ import collections
 import io
 import os
 import time
+import types
 from typing import Sequence
 
 import gin
@@ -44,7 +45,14 @@ SUMMARY_FILE = "predictions.json"
 
 
 def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[str], flags: dict) -> int:
-    parse_run(model_dir, gin_files, [*gin_params, *bindings("predict", flags)])  # a flag given wins
+    params = [*gin_params, *bindings("predict", flags)]  # a flag given wins
+    if model_dir is None and flags.get("export"):
+        # An export holds all predict needs (class names, palette, the model): no run is read.
+        from segtrain import config
+
+        config.parse(gin_files, params)
+    else:
+        parse_run(model_dir, gin_files, params)
     predict(model_dir)
     return 0
 
@@ -81,7 +89,7 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
             checkpoint: str = "best", probabilities: bool = False, strict: bool = False, batch_size: int = 4,
             mode: str | None = None, crop_size: Sequence[int] | None = None, stride: Sequence[int] | None = None,
             scales: Sequence[float] | None = None, flip: bool | None = None, postprocess: str | None = None,
-            overlay_alpha: float = 0.5) -> dict:
+            overlay_alpha: float = 0.5, export: str | None = None) -> dict:
     """Segments every image of ``input`` into ``output``.
 
     Args:
@@ -96,6 +104,8 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
       postprocess: a registered post-processor: a refiner (dense_crf) changes the masks, an
         instance maker (watershed_instances) adds instance PNGs.
       overlay_alpha: weight of the class colours in the overlay.
+      export: predict with this export (a directory `segtrain export` wrote, or its model file)
+        in its own runtime instead of a checkpoint; ``model_dir`` may then be None.
 
     Returns:
       The summary written to ``output``/predictions.json.
@@ -106,11 +116,32 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         raise SegtrainError(f"--batch_size={batch_size}: use an integer >= 1.")
     paths = images.list_inputs(input or "")
     processor = postprocessor_for(postprocess, refine=False)
-    experiment, checkpoint_path, step = restored(model_dir, checkpoint)
-    info, normalization = experiment.info, experiment.normalization
-    inference = experiment.inference(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip)
-    palette = info.palette_array()
-    run_batch = tf.function(lambda x: inference.probabilities(normalization(x)), reduce_retracing=True)
+    if export:
+        refused = [k for k, v in {"--mode": mode, "--crop_size": crop_size, "--stride": stride, "--scales": scales,
+                                  "--flip": flip}.items() if v is not None]
+        if refused:
+            raise SegtrainError(f"{', '.join(refused)}: an export runs as it was exported (its inference settings are "
+                                f"inside it); predict with the checkpoint for other settings, or export again.")
+        from segtrain.export.runtime import load
+
+        exported = load(export)
+        info = types.SimpleNamespace(class_names=tuple(exported.metadata["class_names"]))
+        palette = np.zeros((256, 3), np.uint8)  # as DatasetInfo.palette_array: the ignore label white
+        palette[:exported.num_classes] = np.asarray(exported.metadata["palette"], np.uint8)
+        palette[int(exported.metadata.get("ignore_label", 255))] = (255, 255, 255)
+        checkpoint_path, step = exported.path, exported.metadata.get("step", -1)
+        described = exported.describe()
+        model_dir = model_dir or exported.metadata.get("model_dir")
+
+        def run_batch(x):
+            return tf.nn.softmax(exported.logits(x.numpy()), axis=-1)
+    else:
+        experiment, checkpoint_path, step = restored(model_dir, checkpoint)
+        info, normalization = experiment.info, experiment.normalization
+        inference = experiment.inference(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip)
+        palette = info.palette_array()
+        described = inference.options.describe()
+        run_batch = tf.function(lambda x: inference.probabilities(normalization(x)), reduce_retracing=True)
 
     skipped: dict[str, str] = {}
 
@@ -130,7 +161,7 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
     os.makedirs(output, exist_ok=True)
     names = output_names(paths)
     print(f"Predicting {len(paths) - len(skipped)} images with {os.path.basename(checkpoint_path)} (step {step}) "
-          f"of {model_dir}: {inference.options.describe()}" + (f", then {postprocess}" if postprocess else ""))
+          f"of {model_dir}: {described}" + (f", then {postprocess}" if postprocess else ""))
     progress = Progress("predict", len(paths) - len(skipped), unit="image")
     written: dict[str, list[str]] = {}
     done, t0 = 0, time.perf_counter()
@@ -155,7 +186,7 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
             progress.update(done, done / max(time.perf_counter() - t0, 1e-9))
     progress.close()
     summary = {"model_dir": model_dir, "checkpoint": os.path.basename(checkpoint_path), "step": step,
-               "inference": inference.options.describe(), "postprocess": postprocess,
+               "inference": described, "postprocess": postprocess, **({"export": export} if export else {}),
                "class_names": list(info.class_names), "written": written, "skipped": skipped}
     write_json(os.path.join(output, SUMMARY_FILE), summary)
     if not written:
@@ -202,6 +233,9 @@ def define_flags(fv):
     flags.DEFINE_integer("batch_size", None, "Images of one size inferred together (gin: predict.batch_size).",
                          lower_bound=1, flag_values=fv)
     inference_flags(fv, "predict")
+    flags.DEFINE_string("export", None, "Predict with this export (a directory `segtrain export` wrote, or its "
+                        "model.tflite / model.onnx) in its own runtime instead of a checkpoint; no --model_dir "
+                        "needed.", flag_values=fv)
     verbosity_flag(fv)
 
 
