@@ -20,6 +20,20 @@ image's class probabilities:
 Each is warmed up once (tracing, the first batch), then timed ``--rounds`` times over every
 image, the rounds interleaved so a noisy neighbour hurts all alike; the best round counts. It
 prints images/s of each and each one's speed as a ratio to model.predict's.
+
+    python benchmarks/bench_infer.py --model_dir=runs/quickstart --formats --size=96,96
+
+With ``--formats`` it compares the export formats instead: it writes each export with `segtrain
+export` (SavedModel, ONNX, TFLite float32 / float16 / dynamic / int8 at ``--size``, int8
+calibrated on ``--calibration_images`` training images), then gives per format:
+
+  latency     milliseconds per image of ``--size`` at batch 1 and at batch 8 in the export's own
+              runtime (TensorFlow, ONNX Runtime, the LiteRT interpreter), best of ``--rounds``
+              rounds interleaved across formats, and as a multiple of the SavedModel's speed
+  size        the model file (the SavedModel directory's files)
+  mean IoU    on ``--split`` with `segtrain evaluate --export`'s code: the export sees uint8
+              images as a client sends them (a TFLite export resizes them to its one size),
+              next to the checkpoint's own mean IoU
 """
 
 from __future__ import annotations
@@ -53,6 +67,80 @@ def photo_like(n: int, h: int, w: int, seed: int = 0):
     return out
 
 
+EXPORTS = (("saved_model", "saved_model", None), ("onnx", "onnx", None), ("tflite float32", "tflite", None),
+           ("tflite float16", "tflite", "float16"), ("tflite dynamic", "tflite", "dynamic"),
+           ("tflite int8", "tflite", "int8"))
+
+
+def file_size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def formats(args) -> int:
+    """The --formats table (see the module doc)."""
+    h, w = (int(v) for v in args.size.split(","))
+
+    import tensorflow as tf
+
+    import gin
+    from segtrain.commands import export as export_command
+    from segtrain.commands.trained_run import parse_run, restored
+    from segtrain.evaluation import evaluate_exported
+    from segtrain.export import runtime
+
+    work = tempfile.mkdtemp(prefix="bench_export_")
+    paths = {}
+    for name, fmt, quantize in EXPORTS:
+        gin.clear_config()
+        parse_run(args.model_dir)
+        with contextlib.redirect_stdout(io.StringIO()):
+            paths[name] = export_command.export(
+                args.model_dir, output=os.path.join(work, name.replace(" ", "_")), format=fmt, quantize=quantize,
+                image_size=(h, w) if fmt == "tflite" else None, calibration_images=args.calibration_images)
+    gin.clear_config()
+    parse_run(args.model_dir)
+    experiment, _, step = restored(args.model_dir, split=args.split)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        reference, _ = experiment.evaluator().run(experiment.eval_dataset(args.split))
+    loaded = {name: runtime.load(path) for name, path in paths.items()}
+    miou, sizes = {}, {}
+    for name, exported in loaded.items():
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            results, _ = evaluate_exported(exported.logits, experiment.eval_dataset(args.split), experiment.info,
+                                           experiment.loss_fn, experiment.normalization, experiment.metric_names)
+        miou[name] = results["mean_iou"]
+        sizes[name] = file_size(exported.path)
+
+    images = photo_like(args.num_images, h, w)
+    best = {}
+    for exported in loaded.values():  # warm-up: the first call allocates and compiles
+        exported(images[:1])
+        exported(images[:8])
+    for _ in range(args.rounds):
+        for name, exported in loaded.items():
+            for batch in (1, 8):
+                t0 = time.perf_counter()
+                for start in range(0, len(images), batch):
+                    exported(images[start:start + batch])
+                ms = 1000 * (time.perf_counter() - t0) / len(images)
+                best[name, batch] = min(best.get((name, batch), float("inf")), ms)
+    print(f"{args.model_dir} (step {step}, model {experiment.config.model}); {args.num_images} images of {h}x{w}, "
+          f"best of {args.rounds} rounds; mean IoU on split '{args.split}'; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, TensorFlow {tf.__version__}")
+    print(f"checkpoint (TensorFlow, at each image's own size): mean IoU {reference['mean_iou']:.4f}")
+    base1, base8 = best["saved_model", 1], best["saved_model", 8]
+    print(f"{'export':<16} {'ms/img b1':>9} {'vs SM':>6} {'ms/img b8':>9} {'vs SM':>6} {'size':>10} {'mean IoU':>9} "
+          f"{'vs ckpt':>8}")
+    for name in loaded:
+        b1, b8 = best[name, 1], best[name, 8]
+        print(f"{name:<16} {b1:>9.2f} {base1 / b1:>5.2f}x {b8:>9.2f} {base8 / b8:>5.2f}x "
+              f"{sizes[name] / 1e6:>8.2f}MB {miou[name]:>9.4f} {miou[name] - reference['mean_iou']:>+8.4f}")
+    print("(vs SM: speed as a multiple of the SavedModel's; vs ckpt: mean IoU change against the checkpoint)")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_dir", default="runs/quickstart", help="a run `segtrain train` wrote")
@@ -60,14 +148,18 @@ def main() -> int:
     parser.add_argument("--size", default="256,256", help="H,W of every image")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--formats", action="store_true", help="compare the export formats (see above)")
+    parser.add_argument("--split", default="test", help="--formats: the split mean IoU is measured on")
+    parser.add_argument("--calibration_images", type=int, default=100, help="--formats: int8 calibration images")
     args = parser.parse_args()
+    if args.formats:
+        return formats(args)
     h, w = (int(v) for v in args.size.split(","))
 
-    import gin
-    import numpy as np
     import tensorflow as tf
     from PIL import Image
 
+    import gin
     from segtrain import export as export_lib
     from segtrain.commands import predict as predict_command
     from segtrain.commands.trained_run import parse_run, restored
