@@ -67,3 +67,12 @@ def in_xla_context() -> bool:
 def serialized_graph(dataset: tf.data.Dataset) -> tf.compat.v1.GraphDef:
     """The GraphDef a tf.data service would send its workers for ``dataset``."""
     return tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())
+
+
+def frozen_function(concrete: tf.types.experimental.ConcreteFunction) -> tf.types.experimental.ConcreteFunction:
+    """``concrete`` with the variables it reads folded into constants. TFLite's converter keeps a
+    Keras 3 model's variables as READ_VARIABLE ops, which the LiteRT interpreter then reads as
+    NaN; TensorFlow has no public way to freeze a function (tf2onnx uses this one too)."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    return convert_variables_to_constants_v2(concrete)

@@ -58,6 +58,15 @@ def test_tensorflow_serialises_a_datasets_graph():
         "tf.data.Dataset._as_serialized_graph changed"
 
 
+def test_tensorflow_freezes_a_functions_variables():
+    variable = tf.Variable(3.0)
+    concrete = tf.function(lambda x: x * variable).get_concrete_function(tf.TensorSpec([], tf.float32))
+    frozen = compat.frozen_function(concrete)
+    assert not frozen.graph.variables and not frozen.captured_inputs, "convert_variables_to_constants_v2 changed"
+    result = frozen(tf.constant(2.0))
+    assert float(result[0] if isinstance(result, (list, tuple)) else result) == 6.0
+
+
 @pytest.mark.slow  # configures this process's eager context: a process of its own
 def test_tensorflow_configures_the_coordination_service():
     import subprocess

@@ -31,7 +31,7 @@ from segtrain.export.tflite import QUANTIZATIONS
 from segtrain.io import write_json
 from segtrain.runtime.cluster import detect_cluster
 
-CHECK_IMAGES = 4  # training images the export is compared with the checkpoint on before it lands
+CHECK_IMAGES = 4  # images of the run's split the export is compared with the checkpoint on before it lands
 # A float export whose labels agree with the checkpoint on fewer pixels than this is a broken conversion.
 FLOAT_AGREEMENT = 0.995
 
@@ -110,18 +110,20 @@ def export(model_dir: str, output: str | None = None, checkpoint: str = "best", 
                             calibration_images, opset, evaluate_split),
     }
     metadata["inference"] = dataclasses.asdict(inference.options)
-    samples = _training_images(experiment, max(CHECK_IMAGES, calibration_images if quantize == "int8" else 0),
-                               image_size)
-    calibration = (lambda: iter(samples[:calibration_images])) if quantize == "int8" else None
+    # The check reads the split the run's facts come from (its evaluation split), which every
+    # command that uses a trained model reads anyway; only int8 calibration needs the training split.
+    samples = _first_images(experiment, experiment.split, CHECK_IMAGES, image_size)
+    calibration = None
     if quantize == "int8":
-        print(f"Calibrating int8 ranges on the first {min(calibration_images, len(samples))} images of split "
-              f"'{experiment.config.train_split}'")
-    serve = _reference(experiment, inference, probabilities)
+        train_split = experiment.config.train_split
+        calibrating = _first_images(experiment, train_split, calibration_images, image_size)
+        calibration = lambda: iter(calibrating)  # noqa: E731
+        print(f"Calibrating int8 ranges on the first {len(calibrating)} images of split '{train_split}'")
 
-    def finish(staging: str) -> None:
+    def finish(staging: str, serve) -> None:  # serve: the checkpoint's own serving function, traced
         exported = Exported(staging if format == "saved_model" else os.path.join(staging, _model_file(staging)),
                             staging, _read_json(os.path.join(staging, METADATA_FILE)))
-        check = _check(exported, serve, samples[:CHECK_IMAGES], format, quantize)
+        check = {**_check(exported, serve, samples, format, quantize), "split": experiment.split}
         exported.metadata["check"] = check
         write_json(os.path.join(staging, METADATA_FILE), exported.metadata)
         model_card.write(staging, exported, experiment, inference, path, step, evaluate_split)
@@ -192,10 +194,9 @@ def _command(model_dir, output, checkpoint, probabilities, overwrite, format, qu
     return shlex.join(words)
 
 
-def _training_images(experiment, count: int, image_size) -> list[np.ndarray]:
-    """The first ``count`` images of the training split, in order, as uint8 [H,W,3] (at
-    ``image_size`` when given): calibration and the export's check."""
-    split = experiment.config.train_split
+def _first_images(experiment, split: str, count: int, image_size) -> list[np.ndarray]:
+    """The first ``count`` images of ``split``, in order, as uint8 [H,W,3] (at ``image_size`` when
+    given): the export's check, and int8 calibration."""
     out = []
     with data_errors(lambda e: experiment.damaged_data(e, [split])):
         for batch in experiment.eval_dataset(split, batch_size=1):
@@ -205,15 +206,8 @@ def _training_images(experiment, count: int, image_size) -> list[np.ndarray]:
             if len(out) >= count:
                 break
     if not out:
-        raise SegtrainError(f"Split '{split}' has no image: the export is checked (and int8 calibrated) on it.")
+        raise SegtrainError(f"Split '{split}' has no image: the export is checked (or int8 calibrated) on it.")
     return out
-
-
-def _reference(experiment, inference, probabilities):
-    """The checkpoint's own serving function (the SavedModel's serving_default) in this process."""
-    from segtrain.export import IMAGES_SIGNATURE, serving_functions
-
-    return serving_functions(inference.logits, experiment.normalization, probabilities)[IMAGES_SIGNATURE]
 
 
 def _check(exported: Exported, serve, images: list[np.ndarray], format, quantize) -> dict:
@@ -236,7 +230,7 @@ def _check(exported: Exported, serve, images: list[np.ndarray], format, quantize
         agree += int(np.sum(got["labels"] == reference["labels"]))
         total += int(reference["labels"].size)
     check = {"images": len(images), "max_logit_difference": worst, "label_agreement": agree / total}
-    print(f"Checked the export against the checkpoint on {len(images)} training image(s): labels agree on "
+    print(f"Checked the export against the checkpoint on {len(images)} image(s): labels agree on "
           f"{100 * agree / total:.2f}% of pixels, logits differ by at most {worst:.3g}")
     if quantize is None and agree / total < FLOAT_AGREEMENT:
         raise SegtrainError(f"--format={format}: the converted model's labels agree with the checkpoint's on only "

@@ -189,7 +189,8 @@ def card(metadata: dict, names, palette, checkpoint: dict | None, export: dict |
     ]
     check = metadata.get("check")
     if check:
-        lines.append(f"- checked at export against the checkpoint on {check['images']} training image(s): labels agree "
+        lines.append(f"- checked at export against the checkpoint on {check['images']} image(s) of split "
+                     f"'{check.get('split')}': labels agree "
                      f"on {100 * check['label_agreement']:.2f}% of pixels, logits differ by at most "
                      f"{check['max_logit_difference']:.3g}")
     lines += ["", "## Made by", "", "```", metadata.get("command", "segtrain export"), "```", ""]

@@ -88,7 +88,7 @@ def export_model(
     image_size: Sequence[int] | None = None,
     calibration: Callable[[], Iterable[np.ndarray]] | None = None,
     opset: int | None = None,
-    finish: Callable[[str], None] | None = None,
+    finish: Callable[[str, Callable], None] | None = None,
 ) -> str:
     """Writes ``model`` as an export of ``format`` into the directory ``output``, atomically.
 
@@ -110,8 +110,9 @@ def export_model(
       image_size: TFLite only: the (height, width) the flat buffer takes.
       calibration: TFLite int8: a function returning uint8 images [H, W, 3] of ``image_size``.
       opset: ONNX only: the opset (default segtrain.export.onnx.DEFAULT_OPSET).
-      finish: called with the staging directory once the model and metadata are in it, before
-        it is moved into place (what it writes lands with the export, or nothing does).
+      finish: called with the staging directory and the traced ``serving_default`` function
+        once the model and metadata are in the directory, before it is moved into place (what it
+        writes lands with the export, or nothing does).
 
     Returns:
       The absolute path of the export directory.
@@ -120,7 +121,7 @@ def export_model(
       SegtrainError: ``output`` exists without ``overwrite``; the format cannot take the model.
     """
     path = check_output(output, overwrite)
-    functions = serving_functions(logits_fn, normalization, probabilities)
+    functions = serving_functions(logits_fn, normalization, probabilities, encoded=format == "saved_model")
     names = output_names(probabilities)
     fixed = format == "tflite"
     spatial = [None, int(image_size[0]), int(image_size[1])] if fixed else [None, None, None]
@@ -182,7 +183,7 @@ def export_model(
                 f.write(blob)
         write_json(os.path.join(staging, METADATA_FILE), info)
         if finish is not None:
-            finish(staging)
+            finish(staging, functions[IMAGES_SIGNATURE])
         _move_into_place(staging, path, overwrite)
     except (tf.errors.OpError, OSError, WriteError) as e:  # a full or read-only disk
         raise WriteError(path, os_reason(e), "the export") from None

@@ -1,9 +1,9 @@
 """The serving computation with its variables folded into constants, and naming a graph node's layer.
 
-Converters that read a graph (TFLite's, tf2onnx) take the serving function with the model's
-weights as constants: the TFLite converter keeps a Keras 3 model's variables as READ_VARIABLE
-ops otherwise, and the LiteRT interpreter then computes NaN logits (and full-integer
-calibration fails), so freezing first is not optional.
+TFLite's converter takes the serving function with the model's weights as constants: it keeps a
+Keras 3 model's variables as READ_VARIABLE ops otherwise, and the LiteRT interpreter then
+computes NaN logits (and full-integer calibration fails), so freezing first is not optional.
+(tf2onnx freezes by itself.)
 """
 
 from __future__ import annotations
@@ -13,26 +13,19 @@ from typing import Callable, Iterable
 
 import keras
 import tensorflow as tf
-from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-from segtrain.export.serving import IMAGES_SIGNATURE
+from segtrain.compat import frozen_function
 
 
 def frozen_module(serve: Callable, spec: tf.TensorSpec) -> tf.Module:
     """A variable-free tf.Module whose ``serve`` runs ``serve`` on ``spec`` with the same named outputs."""
     concrete = tf.function(lambda images: serve(images), input_signature=[spec], autograph=False).get_concrete_function()
-    frozen = convert_variables_to_constants_v2(concrete)
+    frozen = frozen_function(concrete)
     structure = concrete.structured_outputs  # freezing keeps the outputs but flattens their names away
     module = tf.Module()
     module.serve = tf.function(lambda images: tf.nest.pack_sequence_as(structure, frozen(images)),
                                input_signature=[spec], autograph=False)
     return module
-
-
-def save_frozen(serve: Callable, spec: tf.TensorSpec, directory: str) -> None:
-    """The frozen serving function as a variable-free SavedModel with one signature, ``serving_default``."""
-    module = frozen_module(serve, spec)
-    tf.saved_model.save(module, directory, signatures={IMAGES_SIGNATURE: module.serve})
 
 
 def layer_names(model: keras.Model) -> set[str]:

@@ -23,6 +23,7 @@ def serving_functions(
     logits_fn: Callable[[tf.Tensor], tf.Tensor],
     normalization: Callable[[tf.Tensor], tf.Tensor],
     probabilities: bool = False,
+    encoded: bool = True,
 ) -> dict[str, tf.types.experimental.GenericFunction]:
     """The serving signatures' functions, traced, by signature name.
 
@@ -31,6 +32,7 @@ def serving_functions(
         ops (``Inference.logits``: padding to the size divisor and cropping back happen there).
       normalization: uint8 RGB [B,H,W,3] -> the model's input (the run's training normalisation).
       probabilities: also return the softmax of the logits as ``probabilities``.
+      encoded: also the ``serving_bytes`` function (encoded images in; the SavedModel's only).
     """
 
     def outputs(images: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -53,9 +55,10 @@ def serving_functions(
         # The images function does the rest, so both signatures run the very same computation.
         return serve_images(decode_batch(image_bytes))
 
-    for fn in (serve_images, serve_bytes):
+    functions = {IMAGES_SIGNATURE: serve_images, **({BYTES_SIGNATURE: serve_bytes} if encoded else {})}
+    for fn in functions.values():
         fn.get_concrete_function()  # trace now: errors surface here, before anything is written
-    return {IMAGES_SIGNATURE: serve_images, BYTES_SIGNATURE: serve_bytes}
+    return functions
 
 
 def decode_batch(image_bytes: tf.Tensor) -> tf.Tensor:

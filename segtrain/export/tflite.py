@@ -13,7 +13,6 @@ name (``logits``, ``labels``, with ``probabilities`` when asked). Quantisation:
 from __future__ import annotations
 
 import re
-import tempfile
 import warnings
 from typing import Callable, Iterable, Sequence
 
@@ -21,12 +20,13 @@ import numpy as np
 import tensorflow as tf
 
 from segtrain.errors import SegtrainError
-from segtrain.export.frozen import describe_ops, save_frozen
+from segtrain.export.frozen import describe_ops, frozen_module
 
 QUANTIZATIONS = ("float16", "dynamic", "int8")
 MODEL_FILE = "model.tflite"
 
-# What the converter says of an op it cannot take: its type and the graph node it came from.
+# What the converter says of an op it cannot take, where it gives a location: its type and the
+# graph node it came from.
 _OP_ERROR = re.compile(r"fused\[\"(\w+):\", \"([^\"@]+)@[^\n]*?(?:op is neither|failed to legalize|is not supported|"
                        r"not supported)")
 
@@ -50,32 +50,41 @@ def convert(serve: Callable, image_size: Sequence[int], quantize: str | None = N
                             f"float32).")
     height, width = (int(v) for v in image_size)
     spec = tf.TensorSpec([None, height, width, 3], tf.uint8, name="images")
-    with tempfile.TemporaryDirectory(prefix="segtrain-tflite-") as directory:
-        save_frozen(serve, spec, directory)
-        converter = tf.lite.TFLiteConverter.from_saved_model(directory)
-        if quantize:
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantize == "float16":
-            converter.target_spec.supported_types = [tf.float16]
-        elif quantize == "int8":
-            if calibration is None:
-                raise SegtrainError("--quantize=int8 needs calibration images (--calibration_images).")
-            converter.representative_dataset = lambda: ({"images": np.asarray(image, np.uint8)[np.newaxis]}
-                                                        for image in calibration())
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        try:
-            with warnings.catch_warnings():
-                # int8 calibration runs TensorFlow's own (deprecated) interpreter inside the converter.
-                warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-                return converter.convert()
-        except Exception as e:  # ConverterError, and calibration's RuntimeError
-            raise SegtrainError(conversion_error(str(e), quantize, layers)) from None
+    # The frozen function's outputs are a dict, so the flat buffer's signature keeps their names.
+    module = frozen_module(serve, spec)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
+    if quantize:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "int8":
+        if calibration is None:
+            raise SegtrainError("--quantize=int8 needs calibration images (--calibration_images).")
+        converter.representative_dataset = lambda: ({"images": np.asarray(image, np.uint8)[np.newaxis]}
+                                                    for image in calibration())
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    try:
+        with warnings.catch_warnings():
+            # int8 calibration runs TensorFlow's own (deprecated) interpreter inside the converter.
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+            return converter.convert()
+    except Exception as e:  # ConverterError, and calibration's RuntimeError
+        graph = module.serve.get_concrete_function().graph.as_graph_def()
+        raise SegtrainError(conversion_error(str(e), quantize, layers, graph)) from None
 
 
-def conversion_error(message: str, quantize: str | None, layers: Iterable[str]) -> str:
-    """One line for a failed conversion: the layers and ops TFLite could not take, where it says."""
+def conversion_error(message: str, quantize: str | None, layers: Iterable[str], graph=None) -> str:
+    """One line for a failed conversion: the layers and ops TFLite could not take.
+
+    The converter names an op's graph node where it knows it; otherwise the op types it names
+    are looked up in ``graph`` (the frozen GraphDef) to find their nodes.
+    """
     what = "--format=tflite" + (f" --quantize={quantize}" if quantize else "")
     ops = _OP_ERROR.findall(message)
+    if not ops and graph is not None:
+        types = set(re.findall(r"'tf\.(\w+)' op", message))
+        nodes = [*graph.node, *(node for f in graph.library.function for node in f.node_def)]
+        ops = [(node.op, node.name) for node in nodes if node.op in types]
     if ops:
         return (f"{what}: TFLite's built-in ops cannot run {describe_ops(ops, layers)}; the export stops here, not "
                 f"on the device. Export this model as --format=saved_model or --format=onnx"
