@@ -59,7 +59,12 @@ def copy_run(run, destination) -> str:
 
 @pytest.fixture(autouse=True)
 def clean_gin():
+    """Every test starts with an empty gin config and Keras' float32 policy: an Experiment sets
+    the policy of its run's precision, and a model built without one would inherit it."""
+    import keras
+
     gin.clear_config()
+    keras.mixed_precision.set_global_policy("float32")
     yield
     gin.clear_config()
 

@@ -221,6 +221,17 @@ def test_an_export_runs_as_it_was_exported(exports):
                       "--scales", "an export runs as it was exported")
 
 
+@pytest.mark.slow
+def test_a_mixed_precision_run_exports_a_float32_model(trained_run, tmp_path):
+    """TFLite has no half-precision convolution: the weights (float32 in a mixed-precision run)
+    go into a model built at float32."""
+    output = tmp_path / "mixed"
+    _export(trained_run, output, "--format=tflite", "--gin_param=train.precision = 'mixed_bfloat16'")
+    info = json.load(open(output / METADATA_FILE))
+    assert info["trained_precision"] == "mixed_bfloat16" and info["precision"] == "float32"
+    assert info["check"]["label_agreement"] >= 0.995
+
+
 def test_an_export_that_fails_its_check_writes_nothing(trained_run, tmp_path, monkeypatch):
     from segtrain.commands import export as command
 

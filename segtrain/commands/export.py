@@ -88,6 +88,14 @@ def export(model_dir: str, output: str | None = None, checkpoint: str = "best", 
         return None
     _check_flags(format, quantize, image_size, calibration_images, opset)
     check_output(output, overwrite)  # before the model is built: a refusal costs nothing
+    try:
+        precision = gin.query_parameter("train.precision")
+    except ValueError:  # not bound: the default
+        precision = "float32"
+    if format != "saved_model" and precision != "float32":
+        # A mixed-precision run's weights are float32; TFLite and ONNX models compute in float32
+        # (TFLite's own float16 is --quantize=float16), so the model is built at float32.
+        gin.bind_parameter("train.precision", "float32")
     experiment, path, step = restored(model_dir, checkpoint)
     info = experiment.info
     inference = experiment.inference()
@@ -102,6 +110,7 @@ def export(model_dir: str, output: str | None = None, checkpoint: str = "best", 
         "dataset": info.name or experiment.config.dataset,
         "model": experiment.config.model,
         "precision": experiment.config.precision,
+        "trained_precision": precision,
         "model_dir": os.path.abspath(model_dir),
         "checkpoint": os.path.abspath(path),
         "step": step,
