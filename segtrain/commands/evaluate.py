@@ -124,14 +124,19 @@ def evaluate(model_dir: str, split: str = "test", checkpoint: str = "best", batc
     if post is not None:
         post["per_class"] = per_class(post, names)
         results["postprocessed"] = {"postprocess": postprocess, **post}
-    out = os.path.join(model_dir, run_dir.RESULTS)
+    title = f"{experiment.info.name or 'dataset'} {split}, step {step}\n{inference.options.describe()}"
+    write_evaluation(model_dir, results, cm, names, title)
+    return results
+
+
+def write_evaluation(directory: str, results: dict, cm, names: Sequence[str], title: str) -> None:
+    """eval_results.json and the confusion picture of one evaluation, written into ``directory``."""
+    out = os.path.join(directory, run_dir.RESULTS)
     write_results(out, results)
     print(f"Wrote {out}")
-    picture = os.path.join(model_dir, run_dir.CONFUSION_PICTURE)
-    title = f"{experiment.info.name or 'dataset'} {split}, step {step}\n{inference.options.describe()}"
+    picture = os.path.join(directory, run_dir.CONFUSION_PICTURE)
     if plots.write_confusion_matrix(picture, cm, names, title):
         print(f"Wrote {picture}")
-    return results
 
 
 def evaluate_export(model_dir: str, export: str, split: str = "test", batch_size: int | None = None,
@@ -163,12 +168,7 @@ def evaluate_export(model_dir: str, export: str, split: str = "test", batch_size
     results = results_record(results, cm, names, split, step, exported.describe(),
                              os.path.basename(metadata.get("checkpoint", "")))
     results["export"] = os.path.abspath(exported.path)
-    out = os.path.join(exported.directory, run_dir.RESULTS)
-    write_results(out, results)
-    print(f"Wrote {out}")
-    picture = os.path.join(exported.directory, run_dir.CONFUSION_PICTURE)
-    if plots.write_confusion_matrix(picture, cm, names, f"{exported.describe()}\n{split}, step {step}"):
-        print(f"Wrote {picture}")
+    write_evaluation(exported.directory, results, cm, names, f"{exported.describe()}\n{split}, step {step}")
     return results
 
 

@@ -6,7 +6,7 @@ scales, flips) are those `segtrain predict` uses. Each export directory holds th
 ``segtrain_export.json`` and ``MODEL_CARD.md``; with ``--evaluate_split`` the checkpoint and the
 export are both evaluated on that split first, so the card shows what the conversion cost.
 Before an export lands it is loaded in its own runtime and compared with the checkpoint on
-images of the training split (recorded as ``check`` in segtrain_export.json). In a multi-worker
+the first images of the run's evaluation split (recorded as ``check`` in segtrain_export.json). In a multi-worker
 cluster (TF_CONFIG or SLURM) only the chief writes; the other tasks return at once.
 """
 
@@ -26,7 +26,7 @@ from segtrain.commands.common_flags import bindings, own_flags, trained_run_flag
 from segtrain.commands.trained_run import parse_run, restored
 from segtrain.errors import SegtrainError, data_errors
 from segtrain.export import METADATA_FILE, check_output, export_model, output_names
-from segtrain.export.runtime import FORMATS, Exported, resize_images
+from segtrain.export.runtime import FORMATS, Exported, load, resize_images
 from segtrain.export.tflite import QUANTIZATIONS
 from segtrain.io import write_json
 from segtrain.runtime.cluster import detect_cluster
@@ -130,8 +130,7 @@ def export(model_dir: str, output: str | None = None, checkpoint: str = "best", 
         print(f"Calibrating int8 ranges on the first {len(calibrating)} images of split '{train_split}'")
 
     def finish(staging: str, serve) -> None:  # serve: the checkpoint's own serving function, traced
-        exported = Exported(staging if format == "saved_model" else os.path.join(staging, _model_file(staging)),
-                            staging, _read_json(os.path.join(staging, METADATA_FILE)))
+        exported = load(staging)
         check = {**_check(exported, serve, samples, format, quantize), "split": experiment.split}
         exported.metadata["check"] = check
         write_json(os.path.join(staging, METADATA_FILE), exported.metadata)
@@ -246,17 +245,6 @@ def _check(exported: Exported, serve, images: list[np.ndarray], format, quantize
                             f"{100 * agree / total:.2f}% of pixels (logits differ by up to {worst:.3g}): the "
                             f"conversion is wrong for this model; nothing was written.")
     return check
-
-
-def _model_file(staging: str) -> str:
-    return _read_json(os.path.join(staging, METADATA_FILE))["model_file"]
-
-
-def _read_json(path: str) -> dict:
-    import json
-
-    with open(path) as f:
-        return json.load(f)
 
 
 def _hint(format, written) -> str:

@@ -61,7 +61,7 @@ def write(directory: str, exported, experiment, inference, checkpoint_path: str,
         checkpoint = _in_run(exported.metadata.get("model_dir"), split, step)
         if checkpoint is not None:
             source = f"split '{split}', the run's own evaluation at step {step}"
-    gradcam = _gradcam(directory, experiment, split)
+    gradcam = _gradcam(directory, experiment, inference, split)
     atomic_write_text(os.path.join(directory, CARD_FILE),
                       card(exported.metadata, names, info.palette, checkpoint, export, source, gradcam,
                            os.path.exists(os.path.join(directory, run_dir.CONFUSION_PICTURE))))
@@ -79,7 +79,7 @@ def _in_run(model_dir: str | None, split: str, step: int) -> dict | None:
     return results if results.get("step") == step else None
 
 
-def _gradcam(directory: str, experiment, split: str) -> str | None:
+def _gradcam(directory: str, experiment, inference, split: str) -> str | None:
     """Grad-CAM of the checkpoint on the first image of ``split`` for its most predicted class
     (other than class 0 where it predicts any), written as gradcam.png; its caption, or None."""
     from segtrain import explain
@@ -94,7 +94,7 @@ def _gradcam(directory: str, experiment, split: str) -> str | None:
         return None
     h, w = (int(v) for v in batch["image_size"][0])
     normalised = batch["image"][0, :h, :w].numpy()
-    logits = experiment.inference().logits(batch["image"][:, :h, :w])[0].numpy()
+    logits = inference.logits(batch["image"][:, :h, :w])[0].numpy()
     counts = np.bincount(np.argmax(logits, -1).ravel(), minlength=logits.shape[-1])
     class_id = int(np.argmax(counts[1:]) + 1) if counts[1:].sum() else 0
     result = cam(normalised, class_id)
