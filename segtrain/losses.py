@@ -76,14 +76,58 @@ def _mean_over_valid(per_pixel: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
     )
 
 
+def _check_ce_options(loss: str, label_smoothing: float, top_k_percent_pixels: float) -> None:
+    if not 0.0 <= label_smoothing < 1.0:
+        raise SegtrainError(f"losses.{loss}.label_smoothing={label_smoothing} must be in [0, 1).")
+    if not 0.0 < top_k_percent_pixels <= 1.0:
+        raise SegtrainError(
+            f"losses.{loss}.top_k_percent_pixels={top_k_percent_pixels} must be in (0, 1]: the share of "
+            f"each example's valid pixels, hardest first, that the loss keeps (1 keeps all).")
+
+
+def _pixel_cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float) -> tf.Tensor:
+    """Per-pixel cross-entropy [B,H,W] against the one-hot label smoothed towards uniform:
+    target = (1 - eps) one_hot + eps / C (``labels`` already valid class ids)."""
+    if not label_smoothing:
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    num_classes = logits.shape[-1]
+    target = tf.one_hot(labels, num_classes) * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return -tf.reduce_sum(target * tf.nn.log_softmax(logits), axis=-1)
+
+
+def _mean_over_hardest(per_pixel: tf.Tensor, valid: tf.Tensor, top_k_percent: float) -> tf.Tensor:
+    """Per-example mean of ``per_pixel`` [B,H,W] over the ceil(top_k_percent * n_valid) valid
+    pixels with the largest values (online hard example mining) -> [B]."""
+    if top_k_percent >= 1.0:
+        return _mean_over_valid(per_pixel, valid)
+    flat = tf.reshape(per_pixel, [tf.shape(per_pixel)[0], -1])
+    flat_valid = tf.reshape(valid, tf.shape(flat))
+    # Ignored pixels sort last (the per-pixel values are >= 0).
+    ordered = tf.sort(tf.where(flat_valid > 0, flat, -1.0), axis=-1, direction="DESCENDING")
+    k = tf.math.ceil(top_k_percent * tf.reduce_sum(flat_valid, axis=-1, keepdims=True))
+    kept = tf.cast(tf.range(tf.shape(flat)[1], dtype=tf.float32)[None] < k, tf.float32)
+    return tf.math.divide_no_nan(tf.reduce_sum(tf.maximum(ordered, 0.0) * kept, axis=-1),
+                                 tf.reduce_sum(kept, axis=-1))
+
+
 @LOSSES.register("cross_entropy")
-def cross_entropy(ignore_label: int = 255) -> LossFn:
-    """Softmax cross-entropy averaged over the valid pixels of each example."""
+def cross_entropy(ignore_label: int = 255, label_smoothing: float = 0.0,
+                  top_k_percent_pixels: float = 1.0) -> LossFn:
+    """Softmax cross-entropy averaged over the valid pixels of each example.
+
+    Args:
+      ignore_label: label value left out of the loss.
+      label_smoothing: eps in [0, 1): the target is (1 - eps) one_hot + eps / C.
+      top_k_percent_pixels: online hard example mining (as Model Garden's setting of that
+        name): each example's loss is the mean over the hardest share of its valid pixels
+        (the ceil(share * n_valid) largest cross-entropies); 1 keeps every pixel.
+    """
+    _check_ce_options("cross_entropy", label_smoothing, top_k_percent_pixels)
 
     def loss(labels, logits):
         labels, valid = _valid_labels(labels, ignore_label)
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, tf.cast(logits, tf.float32))
-        return _mean_over_valid(ce, valid)
+        ce = _pixel_cross_entropy(labels, tf.cast(logits, tf.float32), label_smoothing)
+        return _mean_over_hardest(ce, valid, top_k_percent_pixels)
 
     return loss
 
@@ -191,6 +235,8 @@ def weighted_cross_entropy(
     ignore_label: int = 255,
     class_weights: Sequence[float] | str | None = None,
     class_statistics: ClassStatistics | None = None,
+    label_smoothing: float = 0.0,
+    top_k_percent_pixels: float = 1.0,
 ) -> LossFn:
     """Cross-entropy with a weight per class: fixed, from the training data, or per batch.
 
@@ -200,7 +246,10 @@ def weighted_cross_entropy(
         computed from the training split's pixel counts (recorded by `segtrain prepare`); or
         'batch' for weights recomputed from each batch's pixel counts.
       class_statistics: the training split's counts (passed by segtrain, not set in gin).
+      label_smoothing, top_k_percent_pixels: as for ``cross_entropy`` (the hardest pixels are
+        chosen by their weighted loss).
     """
+    _check_ce_options("weighted_cross_entropy", label_smoothing, top_k_percent_pixels)
     if class_weights is None:
         raise SegtrainError(
             "losses.weighted_cross_entropy needs class_weights: a list with one weight per class, "
@@ -214,8 +263,8 @@ def weighted_cross_entropy(
         labels, valid = _valid_labels(labels, ignore_label)
         logits = tf.cast(logits, tf.float32)
         weights = weight_fn(labels, valid, logits.shape[-1])
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
-        return _mean_over_valid(ce * tf.gather(weights, labels), valid)
+        ce = _pixel_cross_entropy(labels, logits, label_smoothing)
+        return _mean_over_hardest(ce * tf.gather(weights, labels), valid, top_k_percent_pixels)
 
     return loss
 
@@ -267,6 +316,58 @@ def focal(
             factors = tf.constant(alpha, tf.float32)
             per_pixel *= tf.gather(factors, labels) if factors.shape.rank else factors
         return _mean_over_valid(per_pixel, valid)
+
+    return loss
+
+
+def _lovasz_gradient(truth_sorted: tf.Tensor) -> tf.Tensor:
+    """Gradient of the Lovasz extension of the Jaccard loss at pixels sorted by decreasing
+    error: [..., N] 0/1 ground truth in that order -> [..., N] (Berman et al., Alg. 1)."""
+    total = tf.reduce_sum(truth_sorted, axis=-1, keepdims=True)
+    intersection = total - tf.cumsum(truth_sorted, axis=-1)
+    union = total + tf.cumsum(1.0 - truth_sorted, axis=-1)
+    jaccard = 1.0 - intersection / union  # union >= 1 from the first pixel on
+    return tf.concat([jaccard[..., :1], jaccard[..., 1:] - jaccard[..., :-1]], axis=-1)
+
+
+@LOSSES.register("lovasz_softmax")
+def lovasz_softmax(ignore_label: int = 255, classes: str = "present") -> LossFn:
+    """Lovasz-softmax loss (Berman et al., CVPR 2018): a convex surrogate of 1 - IoU per class,
+    on each example's softmax probabilities, averaged over classes.
+
+    For class c, the errors |1[y = c] - p_c| of the valid pixels are sorted in decreasing order
+    and weighted by the gradient of the Lovasz extension of the Jaccard loss. Ignored pixels
+    sort last with no error, so they change neither the errors nor the weights of the others.
+
+    Args:
+      ignore_label: label value left out of the loss.
+      classes: 'present' averages over the classes in the example's labels (the paper's
+        default for per-image losses), 'all' over every class.
+    """
+    if classes not in ("present", "all"):
+        raise SegtrainError(f"losses.lovasz_softmax.classes={classes!r}: use 'present' or 'all'.")
+
+    def loss(labels, logits):
+        labels, valid = _valid_labels(labels, ignore_label)
+        logits = tf.cast(logits, tf.float32)
+        num_classes = logits.shape[-1]
+        batch = tf.shape(logits)[0]
+        probs = tf.reshape(tf.nn.softmax(logits), [batch, -1, num_classes])
+        truth = tf.reshape(tf.one_hot(labels, num_classes), [batch, -1, num_classes])
+        flat_valid = tf.reshape(valid, [batch, -1, 1])
+        # [B, C, N]: per class, valid pixels' errors in [0, 1]; ignored pixels -1 to sort last.
+        errors = tf.transpose(tf.where(flat_valid > 0, tf.abs(truth - probs), -1.0), [0, 2, 1])
+        truth = tf.transpose(truth * flat_valid, [0, 2, 1])
+        order = tf.argsort(errors, axis=-1, direction="DESCENDING", stable=True)
+        errors_sorted = tf.maximum(tf.gather(errors, order, batch_dims=2), 0.0)
+        per_class = tf.reduce_sum(errors_sorted * tf.stop_gradient(
+            _lovasz_gradient(tf.gather(truth, order, batch_dims=2))), axis=-1)  # [B, C]
+        if classes == "present":
+            counted = tf.cast(tf.reduce_sum(truth, axis=-1) > 0, tf.float32)
+        else:
+            has_pixels = tf.cast(tf.reduce_sum(flat_valid, axis=[1, 2]) > 0, tf.float32)
+            counted = tf.ones_like(per_class) * has_pixels[:, None]
+        return tf.math.divide_no_nan(tf.reduce_sum(per_class * counted, axis=-1), tf.reduce_sum(counted, axis=-1))
 
     return loss
 

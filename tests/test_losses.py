@@ -232,3 +232,106 @@ def test_boundary_loss_traces_with_unknown_sizes_and_refuses_xla():
         tf.function(loss, jit_compile=True)(label, logits)
     with pytest.raises(SegtrainError, match="sigma > 0"):
         _loss("boundary_weighted_cross_entropy", sigma=0)
+
+
+# -- label smoothing, hard-pixel mining, Lovasz-softmax --------------------------------------------
+
+def _np_smoothed_ce_pixels(labels, logits, eps):
+    """Per-example lists of the valid pixels' smoothed cross-entropies, pixel by pixel."""
+    logp = _np_log_softmax(logits.astype(np.float64))
+    c = logits.shape[-1]
+    out = []
+    for i in range(labels.shape[0]):
+        values = []
+        for y, x in zip(*np.nonzero(labels[i] != IGNORE)):
+            target = np.full(c, eps / c)
+            target[labels[i, y, x]] += 1.0 - eps
+            values.append(-(target * logp[i, y, x]).sum())
+        out.append(np.array(values))
+    return out
+
+
+def _np_top_k_mean(values, share):
+    if not len(values):
+        return 0.0
+    k = int(np.ceil(share * len(values)))
+    return np.sort(values)[::-1][:k].mean()
+
+
+@pytest.mark.parametrize("eps,share", [(0.1, 1.0), (0.0, 0.25), (0.2, 0.1)])
+def test_label_smoothing_and_top_k_pixels_match_numpy(eps, share):
+    labels, logits = _data(seed=11)
+    labels[2] = IGNORE  # an example with nothing to learn from
+    got = _loss("cross_entropy", label_smoothing=eps, top_k_percent_pixels=share)(labels, logits).numpy()
+    expected = [_np_top_k_mean(v, share) for v in _np_smoothed_ce_pixels(labels, logits, eps)]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    weights = np.array([0.5, 1.0, 2.0, 4.0])
+    weighted = _loss("weighted_cross_entropy", class_weights=list(weights), label_smoothing=eps,
+                     top_k_percent_pixels=share)(labels, logits).numpy()
+    per_pixel = _np_smoothed_ce_pixels(labels, logits, eps)
+    expected = [_np_top_k_mean(v * weights[labels[i][labels[i] != IGNORE]], share) for i, v in enumerate(per_pixel)]
+    np.testing.assert_allclose(weighted, expected, rtol=1e-5)
+
+
+def test_cross_entropy_options_are_checked():
+    with pytest.raises(SegtrainError, match=r"losses.cross_entropy.top_k_percent_pixels=0 must be in \(0, 1\]"):
+        _loss("cross_entropy", top_k_percent_pixels=0)
+    with pytest.raises(SegtrainError, match=r"losses.weighted_cross_entropy.label_smoothing=1.0 must be in \[0, 1\)"):
+        _loss("weighted_cross_entropy", class_weights=[1.0], label_smoothing=1.0)
+    with pytest.raises(SegtrainError, match="losses.lovasz_softmax.classes='some'"):
+        _loss("lovasz_softmax", classes="some")
+
+
+def _np_lovasz_softmax(labels, logits, classes="present"):
+    """Berman et al.'s Algorithm 1 on each example's valid pixels, class by class."""
+    probs = np.exp(_np_log_softmax(logits.astype(np.float64)))
+    out = []
+    for i in range(labels.shape[0]):
+        valid = labels[i] != IGNORE
+        lab, p = labels[i][valid], probs[i][valid]
+        losses = []
+        for c in range(logits.shape[-1]):
+            fg = (lab == c).astype(np.float64)
+            if classes == "present" and not fg.any():
+                continue
+            errors = np.abs(fg - p[:, c])
+            order = np.argsort(-errors, kind="stable")
+            fg_sorted = fg[order]
+            gts = fg_sorted.sum()
+            jaccard = np.empty(len(fg_sorted))
+            for n in range(len(fg_sorted)):  # the Jaccard loss of the first n + 1 pixels predicted c
+                inter = gts - fg_sorted[: n + 1].sum()
+                union = gts + (1 - fg_sorted[: n + 1]).sum()
+                jaccard[n] = 1 - inter / union
+            grad = np.diff(jaccard, prepend=0.0)
+            losses.append(float(errors[order] @ grad))
+        out.append(np.mean(losses) if losses else 0.0)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("classes", ["present", "all"])
+def test_lovasz_softmax_matches_numpy(classes):
+    labels, logits = _data(seed=12, c=3)
+    labels[0][labels[0] == 2] = 1  # example 0 has no class 2
+    labels[2] = IGNORE
+    loss = _loss("lovasz_softmax", classes=classes)
+    np.testing.assert_allclose(loss(labels, logits).numpy(), _np_lovasz_softmax(labels, logits, classes), rtol=1e-5)
+    traced = tf.function(loss, input_signature=[tf.TensorSpec([None, None, None], tf.int32),
+                                                tf.TensorSpec([None, None, None, 3], tf.float32)])
+    np.testing.assert_allclose(traced(labels, logits).numpy(), _np_lovasz_softmax(labels, logits, classes), rtol=1e-5)
+    perfect = np.eye(3, dtype=np.float32)[np.where(labels == IGNORE, 0, labels)] * 30
+    assert loss(labels, perfect).numpy().max() < 1e-3
+
+
+def test_new_losses_ignore_pixels_and_have_gradients():
+    labels, logits = _data(seed=13)
+    for name, config in (("lovasz_softmax", {}), ("cross_entropy", {"top_k_percent_pixels": 0.3, "label_smoothing": 0.1})):
+        loss = _loss(name, **config)
+        noisy = logits.copy()
+        noisy[labels == IGNORE] = 50.0
+        np.testing.assert_allclose(loss(labels, noisy).numpy(), loss(labels, logits).numpy(), rtol=1e-5)
+        variable = tf.Variable(logits)
+        with tf.GradientTape() as tape:
+            value = tf.reduce_sum(loss(labels, variable))
+        grad = tape.gradient(value, variable).numpy()
+        assert np.isfinite(grad).all() and np.abs(grad).sum() > 0 and np.all(grad[labels == IGNORE] == 0), name

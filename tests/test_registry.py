@@ -54,7 +54,7 @@ def test_unknown_name_lists_known_and_closest():
 
 def test_builtins_registered():
     assert {"unet", "encoder_decoder"} <= set(registry.MODELS.names())
-    assert {"cross_entropy", "weighted_cross_entropy", "dice", "focal", "combined"} <= set(registry.LOSSES.names())
+    assert {"cross_entropy", "weighted_cross_entropy", "dice", "focal", "lovasz_softmax", "combined"} <= set(registry.LOSSES.names())
     assert {"pixel_accuracy", "mean_accuracy", "mean_iou", "per_class_iou", "dice"} <= set(registry.METRICS.names())
     assert "shapes" in registry.DATASETS.names()
 
