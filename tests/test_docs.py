@@ -209,6 +209,9 @@ def workspace(tmp_path_factory):
     fabricate.sbd(str(data), ["2008_000002", "2008_000003", "2008_000004", "2008_000005"], voc_root=str(data))
     fabricate.folder(str(data / "my_photos"), [f"photo{i:02d}" for i in range(30)], num_classes=3)
     fabricate.cityscapes(str(data / "cityscapes"))
+    fabricate.ade20k(str(data))
+    fabricate.coco_stuff(str(data / "cocostuff"))
+    fabricate.drive(str(data))
     return ws
 
 

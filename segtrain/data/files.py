@@ -132,7 +132,8 @@ def load_raw(source: Source, split: str, source_dir: str) -> tuple[tf.data.Datas
         palette=source.palette,
         num_examples={split: len(examples)},
         name=source.name,
-        decode=functools.partial(decode_raw, source),
+        decode=functools.partial(decode_raw, source, tf_decodes=all(
+            os.path.splitext(e.image)[1].lower() in TF_IMAGE_EXTENSIONS for e in examples)),
     )
     ds = tf.data.Dataset.from_tensor_slices({
         "image": [e.image for e in examples],
@@ -142,8 +143,14 @@ def load_raw(source: Source, split: str, source_dir: str) -> tuple[tf.data.Datas
     return ds, info
 
 
-def decode_raw(source: Source, example: dict) -> dict:
-    """{'image': path, 'label': path} -> decoded example, checked; errors name the file."""
+TF_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what tf.io.decode_image reads
+
+
+def decode_raw(source: Source, example: dict, tf_decodes: bool = True) -> dict:
+    """{'image': path, 'label': path} -> decoded example, checked; errors name the file.
+
+    ``tf_decodes``: TF decodes every image of the split; otherwise (TIFF, say) Pillow does.
+    """
 
     def read_label(image_path: bytes, label_path: bytes) -> np.ndarray:
         from PIL import Image
@@ -163,8 +170,22 @@ def decode_raw(source: Source, example: dict) -> dict:
 
     label = tf.numpy_function(read_label, [example["image"], example["label"]], tf.uint8, stateful=False)
     label = tf.ensure_shape(label, [None, None])
-    image = tf.io.decode_image(tf.io.read_file(example["image"]), channels=3, expand_animations=False)
+    if tf_decodes:
+        image = tf.io.decode_image(tf.io.read_file(example["image"]), channels=3, expand_animations=False)
+    else:
+        image = tf.ensure_shape(tf.numpy_function(_pillow_rgb, [example["image"]], tf.uint8, stateful=False),
+                                [None, None, 3])
     return {"image": image, "label": label, "key": example["key"]}
+
+
+def _pillow_rgb(path: bytes) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path.decode()) as image:
+            return np.asarray(image.convert("RGB"))
+    except Exception as e:
+        raise ValueError(f"{DATA_ERROR_MARKER}{path.decode()}: corrupt or truncated image file ({e})") from None
 
 
 

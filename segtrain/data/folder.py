@@ -2,8 +2,8 @@
 
 Layout (``source_dir``)::
 
-    images/<stem>.{jpg,jpeg,png,bmp}
-    masks/<stem>.png              class-index PNG (grey or palettized: value = class id), or an
+    images/<stem>.{jpg,jpeg,png,bmp,tif,tiff}
+    masks/<stem>.png|tif          class-index PNG (grey or palettized: value = class id), or an
                                   RGB colour mask whose colours are listed in ``palette``
     splits/<split>.txt            optional: one stem per line, for every split
 
@@ -23,8 +23,8 @@ from segtrain.data.info import default_palette
 from segtrain.data.raw import Example, Problem, Source, pair_by_stem, pair_listed
 from segtrain.errors import SegtrainError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-MASK_EXTENSIONS = (".png", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
 
 @file_dataset

@@ -156,3 +156,67 @@ def folder(root, stems, num_classes=3, rgb=False, palette=None, size=(18, 22), s
             Image.fromarray(label, mode="L").save(os.path.join(root, "masks", stem + ".png"))
         expected[stem] = label
     return expected
+
+
+def _label_png(path, values):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(values, mode="L").save(path)
+
+
+ADE20K_VALUES = [0, 1, 13, 75, 150]
+
+
+def ade20k(root, splits=None, size=(18, 26), seed=0):
+    """ADEChallengeData2016/images/<training|validation>/*.jpg and annotations/.../*.png (0..150)."""
+    splits = splits or {"train": ["ADE_train_00000001", "ADE_train_00000002"], "val": ["ADE_val_00000001"]}
+    base = os.path.join(root, "ADEChallengeData2016")
+    expected = {}
+    for n, (split, key) in enumerate((s, k) for s, keys in splits.items() for k in keys):
+        folder = {"train": "training", "val": "validation"}[split]
+        h, w = size[0] + n, size[1] + n
+        image(os.path.join(base, "images", folder, f"{key}.jpg"), h, w, seed + n)
+        values = blocks(h, w, ADE20K_VALUES[n % 2:], seed + n)
+        _label_png(os.path.join(base, "annotations", folder, f"{key}.png"), values)
+        expected[key] = np.where(values == 0, 255, values.astype(np.int32) - 1).astype(np.uint8)
+    return expected
+
+
+COCO_STUFF_VALUES = [255, 0, 12, 91, 181, 10]  # 255 unlabeled; 12 is class 11 (11 is unannotated)
+
+
+def coco_stuff(root, splits=None, size=(20, 24), seed=0):
+    """dataset/images/<train2017|val2017>/*.jpg and dataset/annotations/.../*.png (stuff-thing maps)."""
+    from segtrain.data.coco_stuff import map_value_to_class
+
+    splits = splits or {"train": ["000000000009", "000000000025"], "val": ["000000000139"]}
+    lut = map_value_to_class()
+    expected = {}
+    for n, (split, key) in enumerate((s, k) for s, keys in splits.items() for k in keys):
+        folder = {"train": "train2017", "val": "val2017"}[split]
+        h, w = size[0] + n, size[1] - n
+        image(os.path.join(root, "dataset", "images", folder, f"{key}.jpg"), h, w, seed + n)
+        values = blocks(h, w, COCO_STUFF_VALUES[n % 2:], seed + n)
+        _label_png(os.path.join(root, "dataset", "annotations", folder, f"{key}.png"), values)
+        expected[key] = lut[values].astype(np.uint8)
+    return expected
+
+
+def drive(root, splits=None, size=(21, 19), seed=0):
+    """DRIVE/<training|test>/images/<n>_<split>.tif, 1st_manual/<n>_manual1.gif, mask/<n>_<split>_mask.gif."""
+    splits = splits or {"train": ["21", "22"], "test": ["01"]}
+    expected = {}
+    for n, (split, key) in enumerate((s, k) for s, keys in splits.items() for k in keys):
+        folder = {"train": "training", "test": "test"}[split]
+        base = os.path.join(root, "DRIVE", folder)
+        h, w = size[0] + n, size[1] + n
+        image(os.path.join(base, "images", f"{key}_{folder}.tif"), h, w, seed + n, fmt="TIFF")
+        vessels = blocks(h, w, [0, 255], seed + n)
+        yy, xx = np.mgrid[:h, :w]
+        inside = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2) < (min(h, w) / 2.2) ** 2  # a round field of view
+        for sub, values in (("1st_manual", vessels), ("mask", np.where(inside, 255, 0).astype(np.uint8))):
+            os.makedirs(os.path.join(base, sub), exist_ok=True)
+        Image.fromarray(vessels, mode="L").save(os.path.join(base, "1st_manual", f"{key}_manual1.gif"))
+        Image.fromarray(np.where(inside, 255, 0).astype(np.uint8), mode="L").save(
+            os.path.join(base, "mask", f"{key}_{folder}_mask.gif"))
+        expected[key] = np.where(inside, vessels // 255, 255).astype(np.uint8)
+    return expected

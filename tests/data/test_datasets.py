@@ -12,7 +12,7 @@ from PIL import Image
 
 import segtrain.data  # noqa: F401  (registers the datasets)
 from registry import DATASETS
-from segtrain.data import cityscapes, folder, pets, voc
+from segtrain.data import ade20k, cityscapes, coco_stuff, drive, folder, pets, voc
 from segtrain.data.prepare import SKIPPED_FILE, is_prepared, prepare, prepared_dir, read_all
 from segtrain.data.raw import Source
 from segtrain.errors import SegtrainError, SegtrainWarning
@@ -27,6 +27,8 @@ def _plugin(name):
 
 
 def _decoded(path):
+    if path.endswith(".tif"):  # TF does not read TIFF
+        return np.asarray(Image.open(path).convert("RGB"))
     return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False).numpy()
 
 
@@ -75,6 +77,33 @@ def _cityscapes(raw):
     return by_split, image_path
 
 
+def _by_split(labels, splits):
+    return {s: {k: labels[k] for k in keys} for s, keys in splits.items()}
+
+
+def _ade20k(raw):
+    splits = {"train": ["ADE_train_00000001", "ADE_train_00000002"], "val": ["ADE_val_00000001"]}
+    folders = {"train": "training", "val": "validation"}
+    split_of = {k: s for s, keys in splits.items() for k in keys}
+    return (_by_split(F.ade20k(raw, splits), splits), lambda k: os.path.join(
+        raw, "ADEChallengeData2016", "images", folders[split_of[k]], f"{k}.jpg"))
+
+
+def _coco_stuff(raw):
+    splits = {"train": ["000000000009", "000000000025"], "val": ["000000000139"]}
+    split_of = {k: s for s, keys in splits.items() for k in keys}
+    return (_by_split(F.coco_stuff(raw, splits), splits),
+            lambda k: os.path.join(raw, "dataset", "images", f"{split_of[k]}2017", f"{k}.jpg"))
+
+
+def _drive(raw):
+    splits = {"train": ["21", "22"], "test": ["01"]}
+    folders = {"train": "training", "test": "test"}
+    split_of = {k: s for s, keys in splits.items() for k in keys}
+    return (_by_split(F.drive(raw, splits), splits), lambda k: os.path.join(
+        raw, "DRIVE", folders[split_of[k]], "images", f"{k}_{folders[split_of[k]]}.tif"))
+
+
 def _folder(raw, rgb=False):
     labels = F.folder(raw, STEMS, num_classes=3, rgb=rgb)
     source = folder.Folder(num_classes=3)
@@ -86,6 +115,9 @@ LAYOUTS = {
     "voc2012": (_voc, _plugin("voc2012"), voc.Voc2012, {}),
     "oxford_iiit_pet": (_pets, _plugin("oxford_iiit_pet"), pets.OxfordIiitPet, {}),
     "cityscapes": (_cityscapes, _plugin("cityscapes"), cityscapes.Cityscapes, {}),
+    "ade20k": (_ade20k, _plugin("ade20k"), ade20k.Ade20k, {}),
+    "coco_stuff": (_coco_stuff, _plugin("coco_stuff"), coco_stuff.CocoStuff, {}),
+    "drive": (_drive, _plugin("drive"), drive.Drive, {}),
     "folder_index": (_folder, _plugin("folder"), lambda: folder.Folder(num_classes=3), {"num_classes": 3}),
     "folder_rgb": (lambda raw: _folder(raw, rgb=True), _plugin("folder"),
                    lambda: folder.Folder(num_classes=3, ignore_colour=(255, 255, 255)),
@@ -116,6 +148,35 @@ def test_class_tables():
     assert len(cityscapes.TRAIN_CLASSES) == 19
     assert [int(lut[i]) for i in (0, 6, 7, 8, 9, 26, 29, 33)] == [255, 255, 0, 1, 255, 13, 255, 18]
     assert lut[34] == -1
+    assert ade20k.Ade20k().num_classes == 150 and ade20k.CLASS_NAMES[12] == "person"
+    ade = ade20k.Ade20k().label_lut()
+    assert [int(ade[v]) for v in (0, 1, 13, 150, 151)] == [255, 0, 12, 149, -1]
+    stuff = coco_stuff.CocoStuff()
+    assert stuff.num_classes == 171 and len(set(stuff.class_names)) == 171
+    assert (stuff.class_names[0], stuff.class_names[79], stuff.class_names[80], stuff.class_names[170]) == (
+        "person", "toothbrush", "banner", "wood")
+    coco = coco_stuff.map_value_to_class()
+    # stop sign (COCO id 13, map value 12) follows the unannotated street sign; banner (id 92) is class 80.
+    assert [int(coco[v]) for v in (0, 10, 11, 12, 91, 181, 182, 255)] == [0, 10, -1, 11, 80, 170, -1, 255]
+    assert drive.Drive().class_names == ("background", "vessel")
+
+
+def test_bad_values_of_the_benchmark_layouts_are_named(tmp_path):
+    raw = tmp_path / "raw"
+    _coco_stuff(str(raw))
+    Image.fromarray(np.full((20, 24), 11, np.uint8), "L").save(raw / "dataset" / "annotations" / "train2017" / "000000000009.png")
+    with pytest.raises(SegtrainError, match=r"000000000009.png: label values 11 are not COCO-Stuff map values 0..181 "
+                                            r"\(less the unannotated thing ids 11, 25"):
+        _prepare(coco_stuff.CocoStuff(), raw, tmp_path / "out")
+    raw = tmp_path / "drive"
+    _drive(str(raw))
+    os.remove(raw / "DRIVE" / "training" / "mask" / "22_training_mask.gif")
+    with pytest.raises(SegtrainError, match=r"22_training.tif: no .*22_training_mask.gif"):
+        _prepare(drive.Drive(), raw, tmp_path / "out")
+    shutil.rmtree(raw / "DRIVE" / "test" / "1st_manual")
+    with pytest.raises(SegtrainError, match=r"test/1st_manual for split 'test' does not exist \(a DRIVE copy without "
+                                            r"the test annotations: prepare the train split alone with --splits=train\)"):
+        _prepare(drive.Drive(), raw, tmp_path / "out")
 
 
 def test_pets_boundary_as_ignore(tmp_path):

@@ -36,3 +36,20 @@ def test_experiment_parses_and_names_its_plugins(path, tmp_path):
         registry.DATASETS.get(cfg.dataset)(split=cfg.train_split)
     crop = gin.query_parameter("pipeline.crop_size")
     assert crop[0] % 32 == 0 and crop[1] % 32 == 0
+
+
+DATASET_FILES = sorted(glob.glob(os.path.join(REPO, "gin", "datasets", "*.gin")))
+
+
+@pytest.mark.parametrize("path", DATASET_FILES, ids=lambda p: os.path.basename(p))
+def test_dataset_file_names_a_dataset_and_its_splits(path, tmp_path):
+    import registry
+    from segtrain.commands.configure import parse_config
+    from segtrain.experiment import ExperimentConfig
+
+    parse_config([path], [f"DATA_DIR = '{tmp_path}'"] if "DATA_DIR" in open(path).read() else [])
+    cfg = ExperimentConfig()
+    source = getattr(registry.DATASETS.original(cfg.dataset), "source", None)
+    if source is not None:  # a file dataset: its splits are known without reading
+        assert {cfg.train_split, cfg.eval_split} <= set(source.splits), path
+        assert f"datasets.{cfg.dataset}.data_dir = %DATA_DIR" in open(path).read(), path

@@ -91,7 +91,7 @@ def test_prepare_takes_the_dataset_settings_from_gin(tmp_path):
     assert shapes.returncode == 1 and "Dataset 'shapes' has no raw files to prepare; preparable datasets: " in shapes.stderr
     listed = shapes.stderr.split("preparable datasets: ")[1].strip().rstrip(".").split(", ")
     # Other tests may register more preparable datasets in this process; the built-in ones are all there.
-    assert {"cityscapes", "folder", "oxford_iiit_pet", "voc2012", "voc2012_aug"} <= set(listed) and "shapes" not in listed
+    assert {"ade20k", "cityscapes", "coco_stuff", "drive", "folder", "oxford_iiit_pet", "voc2012", "voc2012_aug"} <= set(listed) and "shapes" not in listed
 
 
 # `segtrain prepare`, SIGKILLed by itself in the middle of its second split.
