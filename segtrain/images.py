@@ -18,7 +18,7 @@ from PIL import Image
 from segtrain.errors import SegtrainError
 from segtrain.io import atomic_write_bytes
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def list_inputs(spec: str | Sequence[str]) -> list[str]:

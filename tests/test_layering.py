@@ -6,8 +6,9 @@ The layers, top to bottom (a module may import its own layer's modules and any l
     commands       segtrain.commands.*          train / evaluate / predict / export / explain / prepare / list
     train          segtrain.train.*             optimizer, step, checkpoints, loop, actions
     experiment     segtrain.experiment          gin -> dataset info, model, loss, metrics, pipelines
-    evaluation     segtrain.evaluation, .inference, .export, .explain
-                                                running a model: metrics, windows and TTA, serving, Grad-CAM
+    evaluation     segtrain.evaluation, .inference, .tiles, .export, .explain
+                                                running a model: metrics, windows and TTA, large images,
+                                                serving, Grad-CAM
     runtime        segtrain.runtime.*           the process and its cluster: strategy, cluster, lock, watchdog
     plugins        segtrain.models.*, segtrain.losses, segtrain.metrics, segtrain.data.*,
                    segtrain.postprocess (siblings: none of the five imports another)
@@ -34,7 +35,8 @@ LAYERS = [
     ("commands", ("segtrain.commands",)),
     ("train", ("segtrain.train",)),
     ("experiment", ("segtrain.experiment",)),
-    ("evaluation", ("segtrain.evaluation", "segtrain.inference", "segtrain.export", "segtrain.explain")),
+    ("evaluation", ("segtrain.evaluation", "segtrain.inference", "segtrain.tiles", "segtrain.export",
+                    "segtrain.explain")),
     ("runtime", ("segtrain.runtime",)),
     ("plugins", ("segtrain.models", "segtrain.losses", "segtrain.metrics", "segtrain.data", "segtrain.postprocess")),
     ("base", ("segtrain.config", "segtrain.precision", "segtrain.progress", "segtrain.io", "segtrain.errors",
@@ -137,7 +139,7 @@ def test_no_import_cycles():
 
 @pytest.mark.parametrize("package", ["segtrain.data", "segtrain.models", "segtrain.losses", "segtrain.metrics",
                                      "segtrain.postprocess", "segtrain.evaluation", "segtrain.inference",
-                                     "segtrain.export", "segtrain.explain"])
+                                     "segtrain.tiles", "segtrain.export", "segtrain.explain"])
 def test_plugins_and_evaluation_read_no_gin(package):
     """Only the registry wires plugins to gin; the experiment configures the pipeline."""
     for module, path in MODULES.items():

@@ -10,6 +10,12 @@ output directory:
 - with an instance post-processor (``--postprocess=watershed_instances``),
   ``<name>_instances_<class>.png``: a 16-bit PNG of instance ids (0: none) per class.
 
+An image with more pixels than ``large_image_pixels`` (default 16 million) is read, inferred
+and written tile by tile (``segtrain.tiles``): its mask is ``<name>.tif``, a tiled BigTIFF of
+class ids whose colour map is the palette (no colour PNG or overlay), and ``--probabilities``
+writes the .npy through a memory map; memory holds one tile's logits and a batch of sliding
+windows, not the image. TIFF inputs are read region by region (tifffile).
+
 Images of one size are inferred together in batches. An unreadable file is reported by name
 and skipped (``--strict``: stops); every file is written through a temporary file and a rename,
 and an image's files are written only once all of them are computed, so the output directory
@@ -28,10 +34,9 @@ from typing import Sequence
 import gin
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 from absl import flags
 
-from segtrain import images
+from segtrain import images, tiles
 from segtrain.commands.common_flags import (bindings, inference_flags, input_flag, own_flags, trained_run_flags,
                                              verbosity_flag)
 from segtrain.commands.evaluate import postprocessor_for
@@ -57,15 +62,6 @@ def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[st
     return 0
 
 
-def _image_size(path: str) -> tuple[int, int] | None:
-    """(height, width) from the file's header, or None when it is not an image."""
-    try:
-        with Image.open(path) as im:
-            return im.size[1], im.size[0]
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-
-
 def output_names(paths: Sequence[str]) -> dict[str, str]:
     """{input path: output name}: the file's stem, made unique with its parent directories' names."""
     names, taken = {}, collections.Counter(os.path.splitext(os.path.basename(p))[0] for p in paths)
@@ -89,7 +85,8 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
             checkpoint: str = "best", probabilities: bool = False, strict: bool = False, batch_size: int = 4,
             mode: str | None = None, crop_size: Sequence[int] | None = None, stride: Sequence[int] | None = None,
             scales: Sequence[float] | None = None, flip: bool | None = None, postprocess: str | None = None,
-            overlay_alpha: float = 0.5, export: str | None = None) -> dict:
+            overlay_alpha: float = 0.5, export: str | None = None, large_image_pixels: int = 16_000_000,
+            tile_size: int = 1024) -> dict:
     """Segments every image of ``input`` into ``output``.
 
     Args:
@@ -106,6 +103,10 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
       overlay_alpha: weight of the class colours in the overlay.
       export: predict with this export (a directory `segtrain export` wrote, or its model file)
         in its own runtime instead of a checkpoint; ``model_dir`` may then be None.
+      large_image_pixels: images with more pixels are inferred and written tile by tile, by
+        sliding windows (the run's --mode=slide windows, or its training crop every two thirds
+        of it), into a tiled TIFF; 0 sends every image that way.
+      tile_size: the edge of those output tiles (a multiple of 16); one tile's logits are held.
 
     Returns:
       The summary written to ``output``/predictions.json.
@@ -114,6 +115,8 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         raise SegtrainError("--output is required: the directory the masks are written to.")
     if batch_size < 1:
         raise SegtrainError(f"--batch_size={batch_size}: use an integer >= 1.")
+    if tile_size < 16 or tile_size % 16:
+        raise SegtrainError(f"predict.tile_size={tile_size}: use a multiple of 16 (TIFF tiles), e.g. 1024.")
     paths = images.list_inputs(input or "")
     processor = postprocessor_for(postprocess, refine=False)
     if export:
@@ -135,6 +138,11 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
 
         def run_batch(x):
             return tf.nn.softmax(exported.logits(x.numpy()), axis=-1)
+
+        def window_logits(x):
+            return np.asarray(exported.logits(x), np.float32)
+
+        windows = exported.metadata.get("image_size") or None
     else:
         experiment, checkpoint_path, step = restored(model_dir, checkpoint)
         info, normalization = experiment.info, experiment.normalization
@@ -142,6 +150,17 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         palette = info.palette_array()
         described = inference.options.describe()
         run_batch = tf.function(lambda x: inference.probabilities(normalization(x)), reduce_retracing=True)
+        whole = experiment.inference(mode="whole", scales=(1.0,), flip=False)
+        window_fn = tf.function(lambda x: whole.logits(normalization(x)), reduce_retracing=True)
+
+        def window_logits(x):
+            return window_fn(tf.constant(x)).numpy()
+
+        windows = (inference.options if inference.options.mode == "slide" else None)
+        if windows is None:
+            windows = experiment.pipeline_config.crop_size
+        if inference.options.augmented:
+            window_logits = None  # test-time augmentation is per image: refused for large ones below
 
     skipped: dict[str, str] = {}
 
@@ -152,12 +171,27 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         skipped[path] = reason
 
     sizes: dict[tuple[int, int], list[str]] = {}
+    large: dict[str, tuple[int, int]] = {}
     for path in paths:
-        size = _image_size(path)
+        size = tiles.image_size(path)
         if size is None:
             skip(path, f"{path}: not a readable image.")
+        elif size[0] * size[1] > large_image_pixels:
+            large[path] = size
         else:
             sizes.setdefault(size, []).append(path)
+    crop, stride = _large_windows(windows) if large else (None, None)
+    for path, size in list(large.items()):
+        if size[0] < crop[0] or size[1] < crop[1]:  # smaller than one window: inferred whole
+            sizes.setdefault(large.pop(path), []).append(path)
+    if large:
+        reasons = [r for r, bad in (("test-time augmentation (--scales/--flip)", window_logits is None),
+                                    (f"--postprocess={postprocess}", processor is not None)) if bad]
+        if reasons:
+            raise SegtrainError(
+                f"{len(large)} image(s) have more than predict.large_image_pixels={large_image_pixels} pixels "
+                f"(e.g. {next(iter(large))}) and are predicted tile by tile, which does not support "
+                f"{' or '.join(reasons)}: leave it out for these images.")
     os.makedirs(output, exist_ok=True)
     names = output_names(paths)
     print(f"Predicting {len(paths) - len(skipped)} images with {os.path.basename(checkpoint_path)} (step {step}) "
@@ -185,6 +219,12 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
             done += len(batch_paths)
             progress.update(done, done / max(time.perf_counter() - t0, 1e-9))
     progress.close()
+    for path, (height, width) in large.items():
+        try:
+            written[path] = _predict_large(path, names[path], output, window_logits, len(info.class_names), crop,
+                                           stride, tile_size, batch_size, palette, probabilities)
+        except SegtrainError as e:
+            skip(path, str(e))
     summary = {"model_dir": model_dir, "checkpoint": os.path.basename(checkpoint_path), "step": step,
                "inference": described, "postprocess": postprocess, **({"export": export} if export else {}),
                "class_names": list(info.class_names), "written": written, "skipped": skipped}
@@ -194,6 +234,60 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
     print(f"Wrote the masks of {len(written)} images to {output}"
           + (f"; skipped {len(skipped)} unreadable: {', '.join(sorted(skipped))}" if skipped else ""))
     return summary
+
+
+def _large_windows(windows) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(crop, stride) of the sliding windows for large images: the inference options' slide
+    windows, an export's input size or the training crop (every two thirds of it)."""
+    from segtrain.inference import InferenceOptions
+
+    if isinstance(windows, InferenceOptions):
+        return windows.crop_size, windows.stride
+    if not windows:
+        raise SegtrainError("Large images are predicted by sliding windows: give --mode=slide --crop_size=H,W.")
+    options = InferenceOptions("slide", tuple(int(v) for v in windows))
+    return options.crop_size, options.stride
+
+
+def _predict_large(path, name, output, window_logits, num_classes, crop, stride, tile, batch_size, palette,
+                   with_probabilities) -> list[str]:
+    """One large image, tile by tile: ``<name>.tif`` (and ``<name>_probabilities.npy``)."""
+    reader = tiles.open_regions(path)
+    try:
+        height, width = reader.height, reader.width
+        print(f"{path}: {width}x{height}, tile by tile ({tile}x{tile} tiles, windows {crop[1]}x{crop[0]} "
+              f"every {stride[1]}x{stride[0]})", flush=True)
+        progress = Progress(f"predict {os.path.basename(path)}", len(tiles.tile_grid(height, width, tile)),
+                            unit="tile")
+        files = [f"{name}.tif"]
+        probs_path = os.path.join(output, f"{name}_probabilities.npy")
+        memmap = None
+        if with_probabilities:
+            files.append(os.path.basename(probs_path))
+            memmap = np.lib.format.open_memmap(probs_path + ".tmp", mode="w+", dtype=np.float32,
+                                               shape=(height, width, num_classes))
+
+        def labels():
+            for (t, left, b, r), logits in tiles.predict_tiles(
+                    reader, window_logits, num_classes, crop, stride, tile, batch_size,
+                    on_tile=lambda done, total: progress.update(done)):
+                if memmap is not None:
+                    memmap[t:b, left:r] = tf.nn.softmax(logits).numpy()
+                yield np.argmax(logits, axis=-1).astype(np.uint8)
+
+        try:
+            tiles.write_tiled_mask(os.path.join(output, f"{name}.tif"), height, width, tile, labels(), palette)
+            if memmap is not None:
+                memmap.flush()
+                del memmap
+                os.replace(probs_path + ".tmp", probs_path)
+        finally:
+            if os.path.exists(probs_path + ".tmp"):
+                os.remove(probs_path + ".tmp")
+        progress.close()
+        return files
+    finally:
+        reader.close()
 
 
 def _results(image, probs, name, info, palette, processor, with_probabilities, alpha) -> dict[str, bytes]:
