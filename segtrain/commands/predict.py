@@ -47,6 +47,8 @@ from segtrain.progress import Progress
 
 
 SUMMARY_FILE = "predictions.json"
+# The sliding windows of large images predicted with an export that takes any size.
+EXPORT_WINDOW = (512, 512)
 
 
 def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[str], flags: dict) -> int:
@@ -105,7 +107,8 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         in its own runtime instead of a checkpoint; ``model_dir`` may then be None.
       large_image_pixels: images with more pixels are inferred and written tile by tile, by
         sliding windows (the run's --mode=slide windows, or its training crop every two thirds
-        of it), into a tiled TIFF; 0 sends every image that way.
+        of it; with an export, a TFLite export's input size or 512x512), into a tiled TIFF;
+        0 sends every image that way (those smaller than one window excepted).
       tile_size: the edge of those output tiles (a multiple of 16); one tile's logits are held.
 
     Returns:
@@ -142,7 +145,7 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         def window_logits(x):
             return np.asarray(exported.logits(x), np.float32)
 
-        windows = exported.metadata.get("image_size") or None
+        windows = exported.metadata.get("image_size") or EXPORT_WINDOW
     else:
         experiment, checkpoint_path, step = restored(model_dir, checkpoint)
         info, normalization = experiment.info, experiment.normalization
@@ -196,7 +199,7 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
     names = output_names(paths)
     print(f"Predicting {len(paths) - len(skipped)} images with {os.path.basename(checkpoint_path)} (step {step}) "
           f"of {model_dir}: {described}" + (f", then {postprocess}" if postprocess else ""))
-    progress = Progress("predict", len(paths) - len(skipped), unit="image")
+    progress = Progress("predict", sum(len(group) for group in sizes.values()), unit="image")
     written: dict[str, list[str]] = {}
     done, t0 = 0, time.perf_counter()
     for group in sizes.values():
@@ -243,8 +246,6 @@ def _large_windows(windows) -> tuple[tuple[int, int], tuple[int, int]]:
 
     if isinstance(windows, InferenceOptions):
         return windows.crop_size, windows.stride
-    if not windows:
-        raise SegtrainError("Large images are predicted by sliding windows: give --mode=slide --crop_size=H,W.")
     options = InferenceOptions("slide", tuple(int(v) for v in windows))
     return options.crop_size, options.stride
 
