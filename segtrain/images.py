@@ -59,12 +59,49 @@ def read_rgb(path: str) -> np.ndarray:
     """
     try:
         with Image.open(path) as im:
+            deep = deep_samples(im)
+            if deep:
+                raise SegtrainError(f"{path}: {deep}; {EIGHT_BITS}")
             im.load()
             if im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
             return np.array(im.convert("RGB"), np.uint8)  # a writable copy: C libraries may need one
     except (OSError, ValueError, Image.DecompressionBombError) as e:
+        other = tiff_layout(path)
+        if other:
+            raise SegtrainError(f"{path}: {other}; {EIGHT_BITS}") from None
         raise SegtrainError(f"{path}: not a readable image ({e}).") from None
+
+
+EIGHT_BITS = ("segtrain reads images of 8-bit grey, RGB or RGBA pixels: convert it to 8 bits per sample "
+              "and at most 3 colour bands, with the scaling your data needs.")
+
+
+def deep_samples(image: Image.Image) -> str | None:
+    """What an opened image holds beyond 8 bits per sample, or None. Pillow would convert such
+    pixels to 8 bits silently: 16-bit grey clipped at 255, 16-bit RGB cut to its high byte."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return f"a {image.mode} image (more than 8 bits per sample)"
+    raw = image.tile[0][3] if image.tile else None
+    raw = raw[0] if isinstance(raw, tuple) and raw else raw
+    if isinstance(raw, str) and (";16" in raw or ";32" in raw):
+        return f"a {raw} image (16 bits per sample)"
+    return None
+
+
+def tiff_layout(path: str) -> str | None:
+    """For a TIFF Pillow cannot open (more than 4 bands, say): its bands and sample type as
+    tifffile reads them, or None (not a TIFF, or tifffile not installed)."""
+    if not path.lower().endswith((".tif", ".tiff")):
+        return None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return f"a TIFF of {page.samplesperpixel} band(s) of {page.dtype}"
+    except Exception:
+        return None
 
 
 def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:

@@ -139,8 +139,11 @@ class WholeImage:
 
         from segtrain import images
 
-        Image.MAX_IMAGE_PIXELS = None  # the user asked for this image: no decompression-bomb guard
-        self.pixels = images.read_rgb(path)
+        guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the user asked for this image
+        try:
+            self.pixels = images.read_rgb(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = guard
         self.height, self.width = self.pixels.shape[:2]
 
     def read(self, top: int, left: int, bottom: int, right: int) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from segtrain.errors import SegtrainError
+from segtrain.images import EIGHT_BITS, deep_samples, tiff_layout
 
 # Bytes of these formats are stored as they are; other formats are re-encoded as PNG.
 _KEPT_FORMATS = {"JPEG": ("RGB", "L"), "PNG": ("RGB", "L", "P", "RGBA", "LA")}
@@ -197,10 +198,19 @@ class _open:  # noqa: N801 (a context manager)
     def __enter__(self) -> Image.Image:
         try:
             self.image = Image.open(self.path)
+            deep = self.what == "image" and deep_samples(self.image)
+            if deep:
+                self.image.close()
+                raise BadExample(f"{deep}; {EIGHT_BITS}")
             self.image.load()
+        except BadExample:
+            raise
         except FileNotFoundError:
             raise BadExample(f"{self.what} file is missing") from None
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+            other = tiff_layout(self.path) if self.what == "image" else None
+            if other:
+                raise BadExample(f"{other}; {EIGHT_BITS}") from None
             raise BadExample(f"corrupt or truncated {self.what} file ({e})") from None
         return self.image
 

@@ -418,3 +418,30 @@ def test_one_registration_gives_reading_and_preparing(tmp_path):
     with pytest.warns(SegtrainWarning, match="Reading test_two_folders from its raw files"):
         raw_ds, raw_info = fn("train", source_dir=str(raw), num_classes=2, mask_suffix="_m")
     assert sorted(g["key"] for g in read_all(raw_ds, raw_info)) == ["a", "b", "c"]
+
+
+def test_images_beyond_8_bits_or_3_bands_are_refused_by_name_not_converted(tmp_path):
+    """Pillow would clip a 16-bit grey image at 255 and cut 16-bit RGB to its high byte, silently."""
+    import tifffile
+
+    raw = tmp_path / "raw"
+    F.folder(str(raw), STEMS[:4], size=(18, 22))
+    for stem in STEMS[:3]:
+        os.remove(raw / "images" / f"{stem}.jpg")
+    h = np.asarray(Image.open(raw / "masks" / f"{STEMS[0]}.png")).shape[0]
+    Image.fromarray(np.full((h, 22), 1000, np.uint16)).save(raw / "images" / f"{STEMS[0]}.png")
+    tifffile.imwrite(raw / "images" / f"{STEMS[1]}.tif", np.full((18 + 1, 22, 3), 1000, np.uint16))
+    tifffile.imwrite(raw / "images" / f"{STEMS[2]}.tif", np.zeros((18 + 2, 22, 5), np.uint8),
+                     photometric="minisblack", planarconfig="contig")
+    source = folder.Folder(num_classes=3, splits=("train",), split_ratios=(1,))
+    with pytest.raises(SegtrainError) as e:
+        _prepare(source, raw, tmp_path / "out")
+    text = str(e.value)
+    assert "3 bad example(s)" in text, text
+    assert f"{STEMS[0]}.png: a I;16 image (more than 8 bits per sample); segtrain reads images of 8-bit" in text
+    assert f"{STEMS[1]}.tif: a RGB;16L image (16 bits per sample)" in text
+    assert f"{STEMS[2]}.tif: a TIFF of 5 band(s) of uint8; segtrain reads" in text
+    from segtrain.images import read_rgb
+
+    with pytest.raises(SegtrainError, match=r"img_00.png: a I;16 image \(more than 8 bits per sample\)"):
+        read_rgb(str(raw / "images" / f"{STEMS[0]}.png"))
