@@ -15,38 +15,6 @@ import segtrain.cli  # noqa: E402,F401  TensorFlow's environment as the segtrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The files that take longest (worker seconds of a full run, measured), heaviest first. The two
-# xdist workers take whole files (--dist loadfile) in collection order (--no-loadscope-reorder;
-# xdist's own order is by test count, which put these few-test, long files last, so that one
-# worker ran a long file alone at the end): they start with these, and the many short files
-# even out their finish.
-HEAVY_FILES = [
-    "tests/test_slurm.py",  # 183 s: a real SLURM, five jobs
-    "tests/models/test_training.py",  # 160 s: every model under four settings, one process
-    "tests/test_docs.py",  # 150 s: every page's commands
-    "tests/test_launch.py",  # 120 s: two-worker clusters
-    "tests/train/test_strategy.py",  # 115 s
-    "tests/test_recipes.py",  # 90 s
-    "tests/test_export_formats.py",
-    "tests/train/test_faults.py",
-    "tests/test_cli.py",
-    "tests/test_tiles.py",
-    "tests/train/test_damaged.py",
-    "tests/test_example_plugin.py",
-    "tests/test_faults_cluster.py",
-    "tests/test_doctor.py",
-    "tests/train/test_replicas.py",
-    "tests/data/test_prepare_cli.py",
-    "tests/test_export.py",
-    "tests/test_export_agreement.py",
-]
-
-
-def pytest_collection_modifyitems(config, items):
-    """Heavy files first (HEAVY_FILES); the rest keep pytest's order (a stable sort)."""
-    rank = {path: i for i, path in enumerate(HEAVY_FILES)}
-    items.sort(key=lambda item: rank.get(os.path.relpath(str(item.path), REPO), len(rank)))
-
 # A U-Net small enough to train a few steps in seconds on two CPU cores.
 TINY = [
     "train.model = 'unet'",

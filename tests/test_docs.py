@@ -322,9 +322,3 @@ def test_the_commands_of_each_page_run(page, runner):
     for block in blocks(page):
         if runs_here(block):
             runner.run_block(block)
-
-
-def test_the_heavy_files_scheduled_first_exist():
-    from tests.conftest import HEAVY_FILES
-
-    assert [f for f in HEAVY_FILES if not os.path.isfile(os.path.join(REPO, f))] == []
