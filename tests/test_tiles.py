@@ -102,7 +102,7 @@ sys.exit(code)
 """
 
 
-@pytest.mark.slow  # two processes, one of them predicting 36 million pixels (windows side by side)
+@pytest.mark.slow  # two processes, one of them predicting 36 million pixels
 def test_peak_memory_is_bounded_by_the_tiles_not_the_image(trained_run, tmp_path):
     """A 6000 x 6000 TIFF (108 MB of pixels; its float32 image alone would be 432 MB, its logits
     as much again) costs less than 250 MB above predicting a 256 x 256 one."""
@@ -121,7 +121,7 @@ def test_peak_memory_is_bounded_by_the_tiles_not_the_image(trained_run, tmp_path
     for name in ("small.png", "large.tif"):
         result = subprocess.run(
             [sys.executable, "-c", MEMORY_SCRIPT, f"--model_dir={trained_run}", f"--input={tmp_path / name}",
-             f"--output={tmp_path / 'out'}", "--mode=slide", "--crop_size=500,500", "--stride=500,500",
+             f"--output={tmp_path / 'out'}", "--mode=slide", "--crop_size=256,256", "--batch_size=8",
              "--gin_param=predict.large_image_pixels = 0"],
             cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
         assert result.returncode == 0, result.stderr[-3000:]
