@@ -60,17 +60,17 @@ def read_rgb(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             deep = deep_samples(im)
-            if deep:
-                raise SegtrainError(f"{path}: {deep}; {EIGHT_BITS}")
-            im.load()
-            if im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-            return np.array(im.convert("RGB"), np.uint8)  # a writable copy: C libraries may need one
+            if not deep:
+                im.load()
+                if im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
+                    im = im.convert("RGBA")
+                return np.array(im.convert("RGB"), np.uint8)  # a writable copy: C libraries may need one
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         other = tiff_layout(path)
         if other:
             raise SegtrainError(f"{path}: {other}; {EIGHT_BITS}") from None
         raise SegtrainError(f"{path}: not a readable image ({e}).") from None
+    raise SegtrainError(f"{path}: {deep}; {EIGHT_BITS}")
 
 
 EIGHT_BITS = ("segtrain reads images of 8-bit grey, RGB or RGBA pixels: convert it to 8 bits per sample "

@@ -22,6 +22,7 @@ from segtrain.data.info import DatasetInfo
 from segtrain.data.prepare import load_prepared
 from segtrain.data.raw import BadExample, Source, check_label_size, problems_message
 from segtrain.errors import DATA_ERROR_MARKER, SegtrainError, warn
+from segtrain.images import EIGHT_BITS, deep_samples, read_rgb
 
 _warned_raw: set[str] = set()
 
@@ -161,8 +162,11 @@ def decode_raw(source: Source, example: dict, tf_decodes: bool = True) -> dict:
             try:
                 with Image.open(image_path) as image:  # the header only: TF decodes the pixels
                     width, height = image.size
+                    deep = deep_samples(image)
             except Exception as e:
                 raise BadExample(f"corrupt image {image_path} ({e})") from None
+            if deep:  # decoding would convert it to 8 bits silently, as prepare refuses to
+                raise BadExample(f"image {image_path} is {deep}; {EIGHT_BITS}")
             check_label_size(label, height, width, image_path)
         except BadExample as e:
             raise ValueError(f"{DATA_ERROR_MARKER}{label_path}: {e}") from None
@@ -179,14 +183,10 @@ def decode_raw(source: Source, example: dict, tf_decodes: bool = True) -> dict:
 
 
 def _pillow_rgb(path: bytes) -> np.ndarray:
-    from PIL import Image
-
     try:
-        with Image.open(path.decode()) as image:
-            return np.asarray(image.convert("RGB"))
-    except Exception as e:
-        raise ValueError(f"{DATA_ERROR_MARKER}{path.decode()}: corrupt or truncated image file ({e})") from None
-
+        return read_rgb(path.decode())
+    except SegtrainError as e:  # names the file
+        raise ValueError(f"{DATA_ERROR_MARKER}{e}") from None
 
 
 def damaged_data(fn, splits, settings: dict) -> str | None:

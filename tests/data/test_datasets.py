@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -443,5 +444,17 @@ def test_images_beyond_8_bits_or_3_bands_are_refused_by_name_not_converted(tmp_p
     assert f"{STEMS[2]}.tif: a TIFF of 5 band(s) of uint8; segtrain reads" in text
     from segtrain.images import read_rgb
 
-    with pytest.raises(SegtrainError, match=r"img_00.png: a I;16 image \(more than 8 bits per sample\)"):
+    with pytest.raises(SegtrainError, match=r"img_00.png: a I;16 image \(more than 8 bits per sample\); segtrain"):
         read_rgb(str(raw / "images" / f"{STEMS[0]}.png"))
+    with pytest.raises(SegtrainError, match=r"img_01.tif: a RGB;16L image \(16 bits per sample\); segtrain"):
+        read_rgb(str(raw / "images" / f"{STEMS[1]}.tif"))
+    # Read raw, each is refused too, by name (TF decodes the PNG, Pillow the TIFF).
+    for ext, write, what in (("png", lambda p: Image.fromarray(np.full((18, 22), 1000, np.uint16)).save(p), "a I;16 image"),
+                             ("tif", lambda p: tifffile.imwrite(p, np.full((18, 22, 3), 1000, np.uint16)), "a RGB;16L image")):
+        alone = tmp_path / f"alone_{ext}"
+        F.folder(str(alone), ["deep"])
+        os.remove(alone / "images" / "deep.jpg")
+        write(alone / "images" / f"deep.{ext}")
+        ds, info = _plugin("folder")("train", source_dir=str(alone), num_classes=3, splits=("train",), split_ratios=(1,))
+        with pytest.raises(Exception, match=rf"deep.{ext}:? (is )?{re.escape(what)}"):
+            read_all(ds, info)
