@@ -87,9 +87,7 @@ class TiffRegions:
                 f"{path}: a TIFF of {page.dtype} with {samples} sample(s) per pixel{planar}; predict reads "
                 f"8-bit grey, RGB or RGBA images (interleaved).")
         self.height, self.width = int(page.imagelength), int(page.imagewidth)
-        self.chunk = (int(page.chunks[0]), int(page.chunks[1]) if len(page.chunks) > 1 else self.width)
-        if page.is_tiled:
-            self.chunk = (int(page.tilelength), int(page.tilewidth))
+        self.chunk = (int(page.chunks[0]), int(page.chunks[1]))  # a tile's, or a strip's (rows, width)
         self._columns = math.ceil(self.width / self.chunk[1])
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._cache_bytes, self._cached = cache_bytes, 0

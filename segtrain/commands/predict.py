@@ -145,7 +145,7 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         def window_logits(x):
             return np.asarray(exported.logits(x), np.float32)
 
-        windows = exported.metadata.get("image_size") or EXPORT_WINDOW
+        window = (exported.metadata.get("image_size") or EXPORT_WINDOW, None)
     else:
         experiment, checkpoint_path, step = restored(model_dir, checkpoint)
         info, normalization = experiment.info, experiment.normalization
@@ -159,9 +159,9 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         def window_logits(x):
             return window_fn(tf.constant(x)).numpy()
 
-        windows = (inference.options if inference.options.mode == "slide" else None)
-        if windows is None:
-            windows = experiment.pipeline_config.crop_size
+        options = inference.options
+        window = ((options.crop_size, options.stride) if options.mode == "slide"
+                  else (experiment.pipeline_config.crop_size, None))
         if inference.options.augmented:
             window_logits = None  # test-time augmentation is per image: refused for large ones below
 
@@ -183,7 +183,7 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
             large[path] = size
         else:
             sizes.setdefault(size, []).append(path)
-    crop, stride = _large_windows(windows) if large else (None, None)
+    crop, stride = _large_windows(*window) if large else (None, None)
     for path, size in list(large.items()):
         if size[0] < crop[0] or size[1] < crop[1]:  # smaller than one window: inferred whole
             sizes.setdefault(large.pop(path), []).append(path)
@@ -239,14 +239,12 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
     return summary
 
 
-def _large_windows(windows) -> tuple[tuple[int, int], tuple[int, int]]:
+def _large_windows(size, stride) -> tuple[tuple[int, int], tuple[int, int]]:
     """(crop, stride) of the sliding windows for large images: the inference options' slide
-    windows, an export's input size or the training crop (every two thirds of it)."""
+    windows, an export's input size or the training crop (a stride of None: two thirds of it)."""
     from segtrain.inference import InferenceOptions
 
-    if isinstance(windows, InferenceOptions):
-        return windows.crop_size, windows.stride
-    options = InferenceOptions("slide", tuple(int(v) for v in windows))
+    options = InferenceOptions("slide", tuple(int(v) for v in size), stride)
     return options.crop_size, options.stride
 
 

@@ -11,15 +11,13 @@ becomes class v - 1, as the benchmark scores it (MMSegmentation's ``reduce_zero_
 
 from __future__ import annotations
 
-import glob
 import os
 
 import numpy as np
 
 from segtrain.data.files import file_dataset
 from segtrain.data.info import default_palette
-from segtrain.data.raw import INVALID, Example, Problem, Source, pair_by_stem
-from segtrain.errors import SegtrainError
+from segtrain.data.raw import INVALID, Example, Problem, Source, files_by_stem, pair_by_stem
 
 # objectInfo150's order: class v - 1 is annotation value v.
 CLASS_NAMES = (
@@ -60,11 +58,9 @@ class Ade20k(Source):
 
     def list_split(self, source_dir: str, split: str) -> tuple[list[Example], list[Problem]]:
         root = self.root(source_dir, ("images", "annotations"), ("", "ADEChallengeData2016"))
-        image_dir, label_dir = (os.path.join(root, d, SPLIT_DIRS[split]) for d in ("images", "annotations"))
-        for d in (image_dir, label_dir):
-            if not os.path.isdir(d):
-                raise SegtrainError(f"ade20k: directory {d} for split '{split}' does not exist. {self.layout}")
-        return pair_by_stem(_by_stem(image_dir, ".jpg"), _by_stem(label_dir, ".png"))
+        image_dir, label_dir = self.split_dirs(split, *(os.path.join(root, d, SPLIT_DIRS[split])
+                                                         for d in ("images", "annotations")))
+        return pair_by_stem(files_by_stem(image_dir, ".jpg"), files_by_stem(label_dir, ".png"))
 
     def label_lut(self) -> np.ndarray:
         lut = np.full(256, INVALID, np.int16)
@@ -74,7 +70,3 @@ class Ade20k(Source):
 
     def valid_raw_values(self) -> str:
         return f"ADE20K annotation values 0 (other) .. {len(CLASS_NAMES)}"
-
-
-def _by_stem(directory: str, extension: str) -> dict[str, str]:
-    return {os.path.basename(p)[: -len(extension)]: p for p in glob.glob(os.path.join(directory, "*" + extension))}

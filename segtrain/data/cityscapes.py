@@ -18,7 +18,6 @@ import numpy as np
 
 from segtrain.data.files import file_dataset
 from segtrain.data.raw import INVALID, Example, Problem, Source, pair_by_stem
-from segtrain.errors import SegtrainError
 
 # (label id, train id, name, colour) of the 19 training classes.
 TRAIN_CLASSES = (
@@ -74,10 +73,7 @@ class Cityscapes(Source):
 
     def list_split(self, source_dir: str, split: str) -> tuple[list[Example], list[Problem]]:
         root = self.root(source_dir, ("leftImg8bit", "gtFine"), ("", "cityscapes"))
-        image_dir, label_dir = (os.path.join(root, d, split) for d in ("leftImg8bit", "gtFine"))
-        for d in (image_dir, label_dir):
-            if not os.path.isdir(d):
-                raise SegtrainError(f"cityscapes: directory {d} for split '{split}' does not exist. {self.layout}")
+        image_dir, label_dir = self.split_dirs(split, *(os.path.join(root, d, split) for d in ("leftImg8bit", "gtFine")))
         images = {_key(p, image_dir, IMAGE_SUFFIX): p for p in glob.glob(os.path.join(image_dir, "*", "*" + IMAGE_SUFFIX))}
         labels = {_key(p, label_dir, LABEL_SUFFIX): p for p in glob.glob(os.path.join(label_dir, "*", "*" + LABEL_SUFFIX))}
         return pair_by_stem(images, labels)

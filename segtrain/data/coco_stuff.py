@@ -13,15 +13,13 @@ order, as the COCO-Stuff 164k benchmark counts them.
 
 from __future__ import annotations
 
-import glob
 import os
 
 import numpy as np
 
 from segtrain.data.files import file_dataset
 from segtrain.data.info import default_palette
-from segtrain.data.raw import INVALID, Example, Problem, Source, pair_by_stem
-from segtrain.errors import SegtrainError
+from segtrain.data.raw import INVALID, Example, Problem, Source, files_by_stem, pair_by_stem
 
 THINGS = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -81,13 +79,9 @@ class CocoStuff(Source):
 
     def list_split(self, source_dir: str, split: str) -> tuple[list[Example], list[Problem]]:
         root = self.root(source_dir, ("images", "annotations"), ("", "dataset"))
-        image_dir, label_dir = (os.path.join(root, d, SPLIT_DIRS[split]) for d in ("images", "annotations"))
-        for d in (image_dir, label_dir):
-            if not os.path.isdir(d):
-                raise SegtrainError(f"coco_stuff: directory {d} for split '{split}' does not exist. {self.layout}")
-        images = {os.path.basename(p)[:-4]: p for p in glob.glob(os.path.join(image_dir, "*.jpg"))}
-        labels = {os.path.basename(p)[:-4]: p for p in glob.glob(os.path.join(label_dir, "*.png"))}
-        return pair_by_stem(images, labels)
+        image_dir, label_dir = self.split_dirs(split, *(os.path.join(root, d, SPLIT_DIRS[split])
+                                                         for d in ("images", "annotations")))
+        return pair_by_stem(files_by_stem(image_dir, ".jpg"), files_by_stem(label_dir, ".png"))
 
     def label_lut(self) -> np.ndarray:
         return map_value_to_class()

@@ -12,6 +12,7 @@ quickly.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import io
 import os
 from typing import Iterable, Sequence
@@ -159,6 +160,13 @@ class Source:
             raise SegtrainError(f"{self.name}: split '{split}' is empty ({path} lists no examples).")
         return ids
 
+    def split_dirs(self, split: str, *directories: str) -> tuple[str, ...]:
+        """``directories`` (one split's folders), each checked to exist."""
+        for d in directories:
+            if not os.path.isdir(d):
+                raise SegtrainError(f"{self.name}: directory {d} for split '{split}' does not exist. {self.layout}")
+        return directories
+
     def check_split_name(self, split: str) -> None:
         if split not in self.splits:
             raise SegtrainError(f"Dataset '{self.name}' has no split {split!r}; use one of {', '.join(self.splits)}.")
@@ -170,6 +178,11 @@ def pair_by_stem(images: dict[str, str], labels: dict[str, str]) -> tuple[list[E
     problems = [Problem(images[k], "no label file for this image") for k in sorted(images) if k not in labels]
     problems += [Problem(labels[k], "no image for this label file") for k in sorted(labels) if k not in images]
     return examples, problems
+
+
+def files_by_stem(directory: str, extension: str) -> dict[str, str]:
+    """{file stem: path} of the ``extension`` files directly in ``directory``."""
+    return {os.path.basename(p)[: -len(extension)]: p for p in glob.glob(os.path.join(directory, "*" + extension))}
 
 
 def pair_listed(ids: Iterable[str], image_path, label_path) -> tuple[list[Example], list[Problem]]:

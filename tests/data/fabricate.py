@@ -213,10 +213,9 @@ def drive(root, splits=None, size=(21, 19), seed=0):
         vessels = blocks(h, w, [0, 255], seed + n)
         yy, xx = np.mgrid[:h, :w]
         inside = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2) < (min(h, w) / 2.2) ** 2  # a round field of view
-        for sub, values in (("1st_manual", vessels), ("mask", np.where(inside, 255, 0).astype(np.uint8))):
-            os.makedirs(os.path.join(base, sub), exist_ok=True)
-        Image.fromarray(vessels, mode="L").save(os.path.join(base, "1st_manual", f"{key}_manual1.gif"))
-        Image.fromarray(np.where(inside, 255, 0).astype(np.uint8), mode="L").save(
-            os.path.join(base, "mask", f"{key}_{folder}_mask.gif"))
+        for path, values in ((os.path.join(base, "1st_manual", f"{key}_manual1.gif"), vessels),
+                             (os.path.join(base, "mask", f"{key}_{folder}_mask.gif"), np.where(inside, 255, 0))):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            Image.fromarray(values.astype(np.uint8), mode="L").save(path)
         expected[key] = np.where(inside, vessels // 255, 255).astype(np.uint8)
     return expected
