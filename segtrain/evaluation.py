@@ -32,6 +32,7 @@ from segtrain.errors import DATA_ERROR_MARKER, SegtrainError, xla_reason
 from segtrain.inference import Inference
 from segtrain.io import write_json
 from segtrain.progress import Progress
+from segtrain.task import Task
 
 
 class Evaluator:
@@ -55,7 +56,8 @@ class Evaluator:
         self.strategy = strategy
         self.metric_names = tuple(metric_names)
         self.chunk = chunk
-        self.inference = inference or Inference(model, info.num_classes)
+        self.inference = inference or Inference(model, info.num_classes, task=info.task)
+        self.task = self.inference.task
         self.xla = xla
         self._run_chunk = tf.function(self._chunk)
         self._run_probabilities = None
@@ -85,13 +87,12 @@ class Evaluator:
     def _replica_step(self, batch, full: int = 0):
         logits = self._logits(batch, full)
         labels = batch["label"]
-        cm = metrics.confusion_matrix(labels, tf.argmax(logits, -1), self.info.num_classes, self.info.ignore_label)
+        cm = self.task.counts(labels, self.task.predict(logits))
         per_example = self.loss_fn(labels, logits)
         return cm, tf.reduce_sum(per_example), tf.cast(tf.shape(per_example)[0], tf.float32)
 
     def _chunk(self, iterator, full: int = 0):
-        c = self.info.num_classes
-        cm, loss_sum, count = tf.zeros([c, c], tf.int64), tf.constant(0.0), tf.constant(0.0)
+        cm, loss_sum, count = tf.zeros(self.task.counts_shape, tf.int64), tf.constant(0.0), tf.constant(0.0)
         batches = tf.constant(0)
         for _ in tf.range(self.chunk):
             optional = iterator.get_next_as_optional()
@@ -123,8 +124,7 @@ class Evaluator:
         full = self._xla_batch_size(dataset)
         progress, by_image = _progress(label, dataset)
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
-        c = self.info.num_classes
-        cm, loss_sum, count, done = np.zeros([c, c], np.int64), 0.0, 0.0, 0
+        cm, loss_sum, count, done = np.zeros(self.task.counts_shape, np.int64), 0.0, 0.0, 0
         t0 = time.perf_counter()
         while True:
             r_cm, r_loss, r_count, r_batches = self._chunk_call(iterator, full, first=not done)
@@ -189,7 +189,7 @@ class Evaluator:
         logits = self.inference.logits(batch["image"])
         labels = batch["label"]
         loss = self.loss_fn(labels, fit_to_labels(logits, batch, tf.shape(labels)[1:3]))
-        return tf.nn.softmax(logits), labels, batch["image"], batch["image_size"], batch["label_size"], loss
+        return self.task.probabilities(logits), labels, batch["image"], batch["image_size"], batch["label_size"], loss
 
     def _run_postprocessed(self, dataset, label, postprocessor, normalization):
         """The pass with a host-side post-processor: probabilities come back per replica, each
@@ -197,6 +197,9 @@ class Evaluator:
         label's size."""
         if normalization is None:
             raise ValueError("a post-processor needs the pipeline's normalization to see the image")
+        if self.task.multilabel:
+            raise SegtrainError(f"Dataset '{self.info.name}' is multi-label: the post-processors refine one class "
+                                f"per pixel (a softmax); evaluate without --postprocess.")
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             raise SegtrainError("Evaluation with a post-processor runs on one machine: run `segtrain evaluate "
                                 "--postprocess=...` outside the cluster.")
@@ -205,7 +208,7 @@ class Evaluator:
                 lambda b: self.strategy.run(self._replica_probabilities, args=(b,)), reduce_retracing=True)
         progress, by_image = _progress(label, dataset)
         c = self.info.num_classes
-        cm, cm_post = np.zeros([c, c], np.int64), np.zeros([c, c], np.int64)
+        cm, cm_post = np.zeros([c, c], np.int64), np.zeros([c, c], np.int64)  # one class per pixel (checked above)
         loss_sum, count, done, t0 = 0.0, 0.0, 0, time.perf_counter()
         for batch in self.strategy.experimental_distribute_dataset(dataset):
             outputs = self._run_probabilities(batch)
@@ -234,7 +237,8 @@ class Evaluator:
 
 
 def evaluate_exported(exported, dataset: tf.data.Dataset, info: DatasetInfo, loss_fn, normalization,
-                      metric_names: Sequence[str] = metrics.DEFAULT_METRICS, label: str = "eval") -> tuple[dict, np.ndarray]:
+                      metric_names: Sequence[str] = metrics.DEFAULT_METRICS, label: str = "eval",
+                      task: Task | None = None) -> tuple[dict, np.ndarray]:
     """One pass over ``dataset`` with an exported model; returns ({'loss': ..., metric: ...}, confusion matrix).
 
     The export gets what a client would send: each example's image, cropped to its own size and
@@ -250,10 +254,11 @@ def evaluate_exported(exported, dataset: tf.data.Dataset, info: DatasetInfo, los
       normalization: the pipeline's input normalisation (inverted to give the export its pixels).
       metric_names: registered metrics to compute.
       label: the progress line's name.
+      task: what the logits mean (default: the dataset's, threshold 0.5): the export's own.
     """
     progress, by_image = _progress(label, dataset)
-    c = info.num_classes
-    cm, loss_sum, count, done, t0 = np.zeros([c, c], np.int64), 0.0, 0.0, 0, time.perf_counter()
+    task = task or info.task
+    cm, loss_sum, count, done, t0 = np.zeros(task.counts_shape, np.int64), 0.0, 0.0, 0, time.perf_counter()
     for batch in dataset:
         image_sizes, label_sizes = batch["image_size"].numpy(), batch["label_size"].numpy()
         labels = batch["label"]
@@ -266,7 +271,7 @@ def evaluate_exported(exported, dataset: tf.data.Dataset, info: DatasetInfo, los
             group_labels = tf.gather(labels, members)
             fitted = fit_to_labels(logits, {"image_size": image_sizes[members], "label_size": label_sizes[members]},
                                    tf.shape(group_labels)[1:3])
-            cm += metrics.confusion_matrix(group_labels, tf.argmax(fitted, -1), c, info.ignore_label).numpy()
+            cm += task.counts(group_labels, task.predict(fitted)).numpy()
             loss_sum += float(tf.reduce_sum(loss_fn(group_labels, fitted)))
             count += len(members)
         done += 1

@@ -33,6 +33,7 @@ from segtrain.losses import ClassStatistics, build_loss
 from segtrain.metrics import DEFAULT_METRICS
 from segtrain.models.model import ModelFacts, facts, synchronize_batch_norm
 from segtrain.precision import PRECISIONS, set_precision
+from segtrain.task import Task
 from segtrain.run_dir import BEST_DIR, DamagedCheckpoint, diagnose, is_damage, problem, readable_others, resolve
 
 
@@ -42,7 +43,7 @@ configured_pipeline = gin.external_configurable(PipelineConfig, name="pipeline")
 
 @gin.configurable("inference")
 def inference_options(mode: str = "whole", crop_size: Sequence[int] | None = None, stride: Sequence[int] | None = None,
-                      scales: Sequence[float] = (1.0,), flip: bool = False) -> InferenceOptions:
+                      scales: Sequence[float] = (1.0,), flip: bool = False, threshold: float = 0.5) -> InferenceOptions:
     """How evaluation and every command that uses a trained model run it (gin scope ``inference``).
 
     Args:
@@ -51,9 +52,11 @@ def inference_options(mode: str = "whole", crop_size: Sequence[int] | None = Non
       stride: (height, width) step between windows (default: two thirds of crop_size).
       scales: test-time scales; the softmax of every scale (and flip) is averaged.
       flip: also infer on the left-right flipped image.
+      threshold: multi-label (and binary) datasets: a label is predicted where its probability
+        exceeds this; in evaluation, predict and export alike.
     """
     return InferenceOptions(mode, crop_size, stride, tuple(scales) if not isinstance(scales, (int, float)) else
-                            (scales,), flip)
+                            (scales,), flip, threshold)
 
 
 @gin.configurable("train")
@@ -247,6 +250,11 @@ class Experiment:
         return self.read(self.split)[1]
 
     @functools.cached_property
+    def task(self) -> Task:
+        """What the labels and the model's outputs mean, at the configured ``inference.threshold``."""
+        return Task.of(self.info, inference_options().threshold)
+
+    @functools.cached_property
     def loss_fn(self):
         """The loss. A factory that takes ``class_statistics`` (class weights from the data) gets
         the training split's pixel counts per class, which `segtrain prepare` records."""
@@ -258,7 +266,8 @@ class Experiment:
             split=split,
             dataset=self.config.dataset,
         )
-        return build_loss(self.config.loss, info.ignore_label, statistics)
+        return build_loss(self.config.loss, info.ignore_label, statistics, multilabel=info.multilabel,
+                          dataset=self.config.dataset)
 
     @functools.cached_property
     def model(self) -> keras.Model:
@@ -343,7 +352,7 @@ class Experiment:
     def inference(self, **overrides) -> Inference:
         """The model's Inference: gin's ``inference.*`` settings, then ``overrides`` that are not None."""
         options = inference_options(**{k: v for k, v in overrides.items() if v is not None})
-        return Inference(self.model, self.info.num_classes, self.facts.size_divisor, options)
+        return Inference(self.model, self.info.num_classes, self.facts.size_divisor, options, task=self.task)
 
     def evaluator(self, inference: Inference | None = None) -> Evaluator:
         """The evaluation loop, with ``inference`` (default: ``self.inference()``)."""

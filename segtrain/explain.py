@@ -35,6 +35,7 @@ from segtrain import compat
 from segtrain.errors import SegtrainError
 from segtrain.images import blend
 from segtrain.models.model import facts
+from segtrain.task import Task
 
 LIST = "list"  # the --layer value that lists the layers
 MAX_CHANNELS = 64  # channels an activation grid shows at most
@@ -196,9 +197,12 @@ class GradCam:
       model: a functional model from images [B,H,W,3] to logits [B,H,W,C].
       layer: the layer to weigh (see ``choose_layer``; default: the model's cam_layer).
       size_divisor: pad images to multiples of this (default: the model's fact).
+      task: what the logits mean (default: classes): which pixels are "predicted as" a class or label.
     """
 
-    def __init__(self, model: keras.Model, layer: str | None = None, size_divisor: int | None = None):
+    def __init__(self, model: keras.Model, layer: str | None = None, size_divisor: int | None = None,
+                 task: Task | None = None):
+        self.task = task or Task(1)
         self.layer = choose_layer(model, layer)
         graph = _graph(model)
         self.size_divisor = size_divisor or facts(model).size_divisor
@@ -225,7 +229,7 @@ class GradCam:
             activations, logits = self._probe(x, training=False)
             logits = tf.cast(logits, tf.float32)[0, :height, :width]
             if box is None:
-                mask = (np.argmax(logits.numpy(), axis=-1) == class_id).astype(np.float32)
+                mask = self.task.region(logits, class_id).numpy().astype(np.float32)
             else:
                 mask = np.zeros((height, width), np.float32)
                 mask[box[0]:box[2], box[1]:box[3]] = 1.0

@@ -11,9 +11,11 @@ here, so a model sees the same input in each. Images come in normalised, as floa
   border, so every pixel is covered; the logits of overlapping windows are summed and divided by
   how many windows cover each pixel. An image smaller than a window is padded to it.
 - Test-time augmentation (``scales``, ``flip``): the image is resized to each scale (and
-  flipped left-right), inferred as above, its logits resized back and un-flipped, and the softmax
-  of every view averaged. ``logits`` then returns the log of that average, so argmax, softmax
-  and the cross-entropy of the averaged prediction all follow from it.
+  flipped left-right), inferred as above, its logits resized back and un-flipped, and the
+  probabilities of every view averaged (softmax; a multi-label model's sigmoids). ``logits`` then
+  returns the logits of that average (its log; the log-odds of each label), so the prediction,
+  the probabilities and the loss of the averaged prediction all follow from it.
+- ``threshold`` (multi-label models): a label is predicted where its probability exceeds it.
 
 Only TensorFlow ops: the methods trace inside a ``tf.function`` and run per replica.
 """
@@ -27,6 +29,7 @@ from typing import Sequence
 import tensorflow as tf
 
 from segtrain.errors import SegtrainError
+from segtrain.task import Task
 
 MODES = ("whole", "slide")
 
@@ -41,6 +44,7 @@ class InferenceOptions:
       stride: (height, width) step between windows (default: two thirds of crop_size, rounded up).
       scales: test-time scales; the softmax of every scale (and flip) is averaged.
       flip: also infer on the left-right flipped image.
+      threshold: multi-label models: a label is predicted where its probability exceeds this.
     """
 
     mode: str = "whole"
@@ -48,6 +52,7 @@ class InferenceOptions:
     stride: tuple[int, int] | None = None
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    threshold: float = 0.5
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -68,6 +73,7 @@ class InferenceOptions:
         object.__setattr__(self, "scales", scales)
         if not isinstance(self.flip, bool):
             raise SegtrainError(f"--flip must be True or False, got {self.flip!r}.")
+        Task(1, threshold=self.threshold)  # checks it
 
     @property
     def augmented(self) -> bool:
@@ -83,6 +89,8 @@ class InferenceOptions:
             text += ", scales " + ",".join(f"{s:g}" for s in self.scales)
         if self.flip:
             text += " + flip"
+        if self.threshold != 0.5:
+            text += f", threshold {self.threshold:g}"
         return text
 
 
@@ -128,14 +136,17 @@ class Inference:
       size_divisor: the model's input height and width must be multiples of this.
       options: whole or sliding windows, test-time scales and flip.
       fill: the normalised value padding is filled with.
+      task: what the logits mean (default: C classes); its threshold is ``options.threshold``.
     """
 
     def __init__(self, model, num_classes: int, size_divisor: int = 1,
-                 options: InferenceOptions | None = None, fill: float = 0.0):
+                 options: InferenceOptions | None = None, fill: float = 0.0, task: Task | None = None):
         self.model = model
         self.num_classes = num_classes
-        self.size_divisor = max(int(size_divisor), 1)
         self.options = options or InferenceOptions()
+        task = task or Task(num_classes)
+        self.task = dataclasses.replace(task, threshold=self.options.threshold)
+        self.size_divisor = max(int(size_divisor), 1)
         self.fill = fill
         if self.options.mode == "slide" and self.size_divisor > 1:
             ch, cw = self.options.crop_size
@@ -147,17 +158,18 @@ class Inference:
 
     def logits(self, images: tf.Tensor) -> tf.Tensor:
         """float32 [B,H,W,C] logits of normalised images [B,H,W,3]; with test-time augmentation the
-        log of the averaged softmax."""
+        logits of the averaged probabilities."""
         images = tf.convert_to_tensor(images, tf.float32)
         if not self.options.augmented:
             return self._view(images)
-        return tf.math.log(tf.maximum(self._augmented(images), 1e-12))
+        return self.task.logits_of(self._augmented(images))
 
     def probabilities(self, images: tf.Tensor) -> tf.Tensor:
-        """float32 [B,H,W,C] class probabilities (averaged over the test-time views)."""
+        """float32 [B,H,W,C] probabilities (softmax of the classes, or each label's sigmoid),
+        averaged over the test-time views."""
         images = tf.convert_to_tensor(images, tf.float32)
         if not self.options.augmented:
-            return tf.nn.softmax(self._view(images))
+            return self.task.probabilities(self._view(images))
         return self._augmented(images)
 
     # One view: whole or sliding windows.
@@ -182,7 +194,7 @@ class Inference:
                     logits = tf.reverse(logits, axis=[2])
                 if scale != 1.0:
                     logits = tf.image.resize(logits, size, method="bilinear")
-                probs = tf.nn.softmax(logits)
+                probs = self.task.probabilities(logits)
                 total = probs if total is None else total + probs
         return total / float(len(self.options.scales) * (2 if self.options.flip else 1))
 

@@ -7,6 +7,12 @@ loss 0. The trainer turns the per-example losses into the global-batch mean.
 A factory that also takes ``class_statistics`` receives the training split's pixel counts per
 class (``ClassStatistics``, recorded by `segtrain prepare`), from which it can derive class
 weights; ``build_loss`` passes them only to factories that accept them.
+
+Multi-label (and binary) datasets (segtrain.task) have labels packed as bits and one sigmoid
+logit per label. A factory that takes ``multilabel`` serves them: ``build_loss`` passes
+``multilabel=True`` for such a dataset, and refuses a loss whose factory does not take it. The
+sigmoid forms: cross_entropy (binary cross-entropy per label), dice and tversky (soft, per
+label), focal (sigmoid focal loss), lovasz_hinge (multi-label only), combined.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from scipy import ndimage
 from registry import LOSSES
 from segtrain import compat
 from segtrain.errors import SegtrainError, warn
+from segtrain.task import unpack
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 # Class weights computed from the training split's statistics.
@@ -51,15 +58,36 @@ class ClassStatistics:
         return f"split '{self.split}'" + (f" of dataset '{self.dataset}'" if self.dataset else "")
 
 
-def build_loss(name: str, ignore_label: int, class_statistics: ClassStatistics | None = None) -> LossFn:
+def build_loss(name: str, ignore_label: int, class_statistics: ClassStatistics | None = None,
+               multilabel: bool = False, dataset: str = "") -> LossFn:
     """Builds the registered loss ``name``, passing ``class_statistics`` only if its factory
-    takes that argument (so losses that have no use for it keep their plain signature)."""
+    takes that argument (so losses that have no use for it keep their plain signature), and
+    ``multilabel=True`` for a multi-label dataset, which a factory must take to serve one."""
     factory = LOSSES.get(name)
     kwargs = {"ignore_label": ignore_label}
-    takes_statistics = "class_statistics" in inspect.signature(LOSSES.original(name)).parameters
-    if class_statistics is not None and takes_statistics:
+    parameters = inspect.signature(LOSSES.original(name)).parameters
+    if class_statistics is not None and "class_statistics" in parameters:
         kwargs["class_statistics"] = class_statistics
+    if multilabel:
+        if "multilabel" not in parameters:
+            raise SegtrainError(
+                f"train.loss={name!r} scores one class per pixel (a softmax), but dataset '{dataset or '?'}' is "
+                f"multi-label (a sigmoid per label): use one of {', '.join(multilabel_losses())}.")
+        kwargs["multilabel"] = True
     return factory(**kwargs)
+
+
+def multilabel_losses() -> list[str]:
+    """The registered losses that serve multi-label (and binary) datasets."""
+    return [n for n in LOSSES.names() if "multilabel" in inspect.signature(LOSSES.original(n)).parameters]
+
+
+def _label_targets(labels: tf.Tensor, logits: tf.Tensor, ignore_label: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Multi-label: (float32 0/1 targets [B,H,W,L] unpacked from the bits, float mask of valid pixels)."""
+    labels = tf.cast(labels, tf.int32)
+    valid = tf.not_equal(labels, ignore_label)
+    targets = tf.cast(unpack(tf.where(valid, labels, 0), logits.shape[-1]), tf.float32)
+    return targets, tf.cast(valid, tf.float32)
 
 
 def _valid_labels(labels: tf.Tensor, ignore_label: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -112,19 +140,27 @@ def _mean_over_hardest(per_pixel: tf.Tensor, valid: tf.Tensor, top_k_percent: fl
 
 @LOSSES.register("cross_entropy")
 def cross_entropy(ignore_label: int = 255, label_smoothing: float = 0.0,
-                  top_k_percent_pixels: float = 1.0) -> LossFn:
-    """Softmax cross-entropy averaged over the valid pixels of each example.
+                  top_k_percent_pixels: float = 1.0, multilabel: bool = False) -> LossFn:
+    """Softmax cross-entropy averaged over the valid pixels of each example; multi-label: the
+    binary cross-entropy of each label's sigmoid, averaged over the labels, then the pixels.
 
     Args:
       ignore_label: label value left out of the loss.
-      label_smoothing: eps in [0, 1): the target is (1 - eps) one_hot + eps / C.
+      label_smoothing: eps in [0, 1): the target is (1 - eps) one_hot + eps / C (multi-label:
+        (1 - eps) t + eps / 2 per label).
       top_k_percent_pixels: online hard example mining (as Model Garden's setting of that
         name): each example's loss is the mean over the hardest share of its valid pixels
         (the ceil(share * n_valid) largest cross-entropies); 1 keeps every pixel.
+      multilabel: set by build_loss for multi-label datasets.
     """
     _check_ce_options("cross_entropy", label_smoothing, top_k_percent_pixels)
 
     def loss(labels, logits):
+        if multilabel:
+            targets, valid = _label_targets(labels, logits, ignore_label)
+            targets = targets * (1.0 - label_smoothing) + label_smoothing / 2.0
+            bce = tf.nn.sigmoid_cross_entropy_with_logits(targets, tf.cast(logits, tf.float32))
+            return _mean_over_hardest(tf.reduce_mean(bce, axis=-1), valid, top_k_percent_pixels)
         labels, valid = _valid_labels(labels, ignore_label)
         ce = _pixel_cross_entropy(labels, tf.cast(logits, tf.float32), label_smoothing)
         return _mean_over_hardest(ce, valid, top_k_percent_pixels)
@@ -270,12 +306,16 @@ def weighted_cross_entropy(
 
 
 @LOSSES.register("dice")
-def dice(ignore_label: int = 255, smooth: float = 1.0) -> LossFn:
+def dice(ignore_label: int = 255, smooth: float = 1.0, multilabel: bool = False) -> LossFn:
     """Soft Dice loss, 1 - mean Dice over the classes present in each example's labels.
 
     Averaging only over present classes keeps an example with one small object from being
-    dominated by the classes it does not contain.
+    dominated by the classes it does not contain. Multi-label: the soft Dice of each label's
+    sigmoid, averaged over every label (a label absent from an example still scores its false
+    positives: its Dice is smooth / (predicted + smooth)).
     """
+    if multilabel:
+        return tversky(ignore_label, alpha=0.5, beta=0.5, smooth=smooth, multilabel=True)
 
     def loss(labels, logits):
         labels, valid = _valid_labels(labels, ignore_label)
@@ -297,17 +337,33 @@ def dice(ignore_label: int = 255, smooth: float = 1.0) -> LossFn:
 
 @LOSSES.register("focal")
 def focal(
-    ignore_label: int = 255, gamma: float = 2.0, alpha: float | Sequence[float] | None = None
+    ignore_label: int = 255, gamma: float = 2.0, alpha: float | Sequence[float] | None = None,
+    multilabel: bool = False,
 ) -> LossFn:
     """Focal loss (Lin et al., 2017): cross-entropy scaled by (1 - p_true)^gamma.
+
+    Multi-label: the sigmoid focal loss of each label, -a_t (1 - p_t)^gamma log(p_t) with p_t
+    the probability of the true state (present or absent), averaged over labels and pixels.
 
     Args:
       ignore_label: label value left out of the loss.
       gamma: focusing parameter; 0 gives plain cross-entropy.
-      alpha: None, one factor for every class, or a factor per class.
+      alpha: None, one factor for every class, or a factor per class. Multi-label: the factor
+        of a present label (one for all, or one per label), 1 - alpha that of an absent one,
+        as RetinaNet weighs them (0.25 there).
     """
 
     def loss(labels, logits):
+        if multilabel:
+            targets, valid = _label_targets(labels, logits, ignore_label)
+            logits = tf.cast(logits, tf.float32)
+            bce = tf.nn.sigmoid_cross_entropy_with_logits(targets, logits)  # -log(p_t)
+            p_true = tf.exp(-bce)
+            per_label = tf.pow(1.0 - p_true, gamma) * bce
+            if alpha is not None:
+                a = tf.constant(alpha, tf.float32)
+                per_label *= targets * a + (1.0 - targets) * (1.0 - a)
+            return _mean_over_valid(tf.reduce_mean(per_label, axis=-1), valid)
         labels, valid = _valid_labels(labels, ignore_label)
         log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32))
         log_p_true = tf.gather(log_probs, labels, batch_dims=3)
@@ -372,9 +428,82 @@ def lovasz_softmax(ignore_label: int = 255, classes: str = "present") -> LossFn:
     return loss
 
 
+@LOSSES.register("tversky")
+def tversky(ignore_label: int = 255, alpha: float = 0.3, beta: float = 0.7, smooth: float = 1.0,
+            multilabel: bool = False) -> LossFn:
+    """Tversky loss (Salehi et al., 2017): 1 - (TP + s) / (TP + alpha FP + beta FN + s), soft
+    counts per example and class (multi-label: per label).
+
+    A beta above alpha weighs missed pixels more than false alarms: recall on a rare
+    foreground. alpha = beta = 0.5 is the Dice loss. Classes: averaged over the classes present
+    in each example, as ``dice``; multi-label: over every label.
+
+    Args:
+      ignore_label: label value left out of the loss.
+      alpha: weight of the false positives.
+      beta: weight of the false negatives.
+      smooth: s, added to numerator and denominator.
+      multilabel: set by build_loss for multi-label datasets.
+    """
+    if alpha < 0 or beta < 0 or smooth < 0:
+        raise SegtrainError(f"losses.tversky: alpha, beta and smooth must be >= 0, got {alpha}, {beta}, {smooth}.")
+
+    def loss(labels, logits):
+        logits = tf.cast(logits, tf.float32)
+        if multilabel:
+            truth, valid = _label_targets(labels, logits, ignore_label)
+            probs = tf.sigmoid(logits)
+        else:
+            labels, valid = _valid_labels(labels, ignore_label)
+            truth = tf.one_hot(labels, logits.shape[-1])
+            probs = tf.nn.softmax(logits)
+        probs, truth = probs * valid[..., None], truth * valid[..., None]
+        tp = tf.reduce_sum(probs * truth, axis=[1, 2])
+        fp = tf.reduce_sum(probs * (1.0 - truth), axis=[1, 2])
+        fn = tf.reduce_sum((1.0 - probs) * truth, axis=[1, 2])
+        index = (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
+        counted = (tf.ones_like(index) if multilabel else
+                   tf.cast(tf.reduce_sum(truth, axis=[1, 2]) > 0, tf.float32))
+        mean_index = tf.math.divide_no_nan(tf.reduce_sum(index * counted, axis=-1), tf.reduce_sum(counted, axis=-1))
+        has_pixels = tf.cast(tf.reduce_sum(valid, axis=[1, 2]) > 0, tf.float32)
+        return (1.0 - mean_index) * has_pixels
+
+    return loss
+
+
+@LOSSES.register("lovasz_hinge")
+def lovasz_hinge(ignore_label: int = 255, multilabel: bool = False) -> LossFn:
+    """Lovasz hinge loss (Berman et al., CVPR 2018), for multi-label and binary datasets: per
+    example and label, the hinge errors 1 - logit * (2 t - 1) of the valid pixels, sorted in
+    decreasing order, their positive parts weighted by the gradient of the Lovasz extension of
+    the Jaccard loss; averaged over the labels. Ignored pixels sort last with no error.
+    """
+    if not multilabel:
+        raise SegtrainError("train.loss='lovasz_hinge' is for multi-label and binary datasets (a sigmoid per label); "
+                            "for one class per pixel use 'lovasz_softmax'.")
+
+    def loss(labels, logits):
+        truth, valid = _label_targets(labels, logits, ignore_label)
+        logits = tf.cast(logits, tf.float32)
+        batch, num_labels = tf.shape(logits)[0], logits.shape[-1]
+        flat_valid = tf.reshape(valid, [batch, -1, 1])
+        errors = 1.0 - tf.reshape(logits, [batch, -1, num_labels]) * (2.0 * tf.reshape(truth, [batch, -1, num_labels]) - 1.0)
+        # [B, L, N]; ignored pixels sort last (below every real error) and count nothing.
+        errors = tf.transpose(tf.where(flat_valid > 0, errors, -1e30), [0, 2, 1])
+        truth = tf.transpose(tf.reshape(truth, [batch, -1, num_labels]) * flat_valid, [0, 2, 1])
+        order = tf.argsort(errors, axis=-1, direction="DESCENDING", stable=True)
+        errors_sorted = tf.nn.relu(tf.gather(errors, order, batch_dims=2))
+        per_label = tf.reduce_sum(errors_sorted * tf.stop_gradient(
+            _lovasz_gradient(tf.gather(truth, order, batch_dims=2))), axis=-1)  # [B, L]
+        has_pixels = tf.cast(tf.reduce_sum(flat_valid, axis=[1, 2]) > 0, tf.float32)
+        return tf.reduce_mean(per_label, axis=-1) * has_pixels
+
+    return loss
+
+
 @LOSSES.register("combined")
 def combined(ignore_label: int = 255, weights: Mapping[str, float] | None = None,
-             class_statistics: ClassStatistics | None = None) -> LossFn:
+             class_statistics: ClassStatistics | None = None, multilabel: bool = False) -> LossFn:
     """A weighted sum of registered losses, e.g. {'cross_entropy': 1.0, 'dice': 1.0}.
 
     Each part is built by name, so its own gin bindings (``losses.dice.smooth``) apply; parts
@@ -387,7 +516,7 @@ def combined(ignore_label: int = 255, weights: Mapping[str, float] | None = None
         )
     if "combined" in weights:
         raise SegtrainError("losses.combined.weights cannot contain 'combined' itself.")
-    parts = [(float(w), build_loss(name, ignore_label, class_statistics)) for name, w in weights.items()]
+    parts = [(float(w), build_loss(name, ignore_label, class_statistics, multilabel)) for name, w in weights.items()]
 
     def loss(labels, logits):
         return tf.add_n([w * part(labels, logits) for w, part in parts])

@@ -13,6 +13,15 @@ predicted); a mean is over the classes whose value is defined. So:
   counts as 0 in mean IoU and Dice (its false positives are real errors);
 - a class in the ground truth that is never predicted counts as 0 everywhere;
 - ignore-label pixels count nowhere, not even as a wrong prediction.
+
+Multi-label (and binary) tasks (segtrain.task) count one 2 x 2 matrix per label, [L, 2, 2], and
+every metric reads it label by label, with the label's "present" as the class: per label, TP =
+pixels where the label is both true and predicted (probability > ``inference.threshold``), IoU
+= TP / (true + predicted - TP), accuracy = recall = TP / true, Dice = 2 TP / (true + predicted);
+means are over the labels whose value is defined, by the same rules as classes. Absent-label
+pixels are not a class of their own, so a rare foreground is not drowned by the background: a
+model that predicts no foreground scores IoU 0 for it, not NaN, from its first evaluation.
+``pixel_accuracy`` counts every correct (pixel, label) decision, present or absent.
 """
 
 from __future__ import annotations
@@ -20,33 +29,15 @@ from __future__ import annotations
 import tensorflow as tf
 
 from registry import METRICS
-
-
-def confusion_matrix(
-    labels: tf.Tensor, predictions: tf.Tensor, num_classes: int, ignore_label: int = 255
-) -> tf.Tensor:
-    """C x C int64 counts of one batch: entry [i, j] = pixels of class i predicted as j.
-
-    Args:
-      labels: int [...] ground truth; pixels equal to ``ignore_label`` are not counted.
-      predictions: int [...] predicted classes, same shape.
-      num_classes: C.
-      ignore_label: label value to leave out.
-    """
-    labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
-    predictions = tf.reshape(tf.cast(predictions, tf.int32), [-1])
-    valid = tf.not_equal(labels, ignore_label)
-    # Invalid pixels go to an extra row that is sliced away: no data-dependent shapes, so
-    # this compiles with XLA and runs per replica.
-    index = tf.where(valid, labels * num_classes + predictions, num_classes * num_classes)
-    counts = tf.math.unsorted_segment_sum(
-        tf.ones_like(index, tf.int64), index, num_classes * num_classes + 1
-    )
-    return tf.reshape(counts[: num_classes * num_classes], [num_classes, num_classes])
+from segtrain.task import confusion_matrix  # noqa: F401 (the metrics' counts, re-exported)
 
 
 def _parts(cm):
+    """(cm, TP, ground-truth pixels, predicted pixels) per class; for per-label counts [L, 2, 2]
+    those of each label's "present" row and column."""
     cm = tf.cast(tf.convert_to_tensor(cm), tf.float64)
+    if cm.shape.rank == 3:
+        return cm, cm[:, 1, 1], tf.reduce_sum(cm[:, 1, :], axis=1), tf.reduce_sum(cm[:, :, 1], axis=1)
     tp = tf.linalg.diag_part(cm)
     truth = tf.reduce_sum(cm, axis=1)
     predicted = tf.reduce_sum(cm, axis=0)
@@ -65,9 +56,10 @@ def _nan_mean(values, mask):
 
 @METRICS.register("pixel_accuracy")
 def pixel_accuracy(cm) -> tf.Tensor:
-    """Correct pixels over all counted pixels."""
-    cm, tp, _, _ = _parts(cm)
-    return tf.math.divide_no_nan(tf.reduce_sum(tp), tf.reduce_sum(cm))
+    """Correct pixels over all counted pixels (multi-label: correct pixel-label decisions, present
+    or absent, over all of them)."""
+    cm, _, _, _ = _parts(cm)
+    return tf.math.divide_no_nan(tf.reduce_sum(tf.linalg.trace(cm)), tf.reduce_sum(cm))
 
 
 @METRICS.register("per_class_accuracy")

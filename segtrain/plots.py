@@ -25,16 +25,29 @@ def have_matplotlib() -> bool:
     return True
 
 
+def as_table(cm: np.ndarray, class_names: Sequence[str]) -> tuple[np.ndarray, list[str], list[str]]:
+    """(2-D counts, row names, column names) of a confusion matrix [C, C], or of per-label
+    matrices [L, 2, 2] stacked: rows '<label>: absent' / '<label>: present', columns predicted
+    absent / present."""
+    cm = np.asarray(cm)
+    if cm.ndim == 3:
+        rows = [f"{name}: {state}" for name in class_names for state in ("absent", "present")]
+        return cm.reshape(-1, 2), rows, ["absent", "present"]
+    return cm, list(class_names), list(class_names)
+
+
 def confusion_matrix_png(cm: np.ndarray, class_names: Sequence[str], title: str = "",
                          normalize: bool = True) -> bytes:
     """PNG bytes of the confusion matrix: rows ground truth, columns prediction, class names on
-    both axes. ``normalize``: cells show each row's fractions (recall on the diagonal) and the row
-    totals are printed with the names; else the cells show pixel counts.
+    both axes (per-label matrices [L, 2, 2]: two rows per label, see ``as_table``). ``normalize``:
+    cells show each row's fractions (recall on the diagonal) and the row totals are printed with
+    the names; else the cells show pixel counts.
     """
     from matplotlib.figure import Figure
 
+    cm, row_names, column_names = as_table(cm, class_names)
     cm = np.asarray(cm, np.float64)
-    n = len(class_names)
+    n, m = len(row_names), len(column_names)
     totals = cm.sum(axis=1)
     values = np.divide(cm, totals[:, None], out=np.zeros_like(cm), where=totals[:, None] > 0) if normalize else cm
     side = min(max(4.0, 0.55 * n + 2.5), 24.0)
@@ -43,8 +56,8 @@ def confusion_matrix_png(cm: np.ndarray, class_names: Sequence[str], title: str 
     image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else max(values.max(), 1.0))
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04,
                  label="fraction of the row's pixels" if normalize else "pixels")
-    ax.set_xticks(range(n), labels=class_names, rotation=90 if n > 6 else 45, ha="right" if n <= 6 else "center")
-    ylabels = [f"{name} ({int(t):,})" for name, t in zip(class_names, totals)] if normalize else list(class_names)
+    ax.set_xticks(range(m), labels=column_names, rotation=90 if m > 6 else 45, ha="right" if m <= 6 else "center")
+    ylabels = [f"{name} ({int(t):,})" for name, t in zip(row_names, totals)] if normalize else row_names
     ax.set_yticks(range(n), labels=ylabels)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("ground truth" + (" (pixels)" if normalize else ""))
@@ -53,7 +66,7 @@ def confusion_matrix_png(cm: np.ndarray, class_names: Sequence[str], title: str 
     if n <= 30:  # numbers in the cells while they fit
         limit = values.max() if values.size else 0.0
         for i in range(n):
-            for j in range(n):
+            for j in range(m):
                 v = values[i, j]
                 text = f"{v:.2f}" if normalize else f"{int(v):,}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=7 if n > 12 else 9,

@@ -81,7 +81,8 @@ def test_list_shows_every_plugin_with_arguments():
     assert result.returncode == 0, result.stderr
     for text in ("models:", "unet(num_classes, depth=4, base_filters=64", "encoder_decoder(num_classes",
                  "backbones:", "resnet50(weights=None, freeze=False, freeze_batch_norm=False, batch_norm_momentum=None)",
-                 "losses:", "cross_entropy(ignore_label=255, label_smoothing=0.0, top_k_percent_pixels=1.0)", "lovasz_softmax(", "focal(ignore_label=255, gamma=2.0",
+                 "losses:", "cross_entropy(ignore_label=255, label_smoothing=0.0, top_k_percent_pixels=1.0, multilabel=False)",
+                 "lovasz_softmax(", "lovasz_hinge(", "tversky(", "focal(ignore_label=255, gamma=2.0",
                  "metrics:", "mean_iou(cm)", "datasets:", "shapes(split='train'",
                  "voc2012_aug(split='train', data_dir=None, source_dir=None, skip_damaged_records=False, sbd_dir=None)",
                  "optimizers:", "sgd(learning_rate, momentum=0.9", "schedules:", "poly(base, decay_steps, end=0.0"):

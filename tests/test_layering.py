@@ -40,7 +40,8 @@ LAYERS = [
     ("runtime", ("segtrain.runtime",)),
     ("plugins", ("segtrain.models", "segtrain.losses", "segtrain.metrics", "segtrain.data", "segtrain.postprocess")),
     ("base", ("segtrain.config", "segtrain.precision", "segtrain.progress", "segtrain.io", "segtrain.errors",
-              "segtrain.images", "segtrain.plots", "segtrain.run_dir", "segtrain.compat", "segtrain", "registry")),
+              "segtrain.images", "segtrain.plots", "segtrain.run_dir", "segtrain.compat", "segtrain.task", "segtrain",
+              "registry")),
 ]
 
 

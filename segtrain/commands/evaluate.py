@@ -162,7 +162,8 @@ def evaluate_export(model_dir: str, export: str, split: str = "test", batch_size
     with data_errors(lambda e: experiment.damaged_data(e, [split])):
         print(f"Evaluating the {exported.describe()} (step {step} of {model_dir}) on split '{split}'")
         results, cm = evaluate_exported(exported.logits, experiment.eval_dataset(split, batch_size), experiment.info,
-                                        experiment.loss_fn, experiment.normalization, experiment.metric_names)
+                                        experiment.loss_fn, experiment.normalization, experiment.metric_names,
+                                        task=exported.task)
     names = list(experiment.info.class_names)
     print(format_table(results, names))
     results = results_record(results, cm, names, split, step, exported.describe(),

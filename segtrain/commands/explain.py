@@ -91,7 +91,7 @@ def explain(
     name = experiment.info.class_names[class_id]
     region_box = gradcam.parse_box(box)
     paths = list_inputs(input or "")
-    cam = gradcam.GradCam(model, layer)
+    cam = gradcam.GradCam(model, layer, task=experiment.task)
     output = output or os.path.join(model_dir, run_dir.EXPLAIN_DIR)
     os.makedirs(output, exist_ok=True)
     print(f"Grad-CAM of class '{name}' at layer {cam.layer} ({os.path.basename(path)}, step {step}) "

@@ -48,7 +48,8 @@ def write(directory: str, exported, experiment, inference, checkpoint_path: str,
             checkpoint, _ = experiment.evaluator(inference).run(experiment.eval_dataset(split), label="checkpoint")
             print(f"Evaluating the export on split '{split}'")
             export, cm = evaluate_exported(exported.logits, experiment.eval_dataset(split), info, experiment.loss_fn,
-                                           experiment.normalization, experiment.metric_names, label="export")
+                                           experiment.normalization, experiment.metric_names, label="export",
+                                           task=exported.task)
         record = results_record(dict(export), cm, names, split, step, inference.options.describe(),
                                 os.path.basename(checkpoint_path))
         record["export"] = exported.describe()
@@ -85,7 +86,7 @@ def _gradcam(directory: str, experiment, inference, split: str) -> str | None:
     from segtrain import explain
 
     try:
-        cam = explain.GradCam(experiment.model)
+        cam = explain.GradCam(experiment.model, task=inference.task)
     except Exception as e:  # a model Grad-CAM cannot take: the card says so
         return f"Grad-CAM is not available for this model ({e})."
     with data_errors(lambda e: experiment.damaged_data(e, [split])):
@@ -95,8 +96,12 @@ def _gradcam(directory: str, experiment, inference, split: str) -> str | None:
     h, w = (int(v) for v in batch["image_size"][0])
     normalised = batch["image"][0, :h, :w].numpy()
     logits = inference.logits(batch["image"][:, :h, :w])[0].numpy()
-    counts = np.bincount(np.argmax(logits, -1).ravel(), minlength=logits.shape[-1])
-    class_id = int(np.argmax(counts[1:]) + 1) if counts[1:].sum() else 0
+    task = inference.task
+    if task.multilabel:  # every label is a foreground: the one predicted on most pixels
+        class_id = int(np.argmax([task.region(logits, i).numpy().sum() for i in range(task.num_classes)]))
+    else:
+        counts = np.bincount(np.argmax(logits, -1).ravel(), minlength=logits.shape[-1])
+        class_id = int(np.argmax(counts[1:]) + 1) if counts[1:].sum() else 0
     result = cam(normalised, class_id)
     pixels = experiment.normalization.invert(normalised)
     atomic_write_bytes(os.path.join(directory, GRADCAM_PICTURE), images.encode(explain.overlay(pixels, result.cam)))

@@ -4,7 +4,11 @@ For every input image (any size; JPEG, PNG, grey and RGBA converted to RGB) it w
 output directory:
 
 - ``<name>.png``: the class index of each pixel (an 8-bit single-channel PNG);
-- ``<name>_color.png``: the classes in the dataset's palette;
+- for a multi-label (or binary) model, ``<name>.png`` holds the labels predicted at each pixel
+  as bits (label i: ``(value >> i) & 1``), and ``<name>_<label>.png`` one mask per label (255
+  where the label's probability exceeds ``inference.threshold``, else 0);
+- ``<name>_color.png``: the classes in the dataset's palette (multi-label: the mean colour of
+  the labels present);
 - ``<name>_overlay.jpg``: the colours over the image;
 - with ``--probabilities``, ``<name>_probabilities.npy``: float32 [H,W,C] class probabilities;
 - with an instance post-processor (``--postprocess=watershed_instances``),
@@ -28,7 +32,6 @@ import collections
 import io
 import os
 import time
-import types
 from typing import Sequence
 
 import gin
@@ -41,9 +44,11 @@ from segtrain.commands.common_flags import (bindings, inference_flags, input_fla
                                              verbosity_flag)
 from segtrain.commands.evaluate import postprocessor_for
 from segtrain.commands.trained_run import parse_run, restored
+from segtrain.data.info import DatasetInfo
 from segtrain.errors import SegtrainError
 from segtrain.io import atomic_write_bytes, write_json
 from segtrain.progress import Progress
+from segtrain.task import unpack_np
 
 
 SUMMARY_FILE = "predictions.json"
@@ -131,16 +136,16 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         from segtrain.export.runtime import load
 
         exported = load(export)
-        info = types.SimpleNamespace(class_names=tuple(exported.metadata["class_names"]))
-        palette = np.zeros((256, 3), np.uint8)  # as DatasetInfo.palette_array: the ignore label white
-        palette[:exported.num_classes] = np.asarray(exported.metadata["palette"], np.uint8)
-        palette[int(exported.metadata.get("ignore_label", 255))] = (255, 255, 255)
+        task = exported.task
+        info = DatasetInfo(task.num_classes, task.ignore_label, tuple(exported.metadata["class_names"]),
+                           tuple(tuple(c) for c in exported.metadata["palette"]), multilabel=task.multilabel)
+        palette = info.palette_array()
         checkpoint_path, step = exported.path, exported.metadata.get("step", -1)
         described = exported.describe()
         model_dir = model_dir or exported.metadata.get("model_dir")
 
         def run_batch(x):
-            return tf.nn.softmax(exported.logits(x.numpy()), axis=-1)
+            return task.probabilities(exported.logits(x.numpy()))
 
         def window_logits(x):
             return np.asarray(exported.logits(x), np.float32)
@@ -150,6 +155,7 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         experiment, checkpoint_path, step = restored(model_dir, checkpoint)
         info, normalization = experiment.info, experiment.normalization
         inference = experiment.inference(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip)
+        task = inference.task
         palette = info.palette_array()
         described = inference.options.describe()
         run_batch = tf.function(lambda x: inference.probabilities(normalization(x)), reduce_retracing=True)
@@ -165,6 +171,9 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         if inference.options.augmented:
             window_logits = None  # test-time augmentation is per image: refused for large ones below
 
+    if processor is not None and task.multilabel:
+        raise SegtrainError(f"--postprocess={postprocess}: the post-processors work on one class per pixel (a softmax); "
+                            f"this model is multi-label. Predict without --postprocess.")
     skipped: dict[str, str] = {}
 
     def skip(path, reason):
@@ -215,7 +224,7 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
                 continue
             probs = run_batch(tf.constant(np.stack(pixels))).numpy()
             for path, image, p in zip(batch_paths, pixels, probs):
-                files = _results(image, p, names[path], info, palette, processor, probabilities, overlay_alpha)
+                files = _results(image, p, names[path], info, palette, processor, probabilities, overlay_alpha, task)
                 for file_name, data in files.items():
                     atomic_write_bytes(os.path.join(output, file_name), data)
                 written[path] = sorted(files)
@@ -224,13 +233,14 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
     progress.close()
     for path, (height, width) in large.items():
         try:
-            written[path] = _predict_large(path, names[path], output, window_logits, len(info.class_names), crop,
+            written[path] = _predict_large(path, names[path], output, window_logits, task, crop,
                                            stride, tile_size, batch_size, palette, probabilities)
         except SegtrainError as e:
             skip(path, str(e))
     summary = {"model_dir": model_dir, "checkpoint": os.path.basename(checkpoint_path), "step": step,
                "inference": described, "postprocess": postprocess, **({"export": export} if export else {}),
-               "class_names": list(info.class_names), "written": written, "skipped": skipped}
+               "class_names": list(info.class_names), **({"multilabel": True} if task.multilabel else {}),
+               "written": written, "skipped": skipped}
     write_json(os.path.join(output, SUMMARY_FILE), summary)
     if not written:
         raise SegtrainError(f"No image of --input could be read ({len(skipped)} skipped); nothing was predicted.")
@@ -248,9 +258,11 @@ def _large_windows(size, stride) -> tuple[tuple[int, int], tuple[int, int]]:
     return options.crop_size, options.stride
 
 
-def _predict_large(path, name, output, window_logits, num_classes, crop, stride, tile, batch_size, palette,
+def _predict_large(path, name, output, window_logits, task, crop, stride, tile, batch_size, palette,
                    with_probabilities) -> list[str]:
-    """One large image, tile by tile: ``<name>.tif`` (and ``<name>_probabilities.npy``)."""
+    """One large image, tile by tile: ``<name>.tif`` (and ``<name>_probabilities.npy``); a
+    multi-label model's labels as bits in the one TIFF."""
+    num_classes = task.num_classes
     reader = tiles.open_regions(path)
     try:
         height, width = reader.height, reader.width
@@ -271,8 +283,8 @@ def _predict_large(path, name, output, window_logits, num_classes, crop, stride,
                     reader, window_logits, num_classes, crop, stride, tile, batch_size,
                     on_tile=lambda done, total: progress.update(done)):
                 if memmap is not None:
-                    memmap[t:b, left:r] = tf.nn.softmax(logits).numpy()
-                yield np.argmax(logits, axis=-1).astype(np.uint8)
+                    memmap[t:b, left:r] = task.probabilities(logits).numpy()
+                yield task.predict(logits).numpy().astype(np.uint8)
 
         try:
             tiles.write_tiled_mask(os.path.join(output, f"{name}.tif"), height, width, tile, labels(), palette)
@@ -289,7 +301,7 @@ def _predict_large(path, name, output, window_logits, num_classes, crop, stride,
         reader.close()
 
 
-def _results(image, probs, name, info, palette, processor, with_probabilities, alpha) -> dict[str, bytes]:
+def _results(image, probs, name, info, palette, processor, with_probabilities, alpha, task) -> dict[str, bytes]:
     """Every output file of one image, {file name: bytes}, computed before any is written."""
     files = {}
     if processor is not None:
@@ -298,9 +310,12 @@ def _results(image, probs, name, info, palette, processor, with_probabilities, a
         for class_index, instances in sorted(processed.get("instances", {}).items()):
             class_name = _file_safe(info.class_names[class_index])
             files[f"{name}_instances_{class_name}.png"] = images.encode(np.asarray(instances, np.uint16))
-    labels = np.argmax(probs, axis=-1).astype(np.uint8)
+    labels = task.from_probabilities(probs).numpy().astype(np.uint8)
     colour = images.colorize(labels, palette)
     files[f"{name}.png"] = images.encode(labels)
+    if task.multilabel:
+        for i, present in enumerate(np.moveaxis(unpack_np(labels, task.num_classes), -1, 0)):
+            files[f"{name}_{_file_safe(info.class_names[i])}.png"] = images.encode(present * np.uint8(255))
     files[f"{name}_color.png"] = images.encode(colour)
     files[f"{name}_overlay.jpg"] = images.encode(images.blend(image, colour, alpha), "JPEG", quality=90)
     if with_probabilities:

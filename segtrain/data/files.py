@@ -133,6 +133,7 @@ def load_raw(source: Source, split: str, source_dir: str) -> tuple[tf.data.Datas
         palette=source.palette,
         num_examples={split: len(examples)},
         name=source.name,
+        multilabel=source.multilabel,
         decode=functools.partial(decode_raw, source, tf_decodes=all(
             os.path.splitext(e.image)[1].lower() in TF_IMAGE_EXTENSIONS for e in examples)),
     )

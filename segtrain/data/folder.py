@@ -7,6 +7,17 @@ Layout (``source_dir``)::
                                   RGB colour mask whose colours are listed in ``palette``
     splits/<split>.txt            optional: one stem per line, for every split
 
+Multi-label (and binary) masks, where a pixel may carry several labels (segtrain.task), come
+in one of three layouts, chosen by ``labels``:
+
+- ``'bits'``: masks/<stem>.png holds the labels present as bits (label i: bit i; 255 ignored).
+  A binary mask of 0 and 1 is this with one label.
+- ``'channels'``: masks/<stem>.png|tif has one channel per label (grey for one label, RGB for
+  three, RGBA or a TIFF for more); a label is present where its channel is not 0. A binary
+  mask of 0 and 255 is this with one label.
+- ``'masks'``: masks/<label>/<stem>.png, one binary mask per label (not 0: present), in a folder
+  named after the label (``class_names``); a label whose file is missing is absent there.
+
 Without splits/, each stem goes to a split by a hash of the stem and ``split_seed``, in the
 proportions of ``split_ratios``: the same files always give the same split, and adding files
 never moves the old ones.
@@ -18,10 +29,13 @@ import hashlib
 import os
 from typing import Sequence
 
+import numpy as np
+
 from segtrain.data.files import file_dataset
 from segtrain.data.info import default_palette
-from segtrain.data.raw import Example, Problem, Source, pair_by_stem, pair_listed
+from segtrain.data.raw import BadExample, Example, Problem, Source, pair_by_stem, pair_listed, read_mask_channels
 from segtrain.errors import SegtrainError
+from segtrain.task import check_multilabel, pack_np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
@@ -29,7 +43,7 @@ MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
 @file_dataset
 class Folder(Source):
-    """Your own images/ + masks/ folders (class-index or RGB colour masks).
+    """Your own images/ + masks/ folders (class-index or RGB colour masks, or multi-label masks).
 
     Reading a prepared copy (data_dir) takes the classes from it; preparing or reading the raw
     files (source_dir) needs num_classes (or class_names/palette), and palette for RGB masks.
@@ -52,7 +66,11 @@ class Folder(Source):
         split_seed: int = 0,
         image_dir: str = "images",
         mask_dir: str = "masks",
+        labels: str = "classes",
     ):
+        if labels not in LABEL_LAYOUTS:
+            raise SegtrainError(f"datasets.folder.labels={labels!r}: use one of {', '.join(map(repr, LABEL_LAYOUTS))} "
+                                f"('classes': one class id per pixel; the others: multi-label masks).")
         num_classes = num_classes or len(class_names) or len(palette) or 0
         if len(split_ratios) != len(splits) or any(r < 0 for r in split_ratios) or not sum(split_ratios):
             raise SegtrainError(
@@ -71,6 +89,10 @@ class Folder(Source):
         self.split_ratios = tuple(float(r) for r in split_ratios)
         self.split_seed = split_seed
         self.image_dir, self.mask_dir = image_dir, mask_dir
+        self.labels = labels
+        self.multilabel = labels != "classes"
+        if self.multilabel and self.class_names:
+            check_multilabel(len(self.class_names), ignore_label, f"datasets.folder (labels={labels!r})")
 
     @property
     def num_classes(self) -> int:
@@ -89,7 +111,10 @@ class Folder(Source):
         self.require_classes()  # before listing the files
         root = self.root(source_dir, (self.image_dir, self.mask_dir))
         images, problems = _by_stem(os.path.join(root, self.image_dir), IMAGE_EXTENSIONS)
-        masks, mask_problems = _by_stem(os.path.join(root, self.mask_dir), MASK_EXTENSIONS)
+        if self.labels == "masks":
+            masks, mask_problems = self._label_masks(os.path.join(root, self.mask_dir))
+        else:
+            masks, mask_problems = _by_stem(os.path.join(root, self.mask_dir), MASK_EXTENSIONS)
         problems += mask_problems
         lists = os.path.join(root, "splits")
         if os.path.isdir(lists):
@@ -100,6 +125,52 @@ class Folder(Source):
         examples, unpaired = pair_by_stem(images, masks)
         return [e for e in examples if self.split_of(e.key) == split], problems + unpaired
 
+    def _label_masks(self, mask_root: str) -> tuple[dict[str, str], list[Problem]]:
+        """'masks' layout: {stem: the first label's mask file of the stem}; the others are found
+        from it (``raw_label``)."""
+        found: dict[str, str] = {}
+        problems = []
+        missing = [n for n in self.class_names if not os.path.isdir(os.path.join(mask_root, n))]
+        if len(missing) == len(self.class_names):
+            raise SegtrainError(f"datasets.folder.labels='masks': no label folder in {mask_root}: expected one folder "
+                                f"per label named as datasets.folder.class_names ({', '.join(self.class_names)}), "
+                                f"each holding <stem>.png binary masks.")
+        for name in self.class_names:
+            directory = os.path.join(mask_root, name)
+            if os.path.isdir(directory):
+                by_stem, more = _by_stem(directory, MASK_EXTENSIONS)
+                problems += more
+                for stem, path in by_stem.items():
+                    found.setdefault(stem, path)
+        return found, problems
+
+    def raw_label(self, path: str) -> np.ndarray:
+        if self.labels == "channels":
+            return _pack_channels(read_mask_channels(path), len(self.class_names))
+        if self.labels == "masks":
+            mask_root, stem = os.path.dirname(os.path.dirname(path)), os.path.splitext(os.path.basename(path))[0]
+            planes, shape = [], None
+            for name in self.class_names:
+                files = [os.path.join(mask_root, name, stem + e) for e in MASK_EXTENSIONS]
+                present = next((f for f in files if os.path.isfile(f)), None)
+                if present is None:
+                    planes.append(None)
+                    continue
+                channels = read_mask_channels(present)
+                if channels.shape[-1] != 1:
+                    raise BadExample(f"{present}: a label's mask must have one channel, not {channels.shape[-1]}")
+                if shape is not None and channels.shape[:2] != shape:
+                    raise BadExample(f"{present} is {channels.shape[1]}x{channels.shape[0]}, but the other labels' "
+                                     f"masks of '{stem}' are {shape[1]}x{shape[0]}")
+                shape = channels.shape[:2]
+                planes.append(channels[..., 0] != 0)
+            packed = np.zeros(shape, np.uint8)
+            for i, plane in enumerate(planes):
+                if plane is not None:
+                    packed |= plane.astype(np.uint8) << i
+            return packed
+        return super().raw_label(path)
+
     def split_of(self, stem: str) -> str:
         """The split a stem falls in without split lists (a stable hash, not the file order)."""
         digest = hashlib.sha1(f"{self.split_seed}:{stem}".encode()).digest()
@@ -109,6 +180,18 @@ class Folder(Source):
                 return split
             u -= ratio
         return self.splits[-1]
+
+
+LABEL_LAYOUTS = ("classes", "bits", "channels", "masks")
+
+
+def _pack_channels(channels: np.ndarray, num_labels: int) -> np.ndarray:
+    """A mask [H, W, L] (not 0: present) packed into label bits; BadExample if it has another
+    number of channels than labels."""
+    if channels.shape[-1] != num_labels:
+        raise BadExample(f"the mask has {channels.shape[-1]} channel(s) for {num_labels} label(s) "
+                         f"(datasets.folder.labels='channels': one channel per label)")
+    return pack_np(channels != 0)
 
 
 def _by_stem(directory: str, extensions: Sequence[str]) -> tuple[dict[str, str], list[Problem]]:

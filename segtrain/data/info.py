@@ -7,13 +7,17 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from segtrain.task import Task, check_multilabel, label_palette
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """Facts about a segmentation dataset.
 
     Attributes:
-      num_classes: number of classes; labels are 0..num_classes-1 or ignore_label.
+      num_classes: number of classes; labels are 0..num_classes-1 or ignore_label. With
+        ``multilabel``, the number of labels L (1..7), and a label value holds the labels
+        present as bits (segtrain.task); binary segmentation is L = 1.
       ignore_label: label value excluded from losses and metrics (255 by convention).
       class_names: one name per class.
       palette: one RGB colour per class, for visualisation.
@@ -34,6 +38,7 @@ class DatasetInfo:
         for datasets read any other way.
       class_image_pixels: per split, for each class, the labelled (not ignored) pixels of the
         images in which the class appears: the normaliser of median-frequency weights.
+      multilabel: each pixel carries any set of labels (sigmoid outputs), packed as bits.
       damaged_records: per split, the records a dataset read with skip_damaged_records left
         out (damaged shards, counted when it was read).
     """
@@ -53,6 +58,7 @@ class DatasetInfo:
     class_image_pixels: Mapping[str, Sequence[int]] = dataclasses.field(
         default_factory=dict, compare=False, repr=False)
     damaged_records: Mapping[str, int] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    multilabel: bool = False
 
     def __post_init__(self):
         if self.num_classes < 1:
@@ -62,6 +68,8 @@ class DatasetInfo:
                 f"ignore_label {self.ignore_label} must be in [num_classes, 255] "
                 f"(num_classes={self.num_classes})"
             )
+        if self.multilabel:
+            check_multilabel(self.num_classes, self.ignore_label, f"dataset {self.name or '(unnamed)'}")
         if not self.class_names:
             object.__setattr__(
                 self, "class_names", tuple(f"class_{i}" for i in range(self.num_classes))
@@ -74,8 +82,16 @@ class DatasetInfo:
                 f"names and {len(self.palette)} colours for {self.num_classes} classes"
             )
 
+    @property
+    def task(self) -> Task:
+        """What the labels mean (classes or multi-label bits), at the default threshold."""
+        return Task.of(self)
+
     def palette_array(self) -> np.ndarray:
-        """[256, 3] uint8 colour table: class colours, then black (ignore label included)."""
+        """[256, 3] uint8 colour table of label values: class colours (multi-label: each value the
+        mean colour of its labels), black for unused values, the ignore label white."""
+        if self.multilabel:
+            return label_palette(self.palette, self.ignore_label)
         table = np.zeros((256, 3), np.uint8)
         table[: self.num_classes] = np.asarray(self.palette, np.uint8)
         table[self.ignore_label] = (255, 255, 255)

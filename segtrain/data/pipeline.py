@@ -198,7 +198,7 @@ def build_pipeline(
             ex = info.decode(ex)
         image, label = ex["image"], tf.cast(ex["label"], tf.uint8)
         if config.check_labels and not info.labels_checked:
-            label = transforms.check_labels(label, info.num_classes, ignore, where)
+            label = transforms.check_labels(label, info.num_classes, ignore, where, info.multilabel)
         return image, label
 
     # A region's label cannot be checked whole: labels to check are decoded whole.

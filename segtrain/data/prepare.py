@@ -44,6 +44,7 @@ from segtrain.data.raw import Example, Problem, Source, check_example, problems_
 from segtrain.errors import SegtrainError, warn
 from segtrain.io import atomic_write_text
 from segtrain.progress import Progress
+from segtrain.task import unpack_np
 
 SKIPPED_FILE = "skipped_examples.txt"
 
@@ -117,25 +118,31 @@ class _Job:
         n = s.num_classes
         return {"num_classes": n, "class_names": list(s.class_names),
                 "palette": [list(c) for c in s.palette], "ignore_label": s.ignore_label,
-                "class_pixel_counts": {k: v[:n].tolist() for k, v in self.pixel_counts.items()},
-                "class_image_pixels": {k: v[:n].tolist() for k, v in self.image_pixels.items()}}
+                **({"multilabel": True} if s.multilabel else {}),
+                "class_pixel_counts": {k: v.tolist() for k, v in self.pixel_counts.items()},
+                "class_image_pixels": {k: v.tolist() for k, v in self.image_pixels.items()}}
 
     def generate(self, split: str):
         examples = self.examples[split]
         check = functools.partial(check_and_count, self.source)
         written = 0
         progress = None
-        counts = self.pixel_counts[split] = np.zeros(256, np.int64)
-        image_pixels = self.image_pixels[split] = np.zeros(256, np.int64)
+        n = self.source.num_classes
+        counts = self.pixel_counts[split] = np.zeros(n, np.int64)
+        image_pixels = self.image_pixels[split] = np.zeros(n, np.int64)
+        # [256, n]: the classes (multi-label: the labels) each label value holds.
+        holds = (unpack_np(np.arange(256), n) if self.source.multilabel else np.eye(256, n, dtype=np.uint8))
+        holds[self.source.ignore_label] = 0
         for done, result in enumerate(self._map(check, examples), 1):
             if progress is None:  # timed from the first result: worker start-up is not a rate
                 progress = Progress(f"prepare {split}", len(examples), unit="image", stream=self.stream, start=1)
             if result[0] == "ok":
                 _, key, image, label, values = result
                 written += 1
-                counts += values
+                per_class = values @ holds
+                counts += per_class
                 labelled = values.sum() - values[self.source.ignore_label]
-                image_pixels += np.where(values > 0, labelled, 0)
+                image_pixels += np.where(per_class > 0, labelled, 0)
                 yield key, {"image": image, "label": label, "key": key}
             else:
                 self.problems.append(result[1])
@@ -392,6 +399,7 @@ def load_prepared(source: Source, split: str, data_dir: str,
         decode=decode_prepared,
         decode_region=decode_prepared_region,
         labels_checked=True,
+        multilabel=bool(meta.get("multilabel", False)),
         # Datasets prepared before the counts were recorded have none (losses say so).
         class_pixel_counts={k: tuple(v) for k, v in meta.get("class_pixel_counts", {}).items()},
         class_image_pixels={k: tuple(v) for k, v in meta.get("class_image_pixels", {}).items()},

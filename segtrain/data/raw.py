@@ -79,6 +79,7 @@ class Source:
       version: version of the prepared dataset; bump it when the stored data would change.
       splits: the split names the layout has (the first is the default split).
       class_names, palette, ignore_label: class information of the stored labels.
+      multilabel: the labels are multi-label bits (segtrain.task), class_names the labels.
     """
 
     name: str = ""
@@ -87,6 +88,7 @@ class Source:
     class_names: tuple[str, ...] = ()
     palette: tuple[tuple[int, int, int], ...] = ()
     ignore_label: int = 255
+    multilabel: bool = False
     ignore_colour: tuple[int, int, int] | None = None  # RGB masks: the colour of the ignore label
     layout: str = ""  # where the files go, for messages and the datasets page
 
@@ -120,12 +122,12 @@ class Source:
                 bad = np.unique(values[mapped == INVALID])
                 raise BadExample(f"label values {_list(bad)} are not {self.valid_raw_values()}")
             values = mapped
-        bad = np.unique(values[(values >= self.num_classes) & (values != self.ignore_label)])
+        limit = 2 ** self.num_classes if self.multilabel else self.num_classes
+        bad = np.unique(values[(values >= limit) & (values != self.ignore_label)])
         if bad.size:
-            raise BadExample(
-                f"label values {_list(bad)} are neither class ids 0..{self.num_classes - 1} "
-                f"nor the ignore label {self.ignore_label}"
-            )
+            what = (f"combinations of the {self.num_classes} labels' bits 0..{limit - 1}" if self.multilabel
+                    else f"class ids 0..{self.num_classes - 1}")
+            raise BadExample(f"label values {_list(bad)} are neither {what} nor the ignore label {self.ignore_label}")
         return values.astype(np.uint8)
 
     def valid_raw_values(self) -> str:
@@ -246,6 +248,35 @@ def label_values(image: Image.Image, palette: Sequence[Sequence[int]], ignore_la
     if image.mode in ("RGB", "RGBA"):
         return colours_to_ids(np.asarray(image.convert("RGB")), palette, ignore_label, ignore_colour)
     raise BadExample(f"label image mode {image.mode} is not a class-index or RGB image")
+
+
+def read_mask_channels(path: str) -> np.ndarray:
+    """A multi-label mask file's channels, [H, W, C] (grey: C = 1); BadExample if it does not read.
+
+    PNG and BMP through Pillow; a TIFF's first page through tifffile (``segtrain[tiff]``; any
+    number of bands, contiguous or planar), or through Pillow without it.
+    """
+    values = None
+    if os.path.splitext(path)[1].lower() in (".tif", ".tiff"):
+        try:
+            import tifffile
+        except ImportError:
+            tifffile = None
+        if tifffile is not None:
+            try:
+                with tifffile.TiffFile(path) as tiff:
+                    page = tiff.pages[0]
+                    values = page.asarray()
+                    if values.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
+                        values = np.moveaxis(values, 0, -1)
+            except FileNotFoundError:
+                raise BadExample("label file is missing") from None
+            except Exception as e:
+                raise BadExample(f"corrupt or truncated label file ({e})") from None
+    if values is None:
+        with _open(path, "label") as image:
+            values = np.asarray(image.convert("L") if image.mode == "1" else image)
+    return values[..., np.newaxis] if values.ndim == 2 else values
 
 
 def colours_to_ids(rgb: np.ndarray, palette: Sequence[Sequence[int]], ignore_label: int,

@@ -2,6 +2,10 @@
 
 Every example is a function of (seed, split, index) through stateless random ops, so the data
 is identical on every machine and run, and splits never share an example.
+
+With ``multilabel`` it is a multi-label dataset (segtrain.task): the labels are circle,
+rectangle and triangle, shapes are painted half-transparent, and a pixel inside several shapes
+carries each of their labels (bits 0, 1, 2 of its label value); the background is no label.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def shapes(
     noise: float = 0.05,
     outline_width: int = 0,
     random_colours: bool = False,
+    multilabel: bool = False,
     seed: int = 0,
 ) -> tuple[tf.data.Dataset, DatasetInfo]:
     """Filled circles, rectangles and triangles over a noisy, textured background.
@@ -51,6 +56,9 @@ def shapes(
       random_colours: paint every shape in a colour drawn uniformly at random, independent of
         its class (colour_jitter is then unused), so only geometry tells the classes apart.
         Shapes, positions, labels and background are those the same seed gives without it.
+      multilabel: labels circle, rectangle, triangle, any of them per pixel (overlapping shapes
+        half-transparent, so every shape shows), stored as bits; shapes and positions are
+        those the same seed gives without it.
       seed: the dataset seed; the same seed gives the same images everywhere.
 
     Returns:
@@ -68,12 +76,13 @@ def shapes(
     if max_shapes < 1:
         raise SegtrainError(f"datasets.shapes.max_shapes must be >= 1, got {max_shapes}.")
     info = DatasetInfo(
-        num_classes=len(CLASS_NAMES),
+        num_classes=len(CLASS_NAMES) - multilabel,  # multi-label: the background is no label
         ignore_label=IGNORE_LABEL,
-        class_names=CLASS_NAMES,
-        palette=PALETTE,
+        class_names=CLASS_NAMES[multilabel:],
+        palette=PALETTE[multilabel:],
         num_examples=dict(sizes),
         name="shapes",
+        multilabel=multilabel,
     )
     stream = seed * len(SPLITS) + SPLITS.index(split)
 
@@ -90,6 +99,7 @@ def shapes(
             noise=noise,
             outline_width=outline_width,
             random_colours=random_colours,
+            multilabel=multilabel,
         )
 
     ds = tf.data.Dataset.range(sizes[split]).map(
@@ -108,6 +118,7 @@ def draw_example(
     noise: float,
     outline_width: int,
     random_colours: bool = False,
+    multilabel: bool = False,
 ) -> dict[str, tf.Tensor]:
     """Draws one example from a stateless seed [2]."""
     streams = tf.unstack(tf.random.experimental.stateless_split(seed, 8 + 3 * max_shapes))
@@ -152,8 +163,14 @@ def draw_example(
         ) * 2
         if random_colours:
             colour = tf.random.stateless_uniform([3], colour_seeds[k])
-        image = tf.where(mask[..., None], colour * (0.9 + 0.2 * p[6]), image)
-        label = tf.where(mask, tf.cast(cls, tf.uint8), label)
+        colour = colour * (0.9 + 0.2 * p[6])
+        if multilabel:  # half-transparent: a shape under another still shows
+            image = tf.where(mask[..., None], 0.4 * image + 0.6 * colour, image)
+            label = tf.where(mask, label | tf.bitwise.left_shift(tf.constant(1, tf.uint8), tf.cast(cls - 1, tf.uint8)),
+                             label)
+        else:
+            image = tf.where(mask[..., None], colour, image)
+            label = tf.where(mask, tf.cast(cls, tf.uint8), label)
 
     image += noise * tf.random.stateless_normal([h, w, 3], next(seeds))
     image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)

@@ -29,14 +29,17 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, on the [0, 255] scale
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
-def check_labels(label: tf.Tensor, num_classes: int, ignore_label: int, where: str) -> tf.Tensor:
-    """Fails with a clear message if a label is neither a class nor the ignore label."""
-    bad = tf.logical_and(label >= num_classes, label != ignore_label)
+def check_labels(label: tf.Tensor, num_classes: int, ignore_label: int, where: str, multilabel: bool = False) -> tf.Tensor:
+    """Fails with a clear message if a label is neither a class (multi-label: a combination of
+    the labels' bits) nor the ignore label."""
+    limit = 2 ** num_classes if multilabel else num_classes
+    bad = tf.logical_and(label >= limit, label != ignore_label)
     first_bad = tf.reduce_max(tf.where(bad, label, tf.zeros_like(label)))
+    what = (f"a combination of the {num_classes} labels' bits [0, {limit - 1}]" if multilabel
+            else f"a class id in [0, {num_classes - 1}]")
     message = tf.strings.format(
-        DATA_ERROR_MARKER + "label value {} in " + where + " is neither a class id in "
-        f"[0, {num_classes - 1}] nor the ignore label {ignore_label}. Fix the labels, or map "
-        "that value to a class or to the ignore label in the dataset plugin.",
+        DATA_ERROR_MARKER + "label value {} in " + where + f" is neither {what} nor the ignore label "
+        f"{ignore_label}. Fix the labels, or map that value to a class or to the ignore label in the dataset plugin.",
         first_bad,
     )
     with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [message])]):

@@ -11,7 +11,10 @@ sends plain RGB pixels or files and reads class scores at the input size:
 
 Each returns ``logits`` float32 [B, H, W, C], ``labels`` int32 [B, H, W] (their argmax) and,
 when asked for, ``probabilities`` float32 [B, H, W, C] (their softmax). Outputs are float32 at
-every training precision.
+every training precision. A multi-label (or binary) model's ``probabilities`` are each label's
+sigmoid and its ``labels`` the labels whose probability exceeds the threshold, packed as bits
+(label i: ``(labels >> i) & 1``); segtrain_export.json then has ``"multilabel": true`` and the
+``threshold``.
 
 The SavedModel is written with Keras 3's ``keras.export.ExportArchive``; a TFLite or ONNX
 export is a directory holding ``model.tflite`` or ``model.onnx``. Every export is written into a
@@ -47,6 +50,7 @@ from segtrain.export.serving import (  # noqa: F401
     serving_functions,
 )
 from segtrain.io import WriteError, os_reason, write_json
+from segtrain.task import Task
 
 
 def check_output(output: str | None, overwrite: bool = False) -> str:
@@ -89,6 +93,7 @@ def export_model(
     calibration: Callable[[], Iterable[np.ndarray]] | None = None,
     opset: int | None = None,
     finish: Callable[[str, Callable], None] | None = None,
+    task: Task | None = None,
 ) -> str:
     """Writes ``model`` as an export of ``format`` into the directory ``output``, atomically.
 
@@ -113,6 +118,8 @@ def export_model(
       finish: called with the staging directory and the traced ``serving_default`` function
         once the model and metadata are in the directory, before it is moved into place (what it
         writes lands with the export, or nothing does).
+      task: what the logits mean (default: C classes): a multi-label task's labels and
+        probabilities (segtrain.task).
 
     Returns:
       The absolute path of the export directory.
@@ -121,7 +128,9 @@ def export_model(
       SegtrainError: ``output`` exists without ``overwrite``; the format cannot take the model.
     """
     path = check_output(output, overwrite)
-    functions = serving_functions(logits_fn, normalization, probabilities, encoded=format == "saved_model")
+    functions = serving_functions(logits_fn, normalization, probabilities, encoded=format == "saved_model",
+                                  task=task)
+    multilabel = bool(task and task.multilabel)
     names = output_names(probabilities)
     fixed = format == "tflite"
     spatial = [None, int(image_size[0]), int(image_size[1])] if fixed else [None, None, None]
@@ -138,6 +147,7 @@ def export_model(
         },
         "output_names": names,
         "num_classes": int(num_classes),
+        **({"multilabel": True, "threshold": float(task.threshold)} if multilabel else {}),
         "size_divisor": int(size_divisor),
         "normalization": describe_normalization(normalization),
         **(metadata or {}),

@@ -70,7 +70,16 @@ class Exported:
         size = metadata.get("image_size")
         self.image_size = tuple(int(v) for v in size) if size else None
         self.num_classes = int(metadata["num_classes"])
+        self.multilabel = bool(metadata.get("multilabel", False))
         self._run = None
+
+    @property
+    def task(self):
+        """What the export's outputs mean (segtrain.task.Task), at the threshold it was exported with."""
+        from segtrain.task import Task
+
+        return Task(self.num_classes, int(self.metadata.get("ignore_label", 255)), self.multilabel,
+                    float(self.metadata.get("threshold", 0.5)))
 
     def describe(self) -> str:
         quantize = self.metadata.get("quantize")
@@ -90,7 +99,7 @@ class Exported:
         if self.image_size is None or (height, width) == self.image_size:
             return self._run(images)
         outputs = self._run(resize_images(images, self.image_size))
-        return _resized_back(outputs, (height, width))
+        return _resized_back(outputs, (height, width), self.task)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self(images)["logits"], np.float32)
@@ -123,16 +132,17 @@ def resize_images(images: np.ndarray, size) -> np.ndarray:
     return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
 
 
-def _resized_back(outputs: dict, size) -> dict:
-    """A fixed-size model's outputs at the images' own size: scores resized (bilinear), labels their argmax."""
+def _resized_back(outputs: dict, size, task) -> dict:
+    """A fixed-size model's outputs at the images' own size: scores resized (bilinear), labels
+    predicted from the resized logits as the model predicts them (segtrain.task)."""
     import tensorflow as tf
 
     out = {}
     for name in ("logits", "probabilities"):
         if name in outputs:
             out[name] = tf.image.resize(outputs[name], size, method="bilinear").numpy()
-    scores = out.get("logits", out.get("probabilities"))
-    out["labels"] = np.argmax(scores, axis=-1).astype(np.int32)
+    out["labels"] = (task.predict(out["logits"]) if "logits" in out else
+                     task.from_probabilities(out["probabilities"])).numpy().astype(np.int32)
     return out
 
 

@@ -7,6 +7,8 @@ from typing import Callable
 
 import tensorflow as tf
 
+from segtrain.task import Task
+
 METADATA_FILE = "segtrain_export.json"
 IMAGES_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serving_bytes"
@@ -24,6 +26,7 @@ def serving_functions(
     normalization: Callable[[tf.Tensor], tf.Tensor],
     probabilities: bool = False,
     encoded: bool = True,
+    task: Task | None = None,
 ) -> dict[str, tf.types.experimental.GenericFunction]:
     """The serving signatures' functions, traced, by signature name.
 
@@ -33,15 +36,18 @@ def serving_functions(
       normalization: uint8 RGB [B,H,W,3] -> the model's input (the run's training normalisation).
       probabilities: also return the softmax of the logits as ``probabilities``.
       encoded: also the ``serving_bytes`` function (encoded images in; the SavedModel's only).
+      task: what the logits mean (default: classes): a multi-label task's ``labels`` are the
+        labels over its threshold packed as bits, its ``probabilities`` their sigmoids.
     """
+    task = task or Task(1)
 
     def outputs(images: tf.Tensor) -> dict[str, tf.Tensor]:
         # A mixed-precision model may compute in float16; servers always get float32.
         logits = tf.cast(logits_fn(normalization(tf.cast(images, tf.float32))), tf.float32)
-        out = {"logits": logits, "labels": tf.argmax(logits, axis=-1, output_type=tf.int32)}
+        out = {"logits": logits, "labels": task.predict(logits)}
         if probabilities:
-            # With test-time augmentation the logits are log-probabilities, so this is their mean.
-            out["probabilities"] = tf.nn.softmax(logits, axis=-1)
+            # With test-time augmentation the logits are those of the mean probabilities.
+            out["probabilities"] = task.probabilities(logits)
         return out
 
     # Inference and the decoder use explicit TF control flow, so autograph (slow to convert)

@@ -233,7 +233,8 @@ class ImagePanels(Action):
         for batch in self.dataset.unbatch().take(self.count).batch(1):
             logits = tf.cast(self.inference.logits(batch["image"]), tf.float32)
             label = batch["label"][0].numpy()
-            prediction = tf.argmax(fit_to_labels(logits, batch, tf.shape(batch["label"])[1:3]), -1).numpy()[0]
+            prediction = self.inference.task.predict(
+                fit_to_labels(logits, batch, tf.shape(batch["label"])[1:3])).numpy()[0]
             image = batch["image"][0]
             if "image_size" in batch and image.shape[:2] != label.shape:  # pipeline.eval_size resized it
                 h, w = batch["image_size"][0].numpy()

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from segtrain.data.info import DatasetInfo
 from segtrain.io import WriteError, os_reason
+from segtrain.plots import as_table
 
 
 def file_writer(logdir: str, **kwargs):
@@ -68,6 +69,7 @@ def confusion_image(cm: np.ndarray, cell: int = 24) -> np.ndarray:
     dark blue is 1. Normalising rows shows recall per class whatever the class frequencies.
     """
     cm = np.asarray(cm, np.float64)
+    cm = cm.reshape(-1, 2) if cm.ndim == 3 else cm  # per-label [L, 2, 2]: two rows per label
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     white, blue = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])
@@ -79,9 +81,10 @@ def confusion_image(cm: np.ndarray, cell: int = 24) -> np.ndarray:
 
 def confusion_markdown(cm: np.ndarray, class_names: Sequence[str]) -> str:
     """The raw counts as a Markdown table (rows = ground truth)."""
-    header = "| truth \\ predicted | " + " | ".join(class_names) + " |"
-    lines = [header, "|" + "---|" * (len(class_names) + 1)]
-    for name, row in zip(class_names, np.asarray(cm)):
+    cm, row_names, column_names = as_table(cm, class_names)
+    header = "| truth \\ predicted | " + " | ".join(column_names) + " |"
+    lines = [header, "|" + "---|" * (len(column_names) + 1)]
+    for name, row in zip(row_names, np.asarray(cm)):
         lines.append(f"| **{name}** | " + " | ".join(str(int(v)) for v in row) + " |")
     return "\n".join(lines)
 

@@ -108,7 +108,7 @@ class Trainer:
 
     # ---- the compiled part -------------------------------------------------------------
     def _loss_and_grads(self, images, labels):
-        info = self.experiment.info
+        task = self.experiment.task
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
             per_example = self.experiment.loss_fn(labels, tf.cast(logits, tf.float32))
@@ -121,7 +121,7 @@ class Trainer:
             # (and halves the scale on) a step whose gradients are not finite.
             scaled = self.optimizer.scale_loss(loss) if loss_scaling(self.optimizer) else loss
         grads = tape.gradient(scaled, self.model.trainable_variables)
-        cm = metrics.confusion_matrix(labels, tf.argmax(logits, -1), info.num_classes, info.ignore_label)
+        cm = task.counts(labels, task.predict(logits))
         return loss, grads, cm
 
     def _replica_step(self, batch):
@@ -179,8 +179,7 @@ class Trainer:
             sums = [s if g is None else s + tf.convert_to_tensor(g) for s, g in zip(sums, grads)]
             return i + 1, loss + micro_loss, cm + micro_cm, sums
 
-        c = self.experiment.info.num_classes
-        start = (tf.constant(0), tf.constant(0.0), tf.zeros([c, c], tf.int64),
+        start = (tf.constant(0), tf.constant(0.0), tf.zeros(self.experiment.task.counts_shape, tf.int64),
                  [tf.zeros(v.shape, v.dtype) for v in variables])
         if self.config.synchronized_batch_norm:
             state = start
@@ -213,8 +212,7 @@ class Trainer:
 
     def _loop(self, iterator, num_steps):
         losses = tf.TensorArray(tf.float32, size=num_steps)
-        c = self.experiment.info.num_classes
-        cm = tf.zeros([c, c], tf.int64)
+        cm = tf.zeros(self.experiment.task.counts_shape, tf.int64)
         for i in tf.range(num_steps):
             loss, r_cm = self.strategy.run(self._replica_step, args=(next(iterator),))
             losses = losses.write(i, self.strategy.reduce("SUM", loss, axis=None))

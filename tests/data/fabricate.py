@@ -158,6 +158,40 @@ def folder(root, stems, num_classes=3, rgb=False, palette=None, size=(18, 22), s
     return expected
 
 
+def folder_multilabel(root, stems, layout, labels=("a", "b", "c"), size=(18, 22), seed=0):
+    """images/<stem>.png with multi-label masks in ``layout`` ('bits', 'channels', 'masks'):
+    overlapping random blocks per label; returns {stem: expected packed label bits} ('bits'
+    masks also hold ignored pixels, 255)."""
+    expected = {}
+    n = len(labels)
+    for k, stem in enumerate(stems):
+        h, w = size[0] + k % 3, size[1]
+        image(os.path.join(root, "images", stem + ".png"), h, w, seed + k)
+        planes = np.stack([blocks(h, w, [0, 1], seed + 10 * k + i) for i in range(n)], -1).astype(bool)
+        packed = (planes.astype(np.uint8) << np.arange(n, dtype=np.uint8)).sum(-1).astype(np.uint8)
+        masks = os.path.join(root, "masks")
+        os.makedirs(masks, exist_ok=True)
+        if layout == "bits":
+            packed[blocks(h, w, [0, 0, 0, 1], seed + k + 99) == 1] = 255
+            Image.fromarray(packed, mode="L").save(os.path.join(masks, stem + ".png"))
+        elif layout == "channels":  # a label is present where its channel is not 0 (any value)
+            values = planes * np.arange(1, n + 1, dtype=np.uint8) * 60
+            if n in (1, 3):  # a grey (binary) or RGB PNG
+                Image.fromarray(values.astype(np.uint8).squeeze(-1) if n == 1 else values.astype(np.uint8),
+                                mode="L" if n == 1 else "RGB").save(os.path.join(masks, stem + ".png"))
+            else:
+                import tifffile
+
+                tifffile.imwrite(os.path.join(masks, stem + ".tif"), values.astype(np.uint8),
+                                 photometric="minisblack", planarconfig="contig")
+        else:  # one binary mask per label; an empty label's file left out
+            for i, name in enumerate(labels):
+                if planes[..., i].any():
+                    _label_png(os.path.join(masks, name, stem + ".png"), planes[..., i].astype(np.uint8) * 255)
+        expected[stem] = packed
+    return expected
+
+
 def _label_png(path, values):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(values, mode="L").save(path)

@@ -112,6 +112,18 @@ def _folder(raw, rgb=False):
     return by_split, lambda k: os.path.join(raw, "images", f"{k}.jpg")
 
 
+def _folder_multilabel(raw, layout):
+    labels = F.folder_multilabel(raw, STEMS[:12], layout)
+    source = folder.Folder(class_names=("a", "b", "c"), labels=layout)
+    by_split = {s: {k: v for k, v in labels.items() if source.split_of(k) == s} for s in source.splits}
+    return by_split, lambda k: os.path.join(raw, "images", f"{k}.png")
+
+
+def _multilabel_layout(layout):
+    config = {"class_names": ("a", "b", "c"), "labels": layout}
+    return (lambda raw: _folder_multilabel(raw, layout), _plugin("folder"), lambda: folder.Folder(**config), config)
+
+
 LAYOUTS = {
     "voc2012": (_voc, _plugin("voc2012"), voc.Voc2012, {}),
     "oxford_iiit_pet": (_pets, _plugin("oxford_iiit_pet"), pets.OxfordIiitPet, {}),
@@ -123,6 +135,10 @@ LAYOUTS = {
     "folder_rgb": (lambda raw: _folder(raw, rgb=True), _plugin("folder"),
                    lambda: folder.Folder(num_classes=3, ignore_colour=(255, 255, 255)),
                    {"num_classes": 3, "ignore_colour": (255, 255, 255)}),
+    # Multi-label masks: bits in one PNG, one channel per label, one mask file per label.
+    "folder_bits": _multilabel_layout("bits"),
+    "folder_channels": _multilabel_layout("channels"),
+    "folder_masks": _multilabel_layout("masks"),
 }
 
 
@@ -138,8 +154,9 @@ def test_prepared_and_raw_reading_give_the_exact_labels(tmp_path, name):
         info = _check(plugin(split, data_dir=str(out)), labels, paths)
         assert info.num_examples[split] == len(labels)
         raw_info = _check(plugin(split, source_dir=str(raw), **config), labels, paths)
-        assert (info.num_classes, info.class_names, tuple(info.palette)) == (
-            raw_info.num_classes, tuple(raw_info.class_names), tuple(raw_info.palette))
+        assert (info.num_classes, info.class_names, tuple(info.palette), info.multilabel) == (
+            raw_info.num_classes, tuple(raw_info.class_names), tuple(raw_info.palette), raw_info.multilabel)
+        assert info.multilabel == name.startswith(("folder_bits", "folder_channels", "folder_masks"))
 
 
 def test_class_tables():
