@@ -2,7 +2,7 @@
 
 Every command that runs a trained model (evaluate, predict, export, explain) gets its logits
 here, so a model sees the same input in each. Images come in normalised, as float32
-[B,H,W,3] of any height and width; logits go out as float32 [B,H,W,C] at the same size.
+[B,H,W,3] (or the model's bands) of any height and width; logits go out as float32 [B,H,W,C] at the same size.
 
 - ``whole``: the image is padded (bottom and right) to a multiple of the model's size divisor,
   the model runs once, and the logits are cropped back.
@@ -228,6 +228,8 @@ class Inference:
         rows = tf.maximum(height - ch + sh - 1, 0) // sh + 1
         cols = tf.maximum(width - cw + sw - 1, 0) // sw + 1
 
+        # The sums are kept pixel-major, [H, W, B, C], so each window's logits are added into
+        # its own rows and columns (a scatter-add of the window's size), not padded to the image.
         def body(i, total, count):
             r, c = i // cols, i % cols
             bottom, right = tf.minimum(r * sh + ch, height), tf.minimum(c * sw + cw, width)
@@ -236,13 +238,13 @@ class Inference:
             h, w = bottom - top, right - left
             window = tf.ensure_shape(self._pad(window, tf.constant([ch, cw])), [None, ch, cw, images.shape[-1]])
             logits = self._whole(window)[:, :h, :w, :]
-            paddings = [[0, 0], [top, height - bottom], [left, width - right], [0, 0]]
-            total += tf.pad(logits, paddings)
-            count += tf.pad(tf.ones([1, h, w, 1]), paddings)
+            where = tf.stack(tf.meshgrid(tf.range(top, bottom), tf.range(left, right), indexing="ij"), axis=-1)
+            total = tf.tensor_scatter_nd_add(total, where, tf.transpose(logits, [1, 2, 0, 3]))
+            count = tf.tensor_scatter_nd_add(count, where, tf.ones([h, w]))
             return i + 1, total, count
 
-        total = tf.zeros([batch, height, width, self.num_classes], tf.float32)
-        count = tf.zeros([1, height, width, 1], tf.float32)
+        total = tf.zeros([height, width, batch, self.num_classes], tf.float32)
+        count = tf.zeros([height, width], tf.float32)
         _, total, count = tf.while_loop(lambda i, *_: i < rows * cols, body, (tf.constant(0), total, count))
         # Windows flush with the border cover every pixel: count is never 0.
-        return total / count
+        return tf.transpose(total / count[:, :, tf.newaxis, tf.newaxis], [2, 0, 1, 3])
