@@ -200,6 +200,10 @@ class Evaluator:
         if self.task.multilabel:
             raise SegtrainError(f"Dataset '{self.info.name}' is multi-label: the post-processors refine one class "
                                 f"per pixel (a softmax); evaluate without --postprocess.")
+        if not self.info.rgb:
+            raise SegtrainError(f"Dataset '{self.info.name}' has images of {self.info.channels} band(s) of "
+                                f"{self.info.image_dtype}: the post-processors look at RGB images; evaluate without "
+                                f"--postprocess.")
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             raise SegtrainError("Evaluation with a post-processor runs on one machine: run `segtrain evaluate "
                                 "--postprocess=...` outside the cluster.")

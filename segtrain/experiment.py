@@ -31,7 +31,7 @@ from segtrain.evaluation import Evaluator
 from segtrain.inference import Inference, InferenceOptions
 from segtrain.losses import ClassStatistics, build_loss
 from segtrain.metrics import DEFAULT_METRICS
-from segtrain.models.model import ModelFacts, facts, synchronize_batch_norm
+from segtrain.models.model import ModelFacts, facts, synchronize_batch_norm, with_input_channels
 from segtrain.precision import PRECISIONS, set_precision
 from segtrain.task import Task
 from segtrain.run_dir import BEST_DIR, DamagedCheckpoint, diagnose, is_damage, problem, readable_others, resolve
@@ -276,12 +276,15 @@ class Experiment:
         # into the next one built in the same process.
         set_precision(self.config.precision)
         keras.utils.set_random_seed(self.config.seed)
+        info = self.info
         with self.strategy.scope():
-            model = self._model_fn(num_classes=self.info.num_classes)
+            model = self._model_fn(num_classes=info.num_classes)
             if not model.built:  # a subclassed model makes its variables on the first call
                 divisor = facts(model).size_divisor
                 side = divisor * -(-64 // divisor)
                 model(tf.zeros([1, side, side, 3]), training=False)
+            if not info.rgb:  # bands: the convolutions that read the image extended to them
+                model = with_input_channels(model, info.channels, self.pipeline_config.rgb_channels)
         if self.config.synchronized_batch_norm:  # every batch norm, a backbone's included
             synchronize_batch_norm(model)
         return model
@@ -292,9 +295,27 @@ class Experiment:
 
     @functools.cached_property
     def normalization(self) -> Normalization:
-        """The input normalisation: the model's weights' preprocessing, unless pipeline.mean/std are set."""
+        """The input normalisation: the model's weights' preprocessing, unless pipeline.mean/std
+        are set; images of other bands than 8-bit RGB: the training split's mean and std per
+        band, as `segtrain prepare` recorded them, unless pipeline.mean/std are set."""
         model_preprocessing = self.facts.preprocessing
         mean, std = self.pipeline_config.mean, self.pipeline_config.std
+        info = self.info
+        if not info.rgb:
+            split = self.config.train_split
+            mean = mean if mean is not None else info.channel_mean.get(split)
+            std = std if std is not None else info.channel_std.get(split)
+            if mean is None or std is None:
+                raise SegtrainError(
+                    f"Dataset '{self.config.dataset}' has images of {info.channels} band(s) of {info.image_dtype}: "
+                    f"their normalisation needs each band's mean and std. Prepare the dataset (`segtrain prepare` "
+                    f"records them for split '{split}'), or set pipeline.mean and pipeline.std (one number per band, "
+                    f"on the stored scale).")
+            if len(mean) != info.channels or len(std) != info.channels:
+                raise SegtrainError(f"pipeline.mean/std have {len(mean)}/{len(std)} values for dataset "
+                                    f"'{self.config.dataset}''s {info.channels} band(s): give one per band.")
+            return Normalization(tuple(float(v) for v in mean), tuple(max(float(v), 1e-6) for v in std),
+                                 max_value=float(info.max_value))
         if model_preprocessing and (mean is not None or std is not None):
             warn(f"pipeline.mean/std are set, so they replace the '{model_preprocessing}' preprocessing that model "
                  f"'{self.config.model}'s backbone weights expect (with BGR order for 'caffe'). Leave them unset "

@@ -209,6 +209,7 @@ def workspace(tmp_path_factory):
     fabricate.sbd(str(data), ["2008_000002", "2008_000003", "2008_000004", "2008_000005"], voc_root=str(data))
     fabricate.folder(str(data / "my_photos"), [f"photo{i:02d}" for i in range(30)], num_classes=3)
     fabricate.folder_multilabel(str(data / "my_cells"), [f"cell{i:02d}" for i in range(12)], "channels", labels=("cell",))
+    fabricate.folder_bands(str(data / "my_scenes"), [f"scene{i:02d}" for i in range(12)], channels=4)
     fabricate.cityscapes(str(data / "cityscapes"))
     fabricate.ade20k(str(data))
     fabricate.coco_stuff(str(data / "cocostuff"))

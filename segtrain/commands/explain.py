@@ -29,7 +29,7 @@ from segtrain import run_dir
 from segtrain.commands.common_flags import bindings, input_flag, own_flags, trained_run_flags, verbosity_flag
 from segtrain.commands.trained_run import parse_run, restored
 from segtrain.errors import SegtrainError
-from segtrain.images import list_inputs, read_rgb, write_image
+from segtrain.images import list_inputs, read_image, write_image
 from segtrain.io import atomic_write_bytes
 from segtrain.progress import Progress, end_line
 from segtrain.train.summaries import file_writer
@@ -97,18 +97,21 @@ def explain(
     print(f"Grad-CAM of class '{name}' at layer {cam.layer} ({os.path.basename(path)}, step {step}) "
           f"on {len(paths)} image(s) -> {output}")
     records, skipped = [], []
+    info = experiment.info
     progress = Progress("explain", len(paths), unit="image")
     with _Summaries(os.path.join(output, "tensorboard"), step) as summaries:
         for done, image_path in enumerate(paths, start=1):
             try:
-                pixels = read_rgb(image_path)
+                pixels = read_image(image_path, info.channels, info.image_dtype)
             except SegtrainError as e:
                 end_line()
                 print(f"skipped {e}", file=sys.stderr)
                 skipped.append(image_path)
             else:
-                result = cam(experiment.normalization(pixels).numpy(), class_id, region_box)
-                record = _write(output, image_path, pixels, result, name, cam.layer, activations, summaries)
+                normalised = experiment.normalization(pixels).numpy()
+                result = cam(normalised, class_id, region_box)
+                record = _write(output, image_path, experiment.normalization.display(normalised), result, name,
+                                cam.layer, activations, summaries)
                 end_line()
                 print(_describe(image_path, record, name, region_box))
                 records.append(record)

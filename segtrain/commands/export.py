@@ -139,7 +139,8 @@ def export(model_dir: str, output: str | None = None, checkpoint: str = "best", 
     written = export_model(output, experiment.model, inference.logits, experiment.normalization, info.num_classes,
                            experiment.facts.size_divisor, probabilities, metadata, overwrite, format=format,
                            quantize=quantize, image_size=image_size, calibration=calibration, opset=opset,
-                           finish=finish, task=inference.task)
+                           finish=finish, task=inference.task, channels=info.channels,
+                           image_dtype=info.image_dtype)
     print(f"Wrote {written} ({what}; outputs: {', '.join(output_names(probabilities))}; labels explained in "
           f"{METADATA_FILE}, model card in {model_card.CARD_FILE})." + _hint(format, written))
     return written

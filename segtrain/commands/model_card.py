@@ -103,7 +103,7 @@ def _gradcam(directory: str, experiment, inference, split: str) -> str | None:
         counts = np.bincount(np.argmax(logits, -1).ravel(), minlength=logits.shape[-1])
         class_id = int(np.argmax(counts[1:]) + 1) if counts[1:].sum() else 0
     result = cam(normalised, class_id)
-    pixels = experiment.normalization.invert(normalised)
+    pixels = experiment.normalization.display(normalised)
     atomic_write_bytes(os.path.join(directory, GRADCAM_PICTURE), images.encode(explain.overlay(pixels, result.cam)))
     name = experiment.info.class_names[class_id]
     return (f"Grad-CAM of class '{name}' at layer `{cam.layer}` on the first image of split '{split}' "

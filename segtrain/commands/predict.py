@@ -9,7 +9,8 @@ output directory:
   where the label's probability exceeds ``inference.threshold``, else 0);
 - ``<name>_color.png``: the classes in the dataset's palette (multi-label: the mean colour of
   the labels present);
-- ``<name>_overlay.jpg``: the colours over the image;
+- ``<name>_overlay.jpg``: the colours over the image (an image of other bands than 8-bit RGB:
+  over the bands ``overlay_channels`` names, stretched by the training data's mean and std);
 - with ``--probabilities``, ``<name>_probabilities.npy``: float32 [H,W,C] class probabilities;
 - with an instance post-processor (``--postprocess=watershed_instances``),
   ``<name>_instances_<class>.png``: a 16-bit PNG of instance ids (0: none) per class.
@@ -93,7 +94,7 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
             mode: str | None = None, crop_size: Sequence[int] | None = None, stride: Sequence[int] | None = None,
             scales: Sequence[float] | None = None, flip: bool | None = None, postprocess: str | None = None,
             overlay_alpha: float = 0.5, export: str | None = None, large_image_pixels: int = 16_000_000,
-            tile_size: int = 1024) -> dict:
+            tile_size: int = 1024, overlay_channels: Sequence[int] | None = None) -> dict:
     """Segments every image of ``input`` into ``output``.
 
     Args:
@@ -115,6 +116,8 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         of it; with an export, a TFLite export's input size or 512x512), into a tiled TIFF;
         0 sends every image that way (those smaller than one window excepted).
       tile_size: the edge of those output tiles (a multiple of 16); one tile's logits are held.
+      overlay_channels: a model of other bands than 8-bit RGB: the bands the overlay shows, three
+        (as red, green, blue) or one (grey), 0-based; default: the first three, or the first.
 
     Returns:
       The summary written to ``output``/predictions.json.
@@ -138,8 +141,11 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         exported = load(export)
         task = exported.task
         info = DatasetInfo(task.num_classes, task.ignore_label, tuple(exported.metadata["class_names"]),
-                           tuple(tuple(c) for c in exported.metadata["palette"]), multilabel=task.multilabel)
+                           tuple(tuple(c) for c in exported.metadata["palette"]), multilabel=task.multilabel,
+                           channels=exported.channels, image_dtype=exported.image_dtype)
         palette = info.palette_array()
+        stats = exported.metadata.get("normalization", {})
+        shown = (stats.get("mean"), stats.get("std"))
         checkpoint_path, step = exported.path, exported.metadata.get("step", -1)
         described = exported.describe()
         model_dir = model_dir or exported.metadata.get("model_dir")
@@ -157,6 +163,7 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         inference = experiment.inference(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip)
         task = inference.task
         palette = info.palette_array()
+        shown = (normalization.mean, normalization.std)
         described = inference.options.describe()
         run_batch = tf.function(lambda x: inference.probabilities(normalization(x)), reduce_retracing=True)
         whole = experiment.inference(mode="whole", scales=(1.0,), flip=False)
@@ -171,6 +178,9 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
         if inference.options.augmented:
             window_logits = None  # test-time augmentation is per image: refused for large ones below
 
+    if processor is not None and not info.rgb:
+        raise SegtrainError(f"--postprocess={postprocess}: the post-processors look at RGB images; this model takes "
+                            f"{info.channels} band(s) of {info.image_dtype}. Predict without --postprocess.")
     if processor is not None and task.multilabel:
         raise SegtrainError(f"--postprocess={postprocess}: the post-processors work on one class per pixel (a softmax); "
                             f"this model is multi-label. Predict without --postprocess.")
@@ -198,7 +208,8 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
             sizes.setdefault(large.pop(path), []).append(path)
     if large:
         reasons = [r for r, bad in (("test-time augmentation (--scales/--flip)", window_logits is None),
-                                    (f"--postprocess={postprocess}", processor is not None)) if bad]
+                                    (f"--postprocess={postprocess}", processor is not None),
+                                    (f"images of {info.channels} band(s) of {info.image_dtype}", not info.rgb)) if bad]
         if reasons:
             raise SegtrainError(
                 f"{len(large)} image(s) have more than predict.large_image_pixels={large_image_pixels} pixels "
@@ -216,7 +227,7 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
             batch_paths, pixels = [], []
             for path in group[start:start + batch_size]:
                 try:
-                    pixels.append(images.read_rgb(path))
+                    pixels.append(images.read_image(path, info.channels, info.image_dtype))
                     batch_paths.append(path)
                 except SegtrainError as e:
                     skip(path, str(e))
@@ -224,7 +235,9 @@ def predict(model_dir: str, input: str | Sequence[str] | None = None, output: st
                 continue
             probs = run_batch(tf.constant(np.stack(pixels))).numpy()
             for path, image, p in zip(batch_paths, pixels, probs):
-                files = _results(image, p, names[path], info, palette, processor, probabilities, overlay_alpha, task)
+                shown_image = image if info.rgb else images.display(image, *shown, overlay_channels)
+                files = _results(image, shown_image, p, names[path], info, palette, processor, probabilities,
+                                 overlay_alpha, task)
                 for file_name, data in files.items():
                     atomic_write_bytes(os.path.join(output, file_name), data)
                 written[path] = sorted(files)
@@ -301,7 +314,8 @@ def _predict_large(path, name, output, window_logits, task, crop, stride, tile, 
         reader.close()
 
 
-def _results(image, probs, name, info, palette, processor, with_probabilities, alpha, task) -> dict[str, bytes]:
+def _results(image, shown, probs, name, info, palette, processor, with_probabilities, alpha,
+             task) -> dict[str, bytes]:
     """Every output file of one image, {file name: bytes}, computed before any is written."""
     files = {}
     if processor is not None:
@@ -317,7 +331,7 @@ def _results(image, probs, name, info, palette, processor, with_probabilities, a
         for i, present in enumerate(np.moveaxis(unpack_np(labels, task.num_classes), -1, 0)):
             files[f"{name}_{_file_safe(info.class_names[i])}.png"] = images.encode(present * np.uint8(255))
     files[f"{name}_color.png"] = images.encode(colour)
-    files[f"{name}_overlay.jpg"] = images.encode(images.blend(image, colour, alpha), "JPEG", quality=90)
+    files[f"{name}_overlay.jpg"] = images.encode(images.blend(shown, colour, alpha), "JPEG", quality=90)
     if with_probabilities:
         buffer = io.BytesIO()
         np.save(buffer, np.asarray(probs, np.float32))

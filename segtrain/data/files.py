@@ -134,6 +134,7 @@ def load_raw(source: Source, split: str, source_dir: str) -> tuple[tf.data.Datas
         num_examples={split: len(examples)},
         name=source.name,
         multilabel=source.multilabel,
+        **({"channels": source.channels, "image_dtype": f"uint{source.bit_depth}"} if source.bands else {}),
         decode=functools.partial(decode_raw, source, tf_decodes=all(
             os.path.splitext(e.image)[1].lower() in TF_IMAGE_EXTENSIONS for e in examples)),
     )
@@ -152,7 +153,27 @@ def decode_raw(source: Source, example: dict, tf_decodes: bool = True) -> dict:
     """{'image': path, 'label': path} -> decoded example, checked; errors name the file.
 
     ``tf_decodes``: TF decodes every image of the split; otherwise (TIFF, say) Pillow does.
+    A bands source's images are read as stored (``Source.read_image``).
     """
+    if source.bands:
+        def read_both(image_path: bytes, label_path: bytes):
+            image_path, label_path = image_path.decode(), label_path.decode()
+            try:
+                image = source.read_image(image_path)
+            except BadExample as e:
+                raise ValueError(f"{DATA_ERROR_MARKER}{image_path}: {e}") from None
+            try:
+                label = source.read_label(label_path)
+                check_label_size(label, image.shape[0], image.shape[1], image_path)
+            except BadExample as e:
+                raise ValueError(f"{DATA_ERROR_MARKER}{label_path}: {e}") from None
+            return image, label
+
+        dtype = tf.uint16 if source.bit_depth == 16 else tf.uint8
+        image, label = tf.numpy_function(read_both, [example["image"], example["label"]], [dtype, tf.uint8],
+                                         stateful=False)
+        return {"image": tf.ensure_shape(image, [None, None, source.channels]),
+                "label": tf.ensure_shape(label, [None, None]), "key": example["key"]}
 
     def read_label(image_path: bytes, label_path: bytes) -> np.ndarray:
         from PIL import Image

@@ -7,6 +7,10 @@ Layout (``source_dir``)::
                                   RGB colour mask whose colours are listed in ``palette``
     splits/<split>.txt            optional: one stem per line, for every split
 
+Images are RGB photographs by default (grey and RGBA converted). With ``channels`` (and
+``bit_depth`` 16), they are read as stored, any number of bands of 8 or 16 bits (multispectral
+TIFF, 16-bit PNG, ...; ``segtrain.images.read_bands``); every image must have those bands.
+
 Multi-label (and binary) masks, where a pixel may carry several labels (segtrain.task), come
 in one of three layouts, chosen by ``labels``:
 
@@ -67,6 +71,8 @@ class Folder(Source):
         image_dir: str = "images",
         mask_dir: str = "masks",
         labels: str = "classes",
+        channels: int | None = None,
+        bit_depth: int = 8,
     ):
         if labels not in LABEL_LAYOUTS:
             raise SegtrainError(f"datasets.folder.labels={labels!r}: use one of {', '.join(map(repr, LABEL_LAYOUTS))} "
@@ -90,6 +96,15 @@ class Folder(Source):
         self.split_seed = split_seed
         self.image_dir, self.mask_dir = image_dir, mask_dir
         self.labels = labels
+        if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
+            raise SegtrainError(f"datasets.folder.channels={channels!r}: the images' bands, an integer >= 1 (None: "
+                                f"RGB photographs).")
+        if bit_depth not in (8, 16):
+            raise SegtrainError(f"datasets.folder.bit_depth={bit_depth!r}: use 8 or 16 (bits per band).")
+        if bit_depth == 16 and channels is None:
+            raise SegtrainError("datasets.folder.bit_depth = 16 needs datasets.folder.channels, the images' bands "
+                                "(e.g. 1 for 16-bit grey, 4 for RGB + near infrared).")
+        self.channels, self.bit_depth = channels, bit_depth
         self.multilabel = labels != "classes"
         if self.multilabel and self.class_names:
             check_multilabel(len(self.class_names), ignore_label, f"datasets.folder (labels={labels!r})")

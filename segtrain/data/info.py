@@ -39,6 +39,11 @@ class DatasetInfo:
       class_image_pixels: per split, for each class, the labelled (not ignored) pixels of the
         images in which the class appears: the normaliser of median-frequency weights.
       multilabel: each pixel carries any set of labels (sigmoid outputs), packed as bits.
+      channels: the images' bands (3: RGB).
+      image_dtype: 'uint8' or 'uint16', the images' samples as the dataset yields them.
+      channel_mean, channel_std: per split, per band, on the stored scale, e.g. {'train': [...]}
+        (recorded by `segtrain prepare` for images other than 8-bit RGB; empty otherwise): the
+        pipeline normalises such images with the training split's.
       damaged_records: per split, the records a dataset read with skip_damaged_records left
         out (damaged shards, counted when it was read).
     """
@@ -59,6 +64,10 @@ class DatasetInfo:
         default_factory=dict, compare=False, repr=False)
     damaged_records: Mapping[str, int] = dataclasses.field(default_factory=dict, compare=False, repr=False)
     multilabel: bool = False
+    channels: int = 3
+    image_dtype: str = "uint8"
+    channel_mean: Mapping[str, Sequence[float]] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    channel_std: Mapping[str, Sequence[float]] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if self.num_classes < 1:
@@ -68,6 +77,9 @@ class DatasetInfo:
                 f"ignore_label {self.ignore_label} must be in [num_classes, 255] "
                 f"(num_classes={self.num_classes})"
             )
+        if self.image_dtype not in ("uint8", "uint16") or self.channels < 1:
+            raise ValueError(f"DatasetInfo of {self.name or 'a dataset'}: images of {self.channels} channels of "
+                             f"{self.image_dtype}; segtrain reads uint8 or uint16 images of one channel or more")
         if self.multilabel:
             check_multilabel(self.num_classes, self.ignore_label, f"dataset {self.name or '(unnamed)'}")
         if not self.class_names:
@@ -81,6 +93,16 @@ class DatasetInfo:
                 f"DatasetInfo of {self.name or 'a dataset'} has {len(self.class_names)} class "
                 f"names and {len(self.palette)} colours for {self.num_classes} classes"
             )
+
+    @property
+    def rgb(self) -> bool:
+        """8-bit RGB images, as photographs are (else: bands, see ``channels``)."""
+        return self.channels == 3 and self.image_dtype == "uint8"
+
+    @property
+    def max_value(self) -> int:
+        """The largest sample value of the images' type."""
+        return 255 if self.image_dtype == "uint8" else 65535
 
     @property
     def task(self) -> Task:

@@ -1,6 +1,7 @@
 """The input pipeline every dataset shares: augment, normalise, batch, prefetch.
 
-Dataset plugins yield {'image': uint8 [H,W,3], 'label': uint8 [H,W]}; everything after that
+Dataset plugins yield {'image': uint8 [H,W,3], 'label': uint8 [H,W]} (images of other bands:
+uint8 or uint16 [H,W,C], as DatasetInfo.channels and image_dtype say); everything after that
 happens here. The experiment configures it in gin under ``pipeline.*`` and tells it what the
 model needs (its size divisor and input normalisation).
 """
@@ -28,8 +29,11 @@ class PipelineConfig:
       brightness: max additive brightness change on [0, 1] images (e.g. 0.1).
       contrast, saturation: (lower, upper) random factor ranges, e.g. (0.8, 1.2).
       hue: max hue shift (e.g. 0.1).
-      mean, std: per-channel normalisation on the [0, 255] scale, RGB order; set, they replace
-        ``normalization``.
+      mean, std: per-channel normalisation on the [0, 255] scale, RGB order (images of other
+        bands: one per band, on their stored scale); set, they replace ``normalization``.
+      rgb_channels: images of other bands than RGB: the three bands (0-based) that hold red,
+        green and blue. Colour jitter changes those alone, and a pretrained model's RGB kernels
+        go to them (segtrain.models.model.with_input_channels); None: no colour jitter.
       eval_size: (height, width) evaluation images are resized to, or None for full size (labels
         are never resized: the logits are resized back to them).
       shuffle_buffer: examples in the shuffle buffer (training).
@@ -57,6 +61,7 @@ class PipelineConfig:
     hue: float = 0.0
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
+    rgb_channels: Sequence[int] | None = None
     eval_size: Sequence[int] | None = None
     shuffle_buffer: int = 1024
     cache: bool = False
@@ -82,9 +87,9 @@ class PipelineConfig:
         for field in ("mean", "std"):
             value = getattr(self, field)
             if value is not None:
-                if (not isinstance(value, (list, tuple)) or len(value) != 3 or not all(map(number, value))
+                if (not isinstance(value, (list, tuple)) or not value or not all(map(number, value))
                         or (field == "std" and min(value) <= 0)):
-                    bad(field, "None or three numbers (R, G, B on the 0-255 scale)"
+                    bad(field, "None or one number per channel (R, G, B on the 0-255 scale)"
                         + (", each > 0" if field == "std" else ""))
                 object.__setattr__(self, field, tuple(float(v) for v in value))
         for field in ("contrast", "saturation"):
@@ -94,6 +99,12 @@ class PipelineConfig:
                         or not 0 <= value[0] <= value[1]):
                     bad(field, "None or a (lower, upper) factor range, 0 <= lower <= upper, e.g. (0.8, 1.2)")
                 object.__setattr__(self, field, tuple(float(v) for v in value))
+        if self.rgb_channels is not None:
+            value = self.rgb_channels
+            if (not isinstance(value, (list, tuple)) or len(value) != 3 or len(set(value)) != 3
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+                bad("rgb_channels", "None or three different band indices >= 0 (red, green, blue), e.g. (2, 1, 0)")
+            object.__setattr__(self, "rgb_channels", tuple(value))
         if not number(self.min_scale) or self.min_scale <= 0:
             bad("min_scale", "a number > 0")
         if not number(self.max_scale) or self.max_scale < self.min_scale:
@@ -167,6 +178,24 @@ def build_pipeline(
     num_examples = info.num_examples.get(split)
     normalize = resolve_normalization(normalization, config.mean, config.std)
     fill = normalize.fill
+    colour = any((config.brightness, config.contrast, config.hue, config.saturation))
+    if info.rgb and (len(normalize.mean) != 3 or len(normalize.std) != 3):
+        raise SegtrainError(f"pipeline.mean and pipeline.std need three numbers each (R, G, B) for {where}'s RGB "
+                            f"images, got {len(normalize.mean)} and {len(normalize.std)}.")
+    if not info.rgb:
+        bands = f"{where}'s images have {info.channels} band(s) of {info.image_dtype}"
+        if len(normalize.mean) != info.channels or len(normalize.std) != info.channels:
+            raise SegtrainError(f"{bands}, but the normalisation has {len(normalize.mean)} means and "
+                                f"{len(normalize.std)} deviations: set pipeline.mean and pipeline.std to one "
+                                f"number per band.")
+        if training and config.colour_on_device:
+            raise SegtrainError(f"{bands}: pipeline.colour_on_device hands over 8-bit RGB crops only; turn it off.")
+        if training and colour and config.rgb_channels is None:
+            raise SegtrainError(f"{bands}: colour jitter (pipeline.brightness, contrast, saturation, hue) needs to "
+                                f"know which three are red, green and blue: set pipeline.rgb_channels (e.g. "
+                                f"(0, 1, 2)), or turn the colour jitter off.")
+        if config.rgb_channels and max(config.rgb_channels) >= info.channels:
+            raise SegtrainError(f"pipeline.rgb_channels={config.rgb_channels}: {bands} (0..{info.channels - 1}).")
 
     global_batch, pipelines, pipeline_id = batch_size, 1, 0
     if training and input_context is not None:
@@ -234,8 +263,13 @@ def build_pipeline(
             draws = transforms.colour_draws(seeds[3], config.brightness, config.contrast, config.hue,
                                             config.saturation)
             return {**out, "colour": draws} if draws else out
-        image = transforms.jitter_and_normalize(image, seeds[3], normalize, config.brightness,
-                                                config.contrast, config.hue, config.saturation)
+        if info.rgb:
+            image = transforms.jitter_and_normalize(image, seeds[3], normalize, config.brightness,
+                                                    config.contrast, config.hue, config.saturation)
+        else:
+            image = transforms.jitter_bands_and_normalize(image, seeds[3], normalize, config.rgb_channels,
+                                                          config.brightness, config.contrast, config.hue,
+                                                          config.saturation)
         return {"image": image, "label": tf.cast(label, tf.int32)}
 
     def evaluate(ex):

@@ -50,8 +50,15 @@ SKIPPED_FILE = "skipped_examples.txt"
 
 
 @functools.cache
-def builder_class(name: str, version: str) -> type:
-    """The tfds builder class of a segtrain dataset (one per name and version)."""
+def builder_class(name: str, version: str, bands: tuple[int, str] | None = None) -> type:
+    """The tfds builder class of a segtrain dataset (one per name, version and image layout).
+
+    ``bands``: (channels, 'uint8' | 'uint16') of images stored as they are read (not 8-bit RGB),
+    as a zlib-compressed tensor; None: RGB images as their JPEG or PNG bytes.
+    """
+    image_feature = (tfds.features.Image(shape=(None, None, 3)) if bands is None else
+                     tfds.features.Tensor(shape=(None, None, bands[0]), dtype=np.dtype(bands[1]),
+                                          encoding=tfds.features.Encoding.ZLIB))
 
     class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version(version)
@@ -70,7 +77,7 @@ def builder_class(name: str, version: str) -> type:
                 builder=self,
                 description=f"segtrain's prepared copy of the {name} segmentation dataset.",
                 features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(shape=(None, None, 3)),
+                    "image": image_feature,
                     "label": tfds.features.Image(shape=(None, None, 1), use_colormap=False, encoding_format="png"),
                     "key": tfds.features.Text(),
                 }),
@@ -110,6 +117,8 @@ class _Job:
     # each value appears in (filled by generate).
     pixel_counts: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     image_pixels: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # Bands images: per split, [3, channels] sums of 1, x and x^2 over the pixels (float64).
+    band_sums: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     pool: concurrent.futures.Executor | None = None
 
     @property
@@ -119,6 +128,7 @@ class _Job:
         return {"num_classes": n, "class_names": list(s.class_names),
                 "palette": [list(c) for c in s.palette], "ignore_label": s.ignore_label,
                 **({"multilabel": True} if s.multilabel else {}),
+                **(_band_metadata(s, self.band_sums) if s.bands else {}),
                 "class_pixel_counts": {k: v.tolist() for k, v in self.pixel_counts.items()},
                 "class_image_pixels": {k: v.tolist() for k, v in self.image_pixels.items()}}
 
@@ -133,11 +143,14 @@ class _Job:
         # [256, n]: the classes (multi-label: the labels) each label value holds.
         holds = (unpack_np(np.arange(256), n) if self.source.multilabel else np.eye(256, n, dtype=np.uint8))
         holds[self.source.ignore_label] = 0
+        bands = self.band_sums[split] = np.zeros((3, self.source.channels or 3), np.float64)
         for done, result in enumerate(self._map(check, examples), 1):
             if progress is None:  # timed from the first result: worker start-up is not a rate
                 progress = Progress(f"prepare {split}", len(examples), unit="image", stream=self.stream, start=1)
             if result[0] == "ok":
-                _, key, image, label, values = result
+                _, key, image, label, values, sums = result
+                if sums is not None:
+                    bands += sums
                 written += 1
                 per_class = values @ holds
                 counts += per_class
@@ -207,7 +220,25 @@ def check_and_count(source: Source, example: Example):
         return result
     with Image.open(io.BytesIO(result[3])) as png:  # the class-index PNG just encoded
         label = np.asarray(png, np.uint8)
-    return (*result, np.bincount(label.ravel(), minlength=256).astype(np.int64))
+    sums = None
+    if source.bands:  # the image's bands: pixels, sum and sum of squares of each
+        x = result[2].reshape(-1, result[2].shape[-1]).astype(np.float64)
+        sums = np.stack([np.full(x.shape[1], x.shape[0], np.float64), x.sum(0), np.square(x).sum(0)])
+    return (*result, np.bincount(label.ravel(), minlength=256).astype(np.int64), sums)
+
+
+def _band_metadata(source: Source, band_sums: dict[str, np.ndarray]) -> dict:
+    """The metadata of a bands dataset: its layout, and each split's mean and std per band."""
+    mean = {k: (v[1] / np.maximum(v[0], 1)) for k, v in band_sums.items()}
+    std = {k: np.sqrt(np.maximum(v[2] / np.maximum(v[0], 1) - mean[k] ** 2, 0.0)) for k, v in band_sums.items()}
+    return {"channels": int(source.channels), "image_dtype": f"uint{source.bit_depth}",
+            "channel_mean": {k: v.tolist() for k, v in mean.items()},
+            "channel_std": {k: v.tolist() for k, v in std.items()}}
+
+
+def bands_layout(source: Source) -> tuple[int, str] | None:
+    """``builder_class``'s ``bands`` of a source: how its prepared images are stored."""
+    return (int(source.channels), f"uint{source.bit_depth}") if source.bands else None
 
 
 def prepared_dir(data_dir: str, source: Source) -> str:
@@ -328,7 +359,7 @@ def prepare(
           file=stream, flush=True)
 
     job = _Job(source, examples, workers, skip_bad_examples, stream, source_dir, problems=list(pairing))
-    builder = builder_class(source.name, source.version)(data_dir=os.path.expanduser(data_dir))
+    builder = builder_class(source.name, source.version, bands_layout(source))(data_dir=os.path.expanduser(data_dir))
     builder.job = job
     builder.info.metadata.update(job.metadata)  # the info was built when the builder was made
     mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
@@ -361,7 +392,7 @@ def prepare(
 
 def prepared_splits(data_dir: str, source: Source) -> list[str]:
     """The splits of the prepared copy of ``source`` under ``data_dir``."""
-    builder = builder_class(source.name, source.version)(data_dir=os.path.expanduser(data_dir))
+    builder = builder_class(source.name, source.version, bands_layout(source))(data_dir=os.path.expanduser(data_dir))
     return sorted(builder.info.splits)
 
 
@@ -382,13 +413,16 @@ def load_prepared(source: Source, split: str, data_dir: str,
             f"or read the raw files with datasets.{source.name}.source_dir."
         )
     builder = builder_class(source.name, source.version)(data_dir=os.path.expanduser(data_dir))
+    meta = dict(builder.info.metadata or {})
+    bands = (int(meta["channels"]), str(meta["image_dtype"])) if "channels" in meta else None
+    if bands:  # the copy says how its images are stored, whatever the settings say now
+        builder = builder_class(source.name, source.version, bands)(data_dir=os.path.expanduser(data_dir))
     splits = builder.info.splits
     if split not in splits:
         raise SegtrainError(
             f"The prepared {source.name} dataset in {path} has no split {split!r}; it has {', '.join(sorted(splits))}. "
             f"To add it, run `segtrain prepare --dataset={source.name}` again with --overwrite (and --splits naming it)."
         )
-    meta = dict(builder.info.metadata or {})
     info = DatasetInfo(
         num_classes=int(meta["num_classes"]),
         ignore_label=int(meta["ignore_label"]),
@@ -396,10 +430,13 @@ def load_prepared(source: Source, split: str, data_dir: str,
         palette=tuple(tuple(c) for c in meta["palette"]),
         num_examples={s: splits[s].num_examples for s in splits},
         name=source.name,
-        decode=decode_prepared,
-        decode_region=decode_prepared_region,
+        decode=decode_prepared if bands is None else functools.partial(decode_prepared_bands, bands=bands),
+        decode_region=decode_prepared_region if bands is None else None,
         labels_checked=True,
         multilabel=bool(meta.get("multilabel", False)),
+        **({"channels": bands[0], "image_dtype": bands[1],
+            "channel_mean": {k: tuple(v) for k, v in meta["channel_mean"].items()},
+            "channel_std": {k: tuple(v) for k, v in meta["channel_std"].items()}} if bands else {}),
         # Datasets prepared before the counts were recorded have none (losses say so).
         class_pixel_counts={k: tuple(v) for k, v in meta.get("class_pixel_counts", {}).items()},
         class_image_pixels={k: tuple(v) for k, v in meta.get("class_image_pixels", {}).items()},
@@ -431,6 +468,15 @@ def load_prepared(source: Source, split: str, data_dir: str,
 def decode_prepared(example: dict) -> dict:
     """Encoded prepared example -> {'image': uint8 [H,W,3], 'label': uint8 [H,W], 'key'}."""
     image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
+    label = tf.io.decode_png(example["label"], channels=1)[..., 0]
+    return {"image": image, "label": label, "key": example["key"]}
+
+
+def decode_prepared_bands(example: dict, bands: tuple[int, str]) -> dict:
+    """A prepared bands example (zlib-compressed pixels) -> {'image': uint8|uint16 [H,W,C], ...}."""
+    stored = example["image"]
+    pixels = tf.io.decode_raw(tf.io.decode_compressed(stored["value"], "ZLIB"), tf.dtypes.as_dtype(bands[1]))
+    image = tf.ensure_shape(tf.reshape(pixels, stored["shape"]), [None, None, bands[0]])
     label = tf.io.decode_png(example["label"], channels=1)[..., 0]
     return {"image": image, "label": label, "key": example["key"]}
 

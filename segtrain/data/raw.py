@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from segtrain.errors import SegtrainError
-from segtrain.images import EIGHT_BITS, deep_samples, tiff_layout
+from segtrain.images import EIGHT_BITS, deep_samples, read_bands, tiff_layout
 
 # Bytes of these formats are stored as they are; other formats are re-encoded as PNG.
 _KEPT_FORMATS = {"JPEG": ("RGB", "L"), "PNG": ("RGB", "L", "P", "RGBA", "LA")}
@@ -80,6 +80,8 @@ class Source:
       splits: the split names the layout has (the first is the default split).
       class_names, palette, ignore_label: class information of the stored labels.
       multilabel: the labels are multi-label bits (segtrain.task), class_names the labels.
+      channels, bit_depth: images of ``channels`` bands of 8 or 16 bits, read as they are
+        stored (``segtrain.images.read_bands``); None: RGB photographs (grey and RGBA converted).
     """
 
     name: str = ""
@@ -89,12 +91,26 @@ class Source:
     palette: tuple[tuple[int, int, int], ...] = ()
     ignore_label: int = 255
     multilabel: bool = False
+    channels: int | None = None
+    bit_depth: int = 8
     ignore_colour: tuple[int, int, int] | None = None  # RGB masks: the colour of the ignore label
     layout: str = ""  # where the files go, for messages and the datasets page
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def bands(self) -> bool:
+        """The images are read as stored bands (not 8-bit RGB)."""
+        return self.channels is not None and (self.channels, self.bit_depth) != (3, 8)
+
+    def read_image(self, path: str) -> np.ndarray:
+        """A bands image's pixels, [H, W, channels] uint8 or uint16; BadExample if it does not fit."""
+        try:
+            return read_bands(path, self.channels, self.bit_depth)
+        except SegtrainError as e:
+            raise BadExample(str(e).removeprefix(f"{path}: ")) from None
 
     def list_split(self, source_dir: str, split: str) -> tuple[list[Example], list[Problem]]:
         """The examples of ``split`` and the files that have no partner (image or label)."""
@@ -319,10 +335,15 @@ def image_bytes(path: str) -> tuple[bytes, tuple[int, int]]:
         return buffer.getvalue(), size
 
 
-def load_example(source: Source, example: Example) -> tuple[bytes, bytes]:
-    """(image bytes, label PNG bytes) of a good example; BadExample names what is wrong."""
+def load_example(source: Source, example: Example) -> tuple[bytes | np.ndarray, bytes]:
+    """(image bytes, or a bands image's pixels; label PNG bytes) of a good example; BadExample
+    names what is wrong."""
     try:
-        data, (height, width) = image_bytes(example.image)
+        if source.bands:
+            data = source.read_image(example.image)
+            height, width = data.shape[:2]
+        else:
+            data, (height, width) = image_bytes(example.image)
     except BadExample as e:
         raise BadExample(str(e), example.image) from None
     try:

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from segtrain.errors import DATA_ERROR_MARKER, SegtrainError
+from segtrain.images import display
 
 Size = Sequence[int]
 
@@ -249,15 +250,46 @@ def jitter_and_normalize(
     x = tf.cast(image, tf.float32)
     draws = colour_draws(seed, brightness, contrast, hue, saturation)
     if draws:
-        if "brightness" in draws:
-            x = x + draws["brightness"]
-        if "contrast" in draws:
-            x = tf.image.adjust_contrast(x, draws["contrast"])
-        if "saturation" in draws:
-            x = tf.image.adjust_saturation(x, draws["saturation"])
-        x = tf.clip_by_value(x, 0.0, 255.0)
-        if "hue" in draws:
-            x = tf.image.adjust_hue(x, draws["hue"])
+        x = _apply_colour(x, draws)
+    return normalization(x)
+
+
+def _apply_colour(x: tf.Tensor, draws: dict) -> tf.Tensor:
+    """The colour draws applied to float RGB [H,W,3] on the [0, 255] scale."""
+    if "brightness" in draws:
+        x = x + draws["brightness"]
+    if "contrast" in draws:
+        x = tf.image.adjust_contrast(x, draws["contrast"])
+    if "saturation" in draws:
+        x = tf.image.adjust_saturation(x, draws["saturation"])
+    x = tf.clip_by_value(x, 0.0, 255.0)
+    if "hue" in draws:
+        x = tf.image.adjust_hue(x, draws["hue"])
+    return x
+
+
+def jitter_bands_and_normalize(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    normalization: "Normalization",
+    rgb_channels: Sequence[int] | None,
+    brightness: float = 0.0,
+    contrast: Sequence[float] | None = None,
+    hue: float = 0.0,
+    saturation: Sequence[float] | None = None,
+) -> tf.Tensor:
+    """``jitter_and_normalize`` for images of any bands and depth: the colour changes (the same
+    draws) apply to the three ``rgb_channels`` alone, scaled from [0, max_value] to [0, 255]
+    and back; the other bands are only normalised."""
+    x = tf.cast(image, tf.float32)
+    draws = colour_draws(seed, brightness, contrast, hue, saturation)
+    if draws and rgb_channels:
+        scale = 255.0 / normalization.max_value
+        bands = tf.unstack(x, num=len(normalization.mean), axis=-1)
+        rgb = _apply_colour(tf.stack([bands[c] for c in rgb_channels], -1) * scale, draws) / scale
+        for i, c in enumerate(rgb_channels):
+            bands[c] = rgb[..., i]
+        x = tf.stack(bands, -1)
     return normalization(x)
 
 
@@ -311,16 +343,19 @@ def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
 
 @dataclasses.dataclass(frozen=True)
 class Normalization:
-    """What turns an RGB image on the [0, 255] scale into a model's input.
+    """What turns an image into a model's input: an RGB image on the [0, 255] scale, or the
+    bands of any image on their stored scale.
 
     Attributes:
-      mean, std: per channel, on the [0, 255] scale, in the channel order the model sees.
+      mean, std: per channel, on the images' scale, in the channel order the model sees.
       bgr: reverse the channels (RGB -> BGR) first, as Caffe-trained weights expect.
+      max_value: the largest stored sample (255 for 8 bits, 65535 for 16).
     """
 
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     bgr: bool = False
+    max_value: float = 255.0
 
     def __call__(self, image: tf.Tensor) -> tf.Tensor:
         if self.bgr:
@@ -328,10 +363,20 @@ class Normalization:
         return normalize(image, self.mean, self.std)
 
     def invert(self, image) -> np.ndarray:
-        """A normalised image back to uint8 RGB NumPy, for display."""
+        """A normalised image back to its stored pixels as NumPy: uint8 RGB, or the bands in
+        uint8 or uint16 (``max_value``)."""
         pixels = np.asarray(image, np.float32) * np.asarray(self.std, np.float32) + np.asarray(self.mean, np.float32)
-        pixels = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+        dtype = np.uint8 if self.max_value <= 255 else np.uint16
+        pixels = np.clip(np.round(pixels), 0, self.max_value).astype(dtype)
         return pixels[..., ::-1] if self.bgr else pixels
+
+    def display(self, image, channels=None) -> np.ndarray:
+        """A normalised image as uint8 RGB to look at (segtrain.images.display: bands stretched
+        by their mean and std)."""
+        pixels = self.invert(image)
+        if pixels.dtype == np.uint8 and pixels.shape[-1] == 3 and channels is None:
+            return pixels
+        return display(pixels, self.mean, self.std, channels)
 
     @property
     def fill(self) -> float:

@@ -9,6 +9,10 @@ sends plain RGB pixels or files and reads class scores at the input size:
     serving_bytes    image_bytes: string [B], encoded JPEG, PNG, GIF (first frame) or BMP;
                      every image of one batch must have the same size (send others apart)
 
+A model of other bands than 8-bit RGB (multispectral, 16-bit) takes ``images`` of its bands and
+sample type, [B, H, W, C] uint8 or uint16, and has no ``serving_bytes``; segtrain_export.json
+then names its ``channels`` and ``image_dtype``.
+
 Each returns ``logits`` float32 [B, H, W, C], ``labels`` int32 [B, H, W] (their argmax) and,
 when asked for, ``probabilities`` float32 [B, H, W, C] (their softmax). Outputs are float32 at
 every training precision. A multi-label (or binary) model's ``probabilities`` are each label's
@@ -94,6 +98,8 @@ def export_model(
     opset: int | None = None,
     finish: Callable[[str, Callable], None] | None = None,
     task: Task | None = None,
+    channels: int = 3,
+    image_dtype: str = "uint8",
 ) -> str:
     """Writes ``model`` as an export of ``format`` into the directory ``output``, atomically.
 
@@ -120,6 +126,8 @@ def export_model(
         writes lands with the export, or nothing does).
       task: what the logits mean (default: C classes): a multi-label task's labels and
         probabilities (segtrain.task).
+      channels, image_dtype: the images the model takes: 8-bit RGB, or bands as stored (no
+        ``serving_bytes`` signature then).
 
     Returns:
       The absolute path of the export directory.
@@ -129,7 +137,8 @@ def export_model(
     """
     path = check_output(output, overwrite)
     functions = serving_functions(logits_fn, normalization, probabilities, encoded=format == "saved_model",
-                                  task=task)
+                                  task=task, channels=channels, dtype=image_dtype)
+    rgb = (channels, image_dtype) == (3, "uint8")
     multilabel = bool(task and task.multilabel)
     names = output_names(probabilities)
     fixed = format == "tflite"
@@ -137,7 +146,7 @@ def export_model(
     info = {
         "format": format,
         "signatures": {
-            IMAGES_SIGNATURE: {"inputs": {"images": {"dtype": "uint8", "shape": [*spatial, 3]}}},
+            IMAGES_SIGNATURE: {"inputs": {"images": {"dtype": image_dtype, "shape": [*spatial, channels]}}},
         },
         "outputs": {
             "logits": {"dtype": "float32", "shape": [*spatial, num_classes]},
@@ -148,13 +157,15 @@ def export_model(
         "output_names": names,
         "num_classes": int(num_classes),
         **({"multilabel": True, "threshold": float(task.threshold)} if multilabel else {}),
+        **({} if rgb else {"channels": int(channels), "image_dtype": image_dtype}),
         "size_divisor": int(size_divisor),
         "normalization": describe_normalization(normalization),
         **(metadata or {}),
     }
     if format == "saved_model":
-        info["signatures"][BYTES_SIGNATURE] = {"inputs": {"image_bytes": {
-            "dtype": "string", "shape": [None], "note": "JPEG/PNG/GIF/BMP; one size per request"}}}
+        if rgb:
+            info["signatures"][BYTES_SIGNATURE] = {"inputs": {"image_bytes": {
+                "dtype": "string", "shape": [None], "note": "JPEG/PNG/GIF/BMP; one size per request"}}}
     elif format == "tflite":
         from segtrain.export import frozen, tflite
 

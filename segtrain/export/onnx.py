@@ -15,7 +15,6 @@ from typing import Callable, Iterable
 import tensorflow as tf
 
 from segtrain.errors import SegtrainError
-from segtrain.export.serving import IMAGES_INPUT
 
 MODEL_FILE = "model.onnx"
 DEFAULT_OPSET = 17
@@ -36,10 +35,11 @@ def convert(serve: Callable, opset: int = DEFAULT_OPSET, layers: Iterable[str] =
 
     _register_handlers(tf2onnx)
 
-    function = tf.function(lambda images: serve(images), input_signature=[IMAGES_INPUT], autograph=False)
+    spec = serve.input_signature[0]  # IMAGES_INPUT, or the bands the model takes
+    function = tf.function(lambda images: serve(images), input_signature=[spec], autograph=False)
     with _tf2onnx_log() as records:
         try:
-            proto, _ = tf2onnx.convert.from_function(function, input_signature=[IMAGES_INPUT], opset=opset)
+            proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec], opset=opset)
         except Exception as e:  # tf2onnx raises what its handlers raise
             raise SegtrainError(f"--format=onnx: tf2onnx could not convert the model (opset {opset}): "
                                 f"{str(e).strip().splitlines()[0][:400]}") from None

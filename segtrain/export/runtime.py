@@ -71,6 +71,8 @@ class Exported:
         self.image_size = tuple(int(v) for v in size) if size else None
         self.num_classes = int(metadata["num_classes"])
         self.multilabel = bool(metadata.get("multilabel", False))
+        self.channels = int(metadata.get("channels", 3))
+        self.image_dtype = str(metadata.get("image_dtype", "uint8"))
         self._run = None
 
     @property
@@ -91,8 +93,9 @@ class Exported:
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """The export's outputs for uint8 ``images`` [B, H, W, 3], at their size."""
         images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"an export takes uint8 [B, H, W, 3] images, not {images.dtype} {list(images.shape)}")
+        if images.dtype != np.dtype(self.image_dtype) or images.ndim != 4 or images.shape[-1] != self.channels:
+            raise ValueError(f"this export takes {self.image_dtype} [B, H, W, {self.channels}] images, not "
+                             f"{images.dtype} {list(images.shape)}")
         if self._run is None:
             self._run = _LOADERS[self.format](self)
         height, width = images.shape[1:3]
@@ -125,11 +128,11 @@ def load(path: str) -> Exported:
 
 
 def resize_images(images: np.ndarray, size) -> np.ndarray:
-    """uint8 images resized (bilinear) to ``size``, rounded back to uint8."""
+    """uint8 (or uint16) images resized (bilinear) to ``size``, rounded back to their type."""
     import tensorflow as tf
 
     resized = tf.image.resize(tf.cast(images, tf.float32), size, method="bilinear")
-    return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
+    return np.clip(np.round(resized.numpy()), 0, np.iinfo(images.dtype).max).astype(images.dtype)
 
 
 def _resized_back(outputs: dict, size, task) -> dict:

@@ -13,6 +13,11 @@ METADATA_FILE = "segtrain_export.json"
 IMAGES_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serving_bytes"
 IMAGES_INPUT = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
+
+
+def images_input(channels: int = 3, dtype: str = "uint8", size=(None, None)) -> tf.TensorSpec:
+    """The ``images`` input of a model of ``channels`` bands of ``dtype`` (IMAGES_INPUT for RGB)."""
+    return tf.TensorSpec([None, size[0], size[1], channels], tf.dtypes.as_dtype(dtype), name="images")
 BYTES_INPUT = tf.TensorSpec([None], tf.string, name="image_bytes")
 
 
@@ -27,6 +32,8 @@ def serving_functions(
     probabilities: bool = False,
     encoded: bool = True,
     task: Task | None = None,
+    channels: int = 3,
+    dtype: str = "uint8",
 ) -> dict[str, tf.types.experimental.GenericFunction]:
     """The serving signatures' functions, traced, by signature name.
 
@@ -38,7 +45,10 @@ def serving_functions(
       encoded: also the ``serving_bytes`` function (encoded images in; the SavedModel's only).
       task: what the logits mean (default: classes): a multi-label task's ``labels`` are the
         labels over its threshold packed as bits, its ``probabilities`` their sigmoids.
+      channels, dtype: the images' bands and sample type (a model of other bands than 8-bit
+        RGB takes them as stored, and has no ``serving_bytes``: encoded files are RGB).
     """
+    rgb = (channels, dtype) == (3, "uint8")
     task = task or Task(1)
 
     def outputs(images: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -52,7 +62,7 @@ def serving_functions(
 
     # Inference and the decoder use explicit TF control flow, so autograph (slow to convert)
     # is off, as in Keras's own export.
-    @tf.function(input_signature=[IMAGES_INPUT], autograph=False)
+    @tf.function(input_signature=[images_input(channels, dtype)], autograph=False)
     def serve_images(images):
         return outputs(images)
 
@@ -61,7 +71,7 @@ def serving_functions(
         # The images function does the rest, so both signatures run the very same computation.
         return serve_images(decode_batch(image_bytes))
 
-    functions = {IMAGES_SIGNATURE: serve_images, **({BYTES_SIGNATURE: serve_bytes} if encoded else {})}
+    functions = {IMAGES_SIGNATURE: serve_images, **({BYTES_SIGNATURE: serve_bytes} if encoded and rgb else {})}
     for fn in functions.values():
         fn.get_concrete_function()  # trace now: errors surface here, before anything is written
     return functions

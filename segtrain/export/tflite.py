@@ -49,7 +49,8 @@ def convert(serve: Callable, image_size: Sequence[int], quantize: str | None = N
         raise SegtrainError(f"--quantize={quantize}: choose one of {', '.join(QUANTIZATIONS)} (or leave it out for "
                             f"float32).")
     height, width = (int(v) for v in image_size)
-    spec = tf.TensorSpec([None, height, width, 3], tf.uint8, name="images")
+    given = serve.input_signature[0]  # the bands and sample type the model takes
+    spec = tf.TensorSpec([None, height, width, given.shape[-1]], given.dtype, name="images")
     # The frozen function's outputs are a dict, so the flat buffer's signature keeps their names.
     module = frozen_module(serve, spec)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
@@ -60,7 +61,7 @@ def convert(serve: Callable, image_size: Sequence[int], quantize: str | None = N
     elif quantize == "int8":
         if calibration is None:
             raise SegtrainError("--quantize=int8 needs calibration images (--calibration_images).")
-        converter.representative_dataset = lambda: ({"images": np.asarray(image, np.uint8)[np.newaxis]}
+        converter.representative_dataset = lambda: ({"images": np.asarray(image, given.dtype.as_numpy_dtype)[None]}
                                                     for image in calibration())
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     try:

@@ -101,3 +101,72 @@ def synchronize_batch_norm(model: keras.Model, synchronized: bool = True) -> int
     for layer in layers:
         layer.synchronized = synchronized
     return len(layers)
+
+
+def with_input_channels(model: keras.Model, channels: int, rgb_channels=None) -> keras.Model:
+    """``model`` rebuilt to take images of ``channels`` channels, with its weights.
+
+    Every weight is copied; the convolutions that read the input channels (a pretrained
+    backbone's first convolution) are extended, a documented choice: with ``rgb_channels``
+    (the input channels that hold red, green and blue) or three channels or more, the RGB
+    kernels go to the RGB channels (the first three by default) and every other channel gets
+    their mean; with one or two channels, each gets the sum of the RGB kernels over the channel
+    count (a grey image then gives the response its grey RGB copy gave). A model of 3 channels
+    with no RGB mapping to make is returned as it is.
+
+    Raises:
+      SegtrainError: the model is not a functional Keras model, or a layer other than a
+        convolution depends on the number of input channels.
+    """
+    import numpy as np
+
+    from segtrain.errors import SegtrainError
+
+    old = model.input_shape[-1] if isinstance(model.input_shape, tuple) else None
+    if old == channels and rgb_channels in (None, (0, 1, 2), [0, 1, 2]):
+        return model
+    if old != 3:
+        raise SegtrainError(f"model {model.name} takes {old} input channels; segtrain extends 3-channel (RGB) models "
+                            f"to {channels} channels.")
+    def rebuilt(bands: int) -> keras.Model:
+        def rebuild(network: keras.Model) -> keras.Model:
+            def clone(layer):
+                # A nested model that takes 3 channels (a backbone) takes the image: rebuilt too.
+                if isinstance(layer, keras.Model) and getattr(layer, "input_shape", (None,))[-1] == 3:
+                    return rebuild(layer)
+                return layer.__class__.from_config(layer.get_config())
+
+            return keras.models.clone_model(network, input_tensors=keras.Input((*network.input_shape[1:-1], bands)),
+                                            clone_function=clone)
+
+        try:
+            return rebuild(model)
+        except Exception as e:  # a subclassed model, or a layer that cannot be rebuilt
+            raise SegtrainError(f"model {model.name} cannot be rebuilt for {bands}-channel images ({e}); a plugin "
+                                f"model must take them itself.") from None
+
+    # The weights that read the input channels are those whose shape follows them (a 3-channel
+    # rebuild, for a new RGB order, is told them by a 4-channel one).
+    new = rebuilt(channels if channels != 3 else 4)
+    reads_input = {i for i, (a, b) in enumerate(zip(model.weights, new.weights)) if tuple(a.shape) != tuple(b.shape)}
+    if channels == 3:
+        new = rebuilt(3)
+    rgb = list(rgb_channels) if rgb_channels is not None else ([0, 1, 2] if channels >= 3 else None)
+    for i, (source, target) in enumerate(zip(model.weights, new.weights)):
+        value = source.numpy()
+        if i in reads_input:
+            if value.ndim != 4 or value.shape[2] != 3:
+                raise SegtrainError(f"model {model.name}: weight {source.path} {list(source.shape)} depends on the "
+                                    f"number of input channels and is not a convolution kernel over them: the model "
+                                    f"cannot be extended to {channels} channels.")
+            if rgb is None:
+                value = np.repeat(value.sum(axis=2, keepdims=True) / channels, channels, axis=2)
+            else:
+                extended = np.repeat(value.mean(axis=2, keepdims=True), channels, axis=2)
+                extended[:, :, rgb, :] = value
+                value = extended
+        target.assign(value)
+    for key in _FACTS:  # the facts travel in the config; kept here whatever the clone did
+        if hasattr(model, key):
+            setattr(new, key, getattr(model, key))
+    return new

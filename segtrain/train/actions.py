@@ -239,7 +239,7 @@ class ImagePanels(Action):
             if "image_size" in batch and image.shape[:2] != label.shape:  # pipeline.eval_size resized it
                 h, w = batch["image_size"][0].numpy()
                 image = tf.image.resize(image[:h, :w], label.shape, method="bilinear")
-            panels.append(summaries.panel(self.normalization.invert(image), label, prediction, self.info))
+            panels.append(summaries.panel(self.normalization.display(image), label, prediction, self.info))
         summaries.write_images(self.writer, "examples", panels, window.step)
 
 

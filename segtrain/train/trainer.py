@@ -412,7 +412,7 @@ class Trainer:
 
         Checked before tracing, where an error would be buried in framework context.
         """
-        logits = self.model(tf.zeros([1, *size, 3]), training=False)
+        logits = self.model(tf.zeros([1, *size, self.experiment.info.channels]), training=False)
         cfg, num_classes = self.config, self.experiment.info.num_classes
         if logits.shape.rank != 4 or logits.shape[-1] != num_classes:
             raise SegtrainError(

@@ -192,6 +192,24 @@ def folder_multilabel(root, stems, layout, labels=("a", "b", "c"), size=(18, 22)
     return expected
 
 
+def folder_bands(root, stems, channels=4, size=(18, 22), seed=0, num_classes=3):
+    """images/<stem>.tif of ``channels`` uint16 bands with masks/<stem>.png class ids; returns
+    {stem: pixels}."""
+    import tifffile
+
+    rng = _rng(seed)
+    pixels = {}
+    for n, stem in enumerate(stems):
+        h, w = size[0] + n % 3, size[1]
+        x = rng.integers(0, 50000, (h, w, channels)).astype(np.uint16)
+        os.makedirs(os.path.join(root, "images"), exist_ok=True)
+        tifffile.imwrite(os.path.join(root, "images", stem + ".tif"), x, photometric="minisblack",
+                         planarconfig="contig")
+        _label_png(os.path.join(root, "masks", stem + ".png"), blocks(h, w, list(range(num_classes)), seed + n))
+        pixels[stem] = x
+    return pixels
+
+
 def _label_png(path, values):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(values, mode="L").save(path)

@@ -313,8 +313,10 @@ def test_colour_on_device_without_jitter_has_no_draws():
     ({"crop_size": (0, 32)}, "pipeline.crop_size must be None or (height, width), two integers >= 1, got (0, 32)."),
     ({"eval_size": (32,)}, "pipeline.eval_size must be None or (height, width)"),
     ({"min_scale": 1.5, "max_scale": 1.0}, "pipeline.max_scale must be a number >= pipeline.min_scale (1.5), got 1.0."),
-    ({"std": (58.0, 0.0, 57.0)}, "pipeline.std must be None or three numbers (R, G, B on the 0-255 scale), each > 0"),
-    ({"mean": (1.0, 2.0)}, "pipeline.mean must be None or three numbers"),
+    ({"std": (58.0, 0.0, 57.0)}, "pipeline.std must be None or one number per channel (R, G, B on the 0-255 scale), "
+                                 "each > 0"),
+    ({"mean": ()}, "pipeline.mean must be None or one number per channel"),
+    ({"rgb_channels": (0, 1, 1)}, "pipeline.rgb_channels must be None or three different band indices"),
     ({"contrast": (1.2, 0.8)}, "pipeline.contrast must be None or a (lower, upper) factor range"),
     ({"hue": 0.7}, "pipeline.hue must be a number in [0, 0.5], got 0.7."),
     ({"shuffle_buffer": 0}, "pipeline.shuffle_buffer must be an integer >= 1, got 0."),
