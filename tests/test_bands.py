@@ -130,6 +130,7 @@ def test_colour_jitter_changes_the_rgb_bands_alone_on_their_scale():
     assert not np.allclose(got[..., 3], norm(x).numpy()[..., 3])
 
 
+@pytest.mark.slow  # trains, or builds models several times: the full tier
 def test_the_first_convolution_is_extended_to_the_bands():
     from registry import MODELS
 
@@ -186,6 +187,7 @@ def bands_run(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_a_bands_run_predicts_exports_and_explains(bands_run):
     run, image = str(bands_run / "run"), str(bands_run / "raw" / "images" / f"{STEMS[0]}.tif")
     assert json.load(open(os.path.join(run, "eval_results_train.json")))["step"] == 6

@@ -234,6 +234,7 @@ def multilabel_run(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # trains, or builds models several times: the full tier
 def test_a_multilabel_run_trains_and_evaluates_per_label(multilabel_run):
     run = str(multilabel_run / "run")
     in_run = json.load(open(os.path.join(run, "eval_results_validation.json")))
@@ -249,6 +250,7 @@ def test_a_multilabel_run_trains_and_evaluates_per_label(multilabel_run):
     assert os.path.exists(os.path.join(run, "confusion_matrix.png"))
 
 
+@pytest.mark.slow
 def test_predict_writes_label_bits_one_mask_per_label_and_sigmoids(multilabel_run):
     run, out = str(multilabel_run / "run"), str(multilabel_run / "predicted")
     result = segtrain_main("predict", f"--model_dir={run}", f"--input={multilabel_run / 'images'}",
@@ -267,6 +269,7 @@ def test_predict_writes_label_bits_one_mask_per_label_and_sigmoids(multilabel_ru
     assert refused.returncode != 0 and "this model is multi-label" in refused.stderr
 
 
+@pytest.mark.slow
 def test_export_serves_label_bits_as_the_checkpoint_predicts_them(multilabel_run):
     run, export = str(multilabel_run / "run"), str(multilabel_run / "export")
     result = segtrain_main("export", f"--model_dir={run}", f"--output={export}", "--probabilities")
@@ -285,6 +288,7 @@ def test_export_serves_label_bits_as_the_checkpoint_predicts_them(multilabel_run
     np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(out, "shape_0.png"))), outputs["labels"][0])
 
 
+@pytest.mark.slow
 def test_explain_targets_the_pixels_that_carry_the_label(multilabel_run):
     run, out = str(multilabel_run / "run"), str(multilabel_run / "explained")
     result = segtrain_main("explain", f"--model_dir={run}", f"--input={multilabel_run / 'images' / 'shape_0.png'}",
@@ -293,6 +297,7 @@ def test_explain_targets_the_pixels_that_carry_the_label(multilabel_run):
     assert os.path.exists(os.path.join(out, "shape_0_rectangle_gradcam.png"))
 
 
+@pytest.mark.slow
 def test_a_binary_folder_with_a_rare_foreground_evaluates_to_finite_metrics_before_training(tmp_path):
     """Binary masks of 0 and 255 (labels='channels', one label), foreground on ~1% of the pixels:
     the untrained model's first evaluation gives numbers, not NaN, and its foreground IoU."""

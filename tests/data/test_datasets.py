@@ -475,3 +475,20 @@ def test_images_beyond_8_bits_or_3_bands_are_refused_by_name_not_converted(tmp_p
         ds, info = _plugin("folder")("train", source_dir=str(alone), num_classes=3, splits=("train",), split_ratios=(1,))
         with pytest.raises(Exception, match=rf"deep.{ext}:? (is )?{re.escape(what)}"):
             read_all(ds, info)
+
+
+def test_bad_masks_are_named_a_16_bit_one_and_one_with_more_channels_than_labels(tmp_path):
+    """A class mask of 16 bits whose values do not fit in 8, and a multi-label mask with more
+    channels than labels: each refused by prepare with its file named."""
+    raw = tmp_path / "raw"
+    F.folder(str(raw), STEMS[:4], num_classes=3)
+    h = np.asarray(Image.open(raw / "masks" / f"{STEMS[1]}.png")).shape[0]
+    Image.fromarray(np.full((h, 22), 300, np.uint16)).save(raw / "masks" / f"{STEMS[1]}.png")
+    with pytest.raises(SegtrainError, match=rf"{STEMS[1]}.png: label values up to 300 do not fit in 8 bits"):
+        _prepare(folder.Folder(num_classes=3, splits=("train",), split_ratios=(1,)), raw, tmp_path / "out")
+    multi = tmp_path / "multi"
+    F.folder_multilabel(str(multi), STEMS[:4], "channels")  # RGB masks: 3 channels
+    with pytest.raises(SegtrainError, match=rf"{STEMS[0]}.png: the mask has 3 channel\(s\) for 2 label\(s\) "
+                                            r"\(datasets.folder.labels='channels': one channel per label\)"):
+        _prepare(folder.Folder(class_names=("a", "b"), labels="channels", splits=("train",), split_ratios=(1,)),
+                 multi, tmp_path / "out2")
