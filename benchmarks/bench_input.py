@@ -338,7 +338,7 @@ def service_round(args, workers: int, warmup: int, batches: int) -> dict:
     # one reader sees every example of the split fails with 2 workers: read without it.
     prepare.tfds.ReadConfig = functools.partial(tfds.ReadConfig, assert_cardinality=False)
     dispatcher, port = service.start_dispatcher()
-    servers = [service.start_worker(f"localhost:{port}")[0] for _ in range(workers)]
+    servers = [service.start_worker(f"localhost:{port}")[0] for _ in range(workers)]  # noqa: F841 (kept alive)
     ds, info = DATASETS.original("voc2012")("train", data_dir=os.path.join(args.workdir, "prepared"))
     ds = build_pipeline(ds, info, "train", True, args.batch, 1, args.seed, resize=RESIZE, crop_size=CROP, flip=True,
                         hue=HUE, brightness=BRIGHTNESS, contrast=CONTRAST,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -155,7 +156,6 @@ def assert_user_error(result, *fragments: str) -> str:
 def wait_for_line(lines: list, pattern: str, timeout: float, alive=None) -> "re.Match":
     """The first of ``lines`` (a list another thread appends a process's output to) that
     matches ``pattern``, waiting up to ``timeout`` s; ``alive()`` False ends the wait early."""
-    import re
     import time
 
     end = time.monotonic() + timeout
