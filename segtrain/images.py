@@ -73,10 +73,15 @@ def read_rgb(path: str) -> np.ndarray:
     raise SegtrainError(f"{path}: {deep}; {EIGHT_BITS}")
 
 
+def is_rgb(channels: int, dtype: str) -> bool:
+    """Images of ``channels`` bands of ``dtype`` are 8-bit RGB photographs (else: bands read as stored)."""
+    return (channels, dtype) == (3, "uint8")
+
+
 def read_image(path: str, channels: int = 3, dtype: str = "uint8") -> np.ndarray:
     """An input image as a model of ``channels`` bands of ``dtype`` takes it: 8-bit RGB through
     ``read_rgb`` (grey and RGBA converted), any other layout through ``read_bands`` (as stored)."""
-    if (channels, dtype) == (3, "uint8"):
+    if is_rgb(channels, dtype):
         return read_rgb(path)
     return read_bands(path, channels, 16 if dtype == "uint16" else 8)
 
@@ -101,13 +106,7 @@ def read_bands(path: str, channels: int, bit_depth: int = 8) -> np.ndarray:
     extension = os.path.splitext(path)[1].lower()
     try:
         if extension in (".tif", ".tiff"):
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                page = tif.pages[0]
-                pixels = page.asarray()
-                if pixels.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
-                    pixels = np.moveaxis(pixels, 0, -1)
+            pixels = read_tiff_page(path)
         elif extension == ".png":
             with open(path, "rb") as f:
                 data = f.read()
@@ -136,6 +135,19 @@ def read_bands(path: str, channels: int, bit_depth: int = 8) -> np.ndarray:
         raise SegtrainError(f"{path}: an image of {bands} band(s) of {pixels.dtype}, but the dataset's images have "
                             f"{channels} band(s) of {np.dtype(dtype).name} ({bit_depth} bits).")
     return np.ascontiguousarray(pixels)
+
+
+def read_tiff_page(path: str) -> np.ndarray:
+    """The first page of a TIFF as stored, [H, W] or [H, W, bands] (planar bands moved last),
+    through tifffile; ImportError without it, tifffile's own errors for a bad file."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        pixels = page.asarray()
+        if pixels.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
+            pixels = np.moveaxis(pixels, 0, -1)
+    return pixels
 
 
 EIGHT_BITS = ("segtrain reads images of 8-bit grey, RGB or RGBA pixels as RGB photographs: for images of "

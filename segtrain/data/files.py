@@ -134,7 +134,7 @@ def load_raw(source: Source, split: str, source_dir: str) -> tuple[tf.data.Datas
         num_examples={split: len(examples)},
         name=source.name,
         multilabel=source.multilabel,
-        **({"channels": source.channels, "image_dtype": f"uint{source.bit_depth}"} if source.bands else {}),
+        **({"channels": source.channels, "image_dtype": source.image_dtype} if source.bands else {}),
         decode=functools.partial(decode_raw, source, tf_decodes=all(
             os.path.splitext(e.image)[1].lower() in TF_IMAGE_EXTENSIONS for e in examples)),
     )
@@ -169,9 +169,8 @@ def decode_raw(source: Source, example: dict, tf_decodes: bool = True) -> dict:
                 raise ValueError(f"{DATA_ERROR_MARKER}{label_path}: {e}") from None
             return image, label
 
-        dtype = tf.uint16 if source.bit_depth == 16 else tf.uint8
-        image, label = tf.numpy_function(read_both, [example["image"], example["label"]], [dtype, tf.uint8],
-                                         stateful=False)
+        image, label = tf.numpy_function(read_both, [example["image"], example["label"]],
+                                         [tf.dtypes.as_dtype(source.image_dtype), tf.uint8], stateful=False)
         return {"image": tf.ensure_shape(image, [None, None, source.channels]),
                 "label": tf.ensure_shape(label, [None, None]), "key": example["key"]}
 

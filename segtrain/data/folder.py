@@ -145,8 +145,7 @@ class Folder(Source):
         from it (``raw_label``)."""
         found: dict[str, str] = {}
         problems = []
-        missing = [n for n in self.class_names if not os.path.isdir(os.path.join(mask_root, n))]
-        if len(missing) == len(self.class_names):
+        if not any(os.path.isdir(os.path.join(mask_root, n)) for n in self.class_names):
             raise SegtrainError(f"datasets.folder.labels='masks': no label folder in {mask_root}: expected one folder "
                                 f"per label named as datasets.folder.class_names ({', '.join(self.class_names)}), "
                                 f"each holding <stem>.png binary masks.")

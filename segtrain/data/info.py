@@ -7,6 +7,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from segtrain.images import is_rgb
 from segtrain.task import Task, check_multilabel, label_palette
 
 
@@ -97,7 +98,7 @@ class DatasetInfo:
     @property
     def rgb(self) -> bool:
         """8-bit RGB images, as photographs are (else: bands, see ``channels``)."""
-        return self.channels == 3 and self.image_dtype == "uint8"
+        return is_rgb(self.channels, self.image_dtype)
 
     @property
     def max_value(self) -> int:

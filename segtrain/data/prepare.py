@@ -231,14 +231,14 @@ def _band_metadata(source: Source, band_sums: dict[str, np.ndarray]) -> dict:
     """The metadata of a bands dataset: its layout, and each split's mean and std per band."""
     mean = {k: (v[1] / np.maximum(v[0], 1)) for k, v in band_sums.items()}
     std = {k: np.sqrt(np.maximum(v[2] / np.maximum(v[0], 1) - mean[k] ** 2, 0.0)) for k, v in band_sums.items()}
-    return {"channels": int(source.channels), "image_dtype": f"uint{source.bit_depth}",
+    return {"channels": int(source.channels), "image_dtype": source.image_dtype,
             "channel_mean": {k: v.tolist() for k, v in mean.items()},
             "channel_std": {k: v.tolist() for k, v in std.items()}}
 
 
 def bands_layout(source: Source) -> tuple[int, str] | None:
     """``builder_class``'s ``bands`` of a source: how its prepared images are stored."""
-    return (int(source.channels), f"uint{source.bit_depth}") if source.bands else None
+    return (int(source.channels), source.image_dtype) if source.bands else None
 
 
 def prepared_dir(data_dir: str, source: Source) -> str:

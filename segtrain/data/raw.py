@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from segtrain.errors import SegtrainError
-from segtrain.images import EIGHT_BITS, deep_samples, read_bands, tiff_layout
+from segtrain.images import EIGHT_BITS, deep_samples, is_rgb, read_bands, read_tiff_page, tiff_layout
 
 # Bytes of these formats are stored as they are; other formats are re-encoded as PNG.
 _KEPT_FORMATS = {"JPEG": ("RGB", "L"), "PNG": ("RGB", "L", "P", "RGBA", "LA")}
@@ -101,9 +101,14 @@ class Source:
         return len(self.class_names)
 
     @property
+    def image_dtype(self) -> str:
+        """'uint8' or 'uint16': the sample type of ``bit_depth``."""
+        return f"uint{self.bit_depth}"
+
+    @property
     def bands(self) -> bool:
         """The images are read as stored bands (not 8-bit RGB)."""
-        return self.channels is not None and (self.channels, self.bit_depth) != (3, 8)
+        return self.channels is not None and not is_rgb(self.channels, self.image_dtype)
 
     def read_image(self, path: str) -> np.ndarray:
         """A bands image's pixels, [H, W, channels] uint8 or uint16; BadExample if it does not fit."""
@@ -275,20 +280,13 @@ def read_mask_channels(path: str) -> np.ndarray:
     values = None
     if os.path.splitext(path)[1].lower() in (".tif", ".tiff"):
         try:
-            import tifffile
+            values = read_tiff_page(path)
         except ImportError:
-            tifffile = None
-        if tifffile is not None:
-            try:
-                with tifffile.TiffFile(path) as tiff:
-                    page = tiff.pages[0]
-                    values = page.asarray()
-                    if values.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
-                        values = np.moveaxis(values, 0, -1)
-            except FileNotFoundError:
-                raise BadExample("label file is missing") from None
-            except Exception as e:
-                raise BadExample(f"corrupt or truncated label file ({e})") from None
+            pass  # Pillow reads it below
+        except FileNotFoundError:
+            raise BadExample("label file is missing") from None
+        except Exception as e:
+            raise BadExample(f"corrupt or truncated label file ({e})") from None
     if values is None:
         with _open(path, "label") as image:
             values = np.asarray(image.convert("L") if image.mode == "1" else image)

@@ -373,10 +373,7 @@ class Normalization:
     def display(self, image, channels=None) -> np.ndarray:
         """A normalised image as uint8 RGB to look at (segtrain.images.display: bands stretched
         by their mean and std)."""
-        pixels = self.invert(image)
-        if pixels.dtype == np.uint8 and pixels.shape[-1] == 3 and channels is None:
-            return pixels
-        return display(pixels, self.mean, self.std, channels)
+        return display(self.invert(image), self.mean, self.std, channels)
 
     @property
     def fill(self) -> float:

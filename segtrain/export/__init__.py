@@ -53,6 +53,7 @@ from segtrain.export.serving import (  # noqa: F401
     output_names,
     serving_functions,
 )
+from segtrain.images import is_rgb
 from segtrain.io import WriteError, os_reason, write_json
 from segtrain.task import Task
 
@@ -138,7 +139,7 @@ def export_model(
     path = check_output(output, overwrite)
     functions = serving_functions(logits_fn, normalization, probabilities, encoded=format == "saved_model",
                                   task=task, channels=channels, dtype=image_dtype)
-    rgb = (channels, image_dtype) == (3, "uint8")
+    rgb = is_rgb(channels, image_dtype)
     multilabel = bool(task and task.multilabel)
     names = output_names(probabilities)
     fixed = format == "tflite"

@@ -7,17 +7,20 @@ from typing import Callable
 
 import tensorflow as tf
 
+from segtrain.images import is_rgb
 from segtrain.task import Task
 
 METADATA_FILE = "segtrain_export.json"
 IMAGES_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "serving_bytes"
-IMAGES_INPUT = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
 
 
-def images_input(channels: int = 3, dtype: str = "uint8", size=(None, None)) -> tf.TensorSpec:
+def images_input(channels: int = 3, dtype: str = "uint8") -> tf.TensorSpec:
     """The ``images`` input of a model of ``channels`` bands of ``dtype`` (IMAGES_INPUT for RGB)."""
-    return tf.TensorSpec([None, size[0], size[1], channels], tf.dtypes.as_dtype(dtype), name="images")
+    return tf.TensorSpec([None, None, None, channels], tf.dtypes.as_dtype(dtype), name="images")
+
+
+IMAGES_INPUT = images_input()
 BYTES_INPUT = tf.TensorSpec([None], tf.string, name="image_bytes")
 
 
@@ -48,7 +51,7 @@ def serving_functions(
       channels, dtype: the images' bands and sample type (a model of other bands than 8-bit
         RGB takes them as stored, and has no ``serving_bytes``: encoded files are RGB).
     """
-    rgb = (channels, dtype) == (3, "uint8")
+    rgb = is_rgb(channels, dtype)
     task = task or Task(1)
 
     def outputs(images: tf.Tensor) -> dict[str, tf.Tensor]:
