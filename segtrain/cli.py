@@ -20,6 +20,8 @@
     segtrain list [--models|--backbones [--details]]
     segtrain weights list | fetch NAME [NAME ...]   # ImageNet weights of the backbones, in the Keras cache
     segtrain doctor [the flags of `segtrain train`]     # a pre-flight check, started the way the job starts
+    segtrain tune --gin_file=gin/quickstart.gin --space=tune.yaml --model_dir=D [--num_trials=20] [--parallel=N]
+        [--pruner=median|hyperband|none] [--seed=0]     # a search over gin bindings, each trial a run
 
 A flag belongs to the commands that use it: given to another command it is an error that says
 which commands take it. ``segtrain <command> --help`` lists a command's flags.
@@ -51,6 +53,7 @@ from absl import flags  # noqa: E402
 COMMANDS = {
     "train": "train the experiment of gin files and bindings into a run directory",
     "doctor": "check a job before it runs: start it as the job starts, with the flags of train",
+    "tune": "search gin bindings with Optuna: each trial a run under one directory, the best as a gin file",
     "evaluate": "evaluate a trained run on a split (its best or latest checkpoint)",
     "predict": "segment your own images with a trained run: class, colour and overlay PNGs",
     "export": "write a trained run as a TF SavedModel for serving (uint8 images or encoded bytes in)",
@@ -66,7 +69,7 @@ USAGE = (f"usage: segtrain {{{'|'.join(COMMANDS)}}} [flags]\n"
 
 
 # Each command's module: its flags (define_flags) and what it does with them (main).
-MODULES = {"train": "train", "doctor": "doctor", "evaluate": "evaluate", "predict": "predict", "export": "export",
+MODULES = {"train": "train", "doctor": "doctor", "tune": "tune", "evaluate": "evaluate", "predict": "predict", "export": "export",
            "explain": "explain", "prepare": "prepare", "data-service": "data_service", "list": "listing",
            "weights": "weights"}
 

@@ -43,7 +43,8 @@ configured_pipeline = gin.external_configurable(PipelineConfig, name="pipeline")
 
 @gin.configurable("inference")
 def inference_options(mode: str = "whole", crop_size: Sequence[int] | None = None, stride: Sequence[int] | None = None,
-                      scales: Sequence[float] = (1.0,), flip: bool = False, threshold: float = 0.5) -> InferenceOptions:
+                      scales: Sequence[float] = (1.0,), flip: bool = False, threshold: float = 0.5,
+                      temperature: float = 1.0) -> InferenceOptions:
     """How evaluation and every command that uses a trained model run it (gin scope ``inference``).
 
     Args:
@@ -54,9 +55,12 @@ def inference_options(mode: str = "whole", crop_size: Sequence[int] | None = Non
       flip: also infer on the left-right flipped image.
       threshold: multi-label (and binary) datasets: a label is predicted where its probability
         exceeds this; in evaluation, predict and export alike.
+      temperature: probabilities are those of logits / temperature: temperature scaling, fitted by
+        `segtrain evaluate --calibrate` into the run's calibration.json and applied by
+        predict and export with --calibrated (segtrain.failures). Argmax predictions do not change.
     """
     return InferenceOptions(mode, crop_size, stride, tuple(scales) if not isinstance(scales, (int, float)) else
-                            (scales,), flip, threshold)
+                            (scales,), flip, threshold, temperature)
 
 
 @gin.configurable("train")
@@ -102,6 +106,9 @@ class ExperimentConfig:
         warns when its windows (steps_per_loop steps) take longer than that to end.
       drop_actions: names of actions the run leaves out (segtrain.train.trainer.Trainer.build_actions
         lists them; e.g. ('image_panels',)).
+      trackers: experiment trackers that log the run beside TensorBoard, on the chief:
+        'mlflow', 'wandb' (segtrain.train.trackers; their settings are trackers.mlflow.* and
+        trackers.wandb.*).
       profile_steps: (A, B): trace training steps A..B (1-based, inclusive) with the TensorFlow
         profiler into model_dir/train for TensorBoard's Profile tab (None: off); see
         segtrain.train.profiler.
@@ -138,6 +145,7 @@ class ExperimentConfig:
     preemption_grace: float = 30.0
     profile_steps: Sequence[int] | None = None
     drop_actions: Sequence[str] = ()
+    trackers: Sequence[str] = ()
 
     def __post_init__(self):
         def check(field, ok, what, kinds=(int,)):
@@ -169,6 +177,9 @@ class ExperimentConfig:
         if isinstance(self.drop_actions, str) or not all(isinstance(n, str) for n in self.drop_actions):
             raise SegtrainError(f"train.drop_actions must be a list of action names, e.g. ('image_panels',); got "
                                 f"{self.drop_actions!r}.")
+        if isinstance(self.trackers, str) or not all(t in ("mlflow", "wandb") for t in self.trackers):
+            raise SegtrainError(f"train.trackers must be a list of 'mlflow' and/or 'wandb', e.g. ('mlflow',); got "
+                                f"{self.trackers!r}.")
         if self.on_nan not in ("stop", "restore"):
             raise SegtrainError(f"train.on_nan={self.on_nan!r}: use 'stop' or 'restore'.")
         if self.on_damaged_checkpoint not in ("fallback", "stop"):
@@ -252,7 +263,8 @@ class Experiment:
     @functools.cached_property
     def task(self) -> Task:
         """What the labels and the model's outputs mean, at the configured ``inference.threshold``."""
-        return Task.of(self.info, inference_options().threshold)
+        options = inference_options()
+        return Task.of(self.info, options.threshold, options.temperature)
 
     @functools.cached_property
     def loss_fn(self):

@@ -45,6 +45,7 @@ class InferenceOptions:
       scales: test-time scales; the softmax of every scale (and flip) is averaged.
       flip: also infer on the left-right flipped image.
       threshold: multi-label models: a label is predicted where its probability exceeds this.
+      temperature: probabilities are those of logits / temperature (segtrain.failures).
     """
 
     mode: str = "whole"
@@ -53,6 +54,7 @@ class InferenceOptions:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     threshold: float = 0.5
+    temperature: float = 1.0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -73,7 +75,7 @@ class InferenceOptions:
         object.__setattr__(self, "scales", scales)
         if not isinstance(self.flip, bool):
             raise SegtrainError(f"--flip must be True or False, got {self.flip!r}.")
-        Task(1, threshold=self.threshold)  # checks it
+        Task(1, threshold=self.threshold, temperature=self.temperature)  # checks them
 
     @property
     def augmented(self) -> bool:
@@ -91,6 +93,8 @@ class InferenceOptions:
             text += " + flip"
         if self.threshold != 0.5:
             text += f", threshold {self.threshold:g}"
+        if self.temperature != 1.0:
+            text += f", temperature {self.temperature:.3g}"
         return text
 
 
@@ -145,7 +149,7 @@ class Inference:
         self.num_classes = num_classes
         self.options = options or InferenceOptions()
         task = task or Task(num_classes)
-        self.task = dataclasses.replace(task, threshold=self.options.threshold)
+        self.task = dataclasses.replace(task, threshold=self.options.threshold, temperature=self.options.temperature)
         self.size_divisor = max(int(size_divisor), 1)
         self.fill = fill
         if self.options.mode == "slide" and self.size_divisor > 1:

@@ -85,3 +85,39 @@ def write_confusion_matrix(path: str, cm: np.ndarray, class_names: Sequence[str]
         return False
     atomic_write_bytes(path, confusion_matrix_png(cm, class_names, title, normalize))
     return True
+
+
+def reliability_png(reliability: dict, ece: float, title: str = "", calibrated: dict | None = None) -> bytes:
+    """PNG bytes of a reliability diagram: each confidence bin's accuracy as a bar against the
+    diagonal of perfect calibration, the share of pixels per bin below (segtrain.failures
+    makes the bins). ``calibrated``: the bins after temperature scaling, drawn as a line."""
+    from matplotlib.figure import Figure
+
+    count = np.asarray(reliability["count"], np.float64)
+    accuracy = np.asarray([np.nan if v is None else v for v in reliability["accuracy"]], np.float64)
+    bins = count.size
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    fig = Figure(figsize=(5.0, 6.0))
+    top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    top.bar(centres, np.nan_to_num(accuracy), width=1.0 / bins, edgecolor="black", color="#4c72b0",
+            label=f"accuracy (ECE {ece:.4f})")
+    top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    if calibrated is not None:
+        after = np.asarray([np.nan if v is None else v for v in calibrated["accuracy"]], np.float64)
+        conf = np.asarray([np.nan if v is None else v for v in calibrated["confidence"]], np.float64)
+        top.plot(conf, after, "o-", color="#dd8452", label=f"after temperature scaling (ECE {calibrated['ece']:.4f})")
+    top.set_ylabel("accuracy")
+    top.set_ylim(0, 1)
+    top.legend(loc="upper left", fontsize=8)
+    if title:
+        top.set_title(title, fontsize=10, wrap=True)
+    share = count / max(count.sum(), 1.0)
+    bottom.bar(centres, share, width=1.0 / bins, edgecolor="black", color="#999999")
+    bottom.set_xlabel("confidence")
+    bottom.set_ylabel("share of pixels")
+    bottom.set_xlim(0, 1)
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=100)
+    return out.getvalue()

@@ -14,6 +14,10 @@ what is wrong with the rest). Every other module asks this one where a run's fil
     model_dir/eval_results_<split>.json      the last evaluation during training
     model_dir/eval_results.json              `segtrain evaluate` (the same layout)
     model_dir/confusion_matrix.png           `segtrain evaluate`'s picture
+    model_dir/failures/                      `segtrain evaluate`'s failure views: worst images, reliability
+    model_dir/evaluate/                      `segtrain evaluate`'s TensorBoard summaries
+    model_dir/calibration.json               `segtrain evaluate --calibrate`: the fitted temperature
+    model_dir/trackers.json                  train.trackers: the tracked runs' ids (MLflow, W&B)
     model_dir/explain/                       `segtrain explain`'s default output
 
 A checkpoint is *complete* when its index reads and every data shard exists. It *reads* when
@@ -42,6 +46,9 @@ LOCK_FILE = "segtrain.lock"
 TRAIN_LOGS, EVAL_LOGS = "train", "eval"
 HPARAMS_SUFFIX = ".hparams"  # events.out.tfevents.*.hparams in model_dir
 RESULTS = "eval_results.json"
+CALIBRATION = "calibration.json"  # `segtrain evaluate --calibrate`: the fitted temperature
+FAILURES_DIR = "failures"  # `segtrain evaluate`: the worst images' panels, the reliability diagram
+EVALUATE_LOGS = "evaluate"  # `segtrain evaluate`'s TensorBoard summaries
 CONFUSION_PICTURE = "confusion_matrix.png"
 EXPLAIN_DIR = "explain"
 

@@ -38,26 +38,33 @@ class Task:
       ignore_label: label value left out of losses and metrics.
       multilabel: sigmoid outputs, labels packed as bits (see the module's docstring).
       threshold: multi-label: a label is predicted where its probability exceeds this.
+      temperature: probabilities are those of logits / temperature (temperature scaling, fitted
+        by `segtrain evaluate --calibrate`); argmax predictions are the same at any temperature.
     """
 
     num_classes: int
     ignore_label: int = 255
     multilabel: bool = False
     threshold: float = 0.5
+    temperature: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) \
                 or not 0.0 < self.threshold < 1.0:
             raise SegtrainError(f"inference.threshold={self.threshold!r}: use a probability strictly between 0 and 1, "
                                 f"e.g. 0.5.")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not 0.0 < self.temperature < float("inf"):
+            raise SegtrainError(f"inference.temperature={self.temperature!r}: use a number above 0 (1: the model's own "
+                                f"probabilities).")
         if self.multilabel:
             check_multilabel(self.num_classes, self.ignore_label)
 
     @classmethod
-    def of(cls, info, threshold: float = 0.5) -> Task:
+    def of(cls, info, threshold: float = 0.5, temperature: float = 1.0) -> Task:
         """The task of a dataset's facts (a DatasetInfo, or anything with its attributes)."""
         return cls(int(info.num_classes), int(info.ignore_label), bool(getattr(info, "multilabel", False)),
-                   float(threshold))
+                   float(threshold), float(temperature))
 
     @property
     def counts_shape(self) -> tuple[int, ...]:
@@ -66,23 +73,25 @@ class Task:
         return (c, 2, 2) if self.multilabel else (c, c)
 
     def probabilities(self, logits) -> tf.Tensor:
-        """float32 [..., C] softmax of the classes, or [..., L] sigmoid of each label."""
+        """float32 [..., C] softmax of the classes, or [..., L] sigmoid of each label (of logits / temperature)."""
         logits = tf.cast(logits, tf.float32)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         return tf.sigmoid(logits) if self.multilabel else tf.nn.softmax(logits, axis=-1)
 
     def logits_of(self, probabilities) -> tf.Tensor:
         """Logits whose probabilities are ``probabilities`` (averaged test-time views): the log
-        for classes, the log-odds for labels; clipped, so a probability of 0 or 1 stays finite."""
+        for classes, the log-odds for labels, times the temperature; clipped, so a probability
+        of 0 or 1 stays finite."""
         p = tf.clip_by_value(tf.cast(probabilities, tf.float32), 1e-12, 1.0)
-        if not self.multilabel:
-            return tf.math.log(p)
-        return tf.math.log(p) - tf.math.log(tf.maximum(1.0 - p, 1e-12))
+        logits = tf.math.log(p) if not self.multilabel else tf.math.log(p) - tf.math.log(tf.maximum(1.0 - p, 1e-12))
+        return logits * self.temperature if self.temperature != 1.0 else logits
 
     def predict(self, logits) -> tf.Tensor:
         """int32 [...]: the argmax class, or the predicted labels packed into bits."""
         if not self.multilabel:
             return tf.argmax(logits, axis=-1, output_type=tf.int32)
-        return self.from_probabilities(tf.sigmoid(tf.cast(logits, tf.float32)))
+        return self.from_probabilities(self.probabilities(logits))
 
     def from_probabilities(self, probabilities) -> tf.Tensor:
         """int32 [...] predictions of probabilities (as ``predict`` makes them from logits)."""
@@ -94,7 +103,7 @@ class Task:
         """bool [...]: the pixels predicted as class ``index`` (multi-label: that carry label ``index``)."""
         if not self.multilabel:
             return tf.equal(self.predict(logits), index)
-        return tf.sigmoid(tf.cast(logits, tf.float32)[..., index]) > self.threshold
+        return self.probabilities(logits)[..., index] > self.threshold
 
     def counts(self, labels, predictions) -> tf.Tensor:
         """int64 counts of one batch: a C x C confusion matrix, or [L, 2, 2] per-label matrices;

@@ -144,7 +144,7 @@ def test_unknown_dataset(tmp_path):
 def test_unknown_command_and_no_command():
     for args in (("fit",), ()):
         result = segtrain_main(*args)
-        assert result.returncode == 2 and "usage: segtrain {train|doctor|evaluate|predict|export|explain|prepare|data-service|list|weights}" in result.stderr
+        assert result.returncode == 2 and "usage: segtrain {train|doctor|tune|evaluate|predict|export|explain|prepare|data-service|list|weights}" in result.stderr
 
 
 _LIGHT_PATHS_PROBE = """
@@ -188,7 +188,7 @@ def test_gin_file_with_a_failing_import(tmp_path):
     ("evaluate", "--xla", "`segtrain train` and `segtrain doctor`"),
     ("evaluate", "--noxla", "`segtrain train` and `segtrain doctor`"),
     ("train", "--dataset=voc2012", "`segtrain prepare`"),
-    ("list", "--model_dir=x", "`segtrain train` and `segtrain doctor` and `segtrain evaluate` and `segtrain predict` "
+    ("list", "--model_dir=x", "`segtrain train` and `segtrain doctor` and `segtrain tune` and `segtrain evaluate` and `segtrain predict` "
                               "and `segtrain export` and `segtrain explain`"),
     ("export", "--scales=1", "`segtrain evaluate` and `segtrain predict`"),
     ("train", "--input=x.png", "`segtrain predict` and `segtrain explain`"),
@@ -215,16 +215,20 @@ def test_unknown_flag_suggests_the_closest_and_bad_values_are_named():
     ("train", {"gin_file", "gin_param", "model_dir", "strategy", "cpu_replicas", "precision", "xla", "profile_steps",
                "verbosity"}),
     ("evaluate", {"gin_file", "gin_param", "model_dir", "split", "checkpoint", "batch_size", "verbosity", "mode",
-                  "crop_size", "stride", "scales", "flip", "postprocess", "cpu_replicas", "export"}),
+                  "crop_size", "stride", "scales", "flip", "postprocess", "cpu_replicas", "export", "failures", "worst",
+                  "calibrate"}),
     ("predict", {"gin_file", "gin_param", "model_dir", "checkpoint", "input", "output", "probabilities", "strict",
-                 "batch_size", "verbosity", "mode", "crop_size", "stride", "scales", "flip", "postprocess", "export"}),
+                 "batch_size", "verbosity", "mode", "crop_size", "stride", "scales", "flip", "postprocess", "export",
+                 "calibrated"}),
     ("export", {"gin_file", "gin_param", "model_dir", "checkpoint", "output", "probabilities", "overwrite",
-                "verbosity", "format", "quantize", "image_size", "calibration_images", "opset", "evaluate_split"}),
+                "verbosity", "format", "quantize", "image_size", "calibration_images", "opset", "evaluate_split",
+                "calibrated"}),
     ("explain", {"gin_file", "gin_param", "model_dir", "checkpoint", "input", "output", "class", "layer", "box",
                  "activations", "verbosity"}),
     ("prepare", {"gin_file", "gin_param", "dataset", "source_dir", "data_dir", "num_workers", "splits",
                  "skip_bad_examples", "overwrite", "verify", "verbosity"}),
     ("list", {"models", "backbones", "details"}),
+    ("tune", {"gin_file", "gin_param", "model_dir", "space", "num_trials", "parallel", "pruner", "seed"}),
 ])
 def test_help_of_a_command_shows_its_flags_and_only_those(command, flags):
     import re

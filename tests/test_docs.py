@@ -260,8 +260,10 @@ class Runner:
         self.done.add(key)
 
     def segtrain(self, where: str, args: list[str]) -> None:
-        if args[0] in ("train", "doctor"):
+        if args[0] in ("train", "doctor", "tune"):
             args = args + [f"--gin_param={b}" for b in TINY_SETTINGS]
+        if args[0] == "tune":  # one trial shows the study end to end (tests/test_tune.py runs more)
+            args = [a for a in args if not a.startswith("--num_trials")] + ["--num_trials=1"]
         if any(a.startswith("--cpu_replicas") for a in args):  # logical devices: a process of its own
             self.process(where, [sys.executable, "-m", "segtrain.cli", *args])
             return

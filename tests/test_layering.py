@@ -4,11 +4,12 @@ The layers, top to bottom (a module may import its own layer's modules and any l
 
     cli            segtrain.cli
     commands       segtrain.commands.*          train / evaluate / predict / export / explain / prepare / list
+    tune           segtrain.tune.*              a search over gin bindings: space, study, trials as processes
     train          segtrain.train.*             optimizer, step, checkpoints, loop, actions
     experiment     segtrain.experiment          gin -> dataset info, model, loss, metrics, pipelines
-    evaluation     segtrain.evaluation, .inference, .tiles, .export, .explain
+    evaluation     segtrain.evaluation, .inference, .tiles, .export, .explain, .failures
                                                 running a model: metrics, windows and TTA, large images,
-                                                serving, Grad-CAM
+                                                serving, Grad-CAM, where a model fails
     runtime        segtrain.runtime.*           the process and its cluster: strategy, cluster, lock, watchdog
     plugins        segtrain.models.*, segtrain.losses, segtrain.metrics, segtrain.data.*,
                    segtrain.postprocess (siblings: none of the five imports another)
@@ -33,10 +34,11 @@ from tests.conftest import REPO
 LAYERS = [
     ("cli", ("segtrain.cli",)),
     ("commands", ("segtrain.commands",)),
+    ("tune", ("segtrain.tune",)),
     ("train", ("segtrain.train",)),
     ("experiment", ("segtrain.experiment",)),
     ("evaluation", ("segtrain.evaluation", "segtrain.inference", "segtrain.tiles", "segtrain.export",
-                    "segtrain.explain")),
+                    "segtrain.explain", "segtrain.failures")),
     ("runtime", ("segtrain.runtime",)),
     ("plugins", ("segtrain.models", "segtrain.losses", "segtrain.metrics", "segtrain.data", "segtrain.postprocess")),
     ("base", ("segtrain.config", "segtrain.precision", "segtrain.progress", "segtrain.io", "segtrain.errors",

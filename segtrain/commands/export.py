@@ -23,7 +23,7 @@ from absl import flags
 import gin
 from segtrain.commands import model_card
 from segtrain.commands.common_flags import bindings, own_flags, trained_run_flags, verbosity_flag
-from segtrain.commands.trained_run import parse_run, restored
+from segtrain.commands.trained_run import calibrated_binding, parse_run, restored
 from segtrain.errors import SegtrainError, data_errors
 from segtrain.export import METADATA_FILE, check_output, export_model, output_names
 from segtrain.export.runtime import FORMATS, Exported, load, resize_images
@@ -42,7 +42,9 @@ def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[st
     Args:
       flags: the flags given on the command line; they win over gin.
     """
-    parse_run(model_dir, gin_files, [*gin_params, *bindings("export", flags)])  # a flag given wins
+    flags = dict(flags)
+    calibrated = [calibrated_binding(model_dir)] if flags.pop("calibrated", False) else []
+    parse_run(model_dir, gin_files, [*gin_params, *bindings("export", flags), *calibrated])  # a flag given wins
     export(model_dir)
     return 0
 
@@ -273,6 +275,8 @@ def define_flags(fv):
     flags.DEFINE_bool("probabilities", False, "Also return softmax 'probabilities'.", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "Replace an existing --output directory.", flag_values=fv)
     verbosity_flag(fv)
+    flags.DEFINE_bool("calibrated", False, "Probabilities with the temperature `segtrain evaluate --calibrate` fitted "
+                      "for the run (its calibration.json; gin: inference.temperature).", flag_values=fv)
 
 
 def main(fv: flags.FlagValues) -> int:

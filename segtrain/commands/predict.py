@@ -44,7 +44,7 @@ from segtrain import images, tiles
 from segtrain.commands.common_flags import (bindings, inference_flags, input_flag, own_flags, trained_run_flags,
                                              verbosity_flag)
 from segtrain.commands.evaluate import postprocessor_for
-from segtrain.commands.trained_run import parse_run, restored
+from segtrain.commands.trained_run import calibrated_binding, parse_run, restored
 from segtrain.data.info import DatasetInfo
 from segtrain.errors import SegtrainError
 from segtrain.io import atomic_write_bytes, write_json
@@ -58,7 +58,14 @@ EXPORT_WINDOW = (512, 512)
 
 
 def run(model_dir: str | None, gin_files: Sequence[str], gin_params: Sequence[str], flags: dict) -> int:
+    flags = dict(flags)
+    calibrated = flags.pop("calibrated", False)
     params = [*gin_params, *bindings("predict", flags)]  # a flag given wins
+    if calibrated and model_dir is None and flags.get("export"):
+        raise SegtrainError("--calibrated applies a run's fitted temperature to its checkpoint: an export keeps the "
+                            "temperature it was exported with (export with --calibrated).")
+    if calibrated:
+        params.append(calibrated_binding(model_dir))
     if model_dir is None and flags.get("export"):
         # An export holds all predict needs (class names, palette, the model): no run is read.
         from segtrain import config
@@ -359,6 +366,8 @@ def define_flags(fv):
                         "model.tflite / model.onnx) in its own runtime instead of a checkpoint; no --model_dir "
                         "needed.", flag_values=fv)
     verbosity_flag(fv)
+    flags.DEFINE_bool("calibrated", False, "Probabilities with the temperature `segtrain evaluate --calibrate` fitted "
+                      "for the run (its calibration.json; gin: inference.temperature).", flag_values=fv)
 
 
 def main(fv: flags.FlagValues) -> int:

@@ -33,6 +33,21 @@ def parse_run(model_dir: str | None, gin_files: Sequence[str] = (), gin_params: 
     config.parse([operative, *gin_files], gin_params)
 
 
+def calibrated_binding(model_dir: str) -> str:
+    """The gin binding that applies the temperature `segtrain evaluate --calibrate` fitted for the run.
+
+    Raises:
+      SegtrainError: the run has no calibration.json.
+    """
+    from segtrain.io import read_json
+
+    path = os.path.join(run_dir.require(model_dir), run_dir.CALIBRATION)
+    if not os.path.isfile(path):
+        raise SegtrainError(f"--calibrated: {path} not found: fit the temperature first, with `segtrain evaluate "
+                            f"--model_dir={model_dir} --calibrate`.")
+    return f"inference.temperature = {float(read_json(path)['temperature'])!r}"
+
+
 def restored(model_dir: str, checkpoint: str = "best", split: str | None = None,
              experiment: Experiment | None = None) -> tuple[Experiment, str, int]:
     """The parsed run's Experiment with the checkpoint's weights in its model.

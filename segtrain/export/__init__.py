@@ -158,6 +158,7 @@ def export_model(
         "output_names": names,
         "num_classes": int(num_classes),
         **({"multilabel": True, "threshold": float(task.threshold)} if multilabel else {}),
+        **({"temperature": float(task.temperature)} if task is not None and task.temperature != 1.0 else {}),
         **({} if rgb else {"channels": int(channels), "image_dtype": image_dtype}),
         "size_divisor": int(size_divisor),
         "normalization": describe_normalization(normalization),

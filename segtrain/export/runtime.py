@@ -77,11 +77,12 @@ class Exported:
 
     @property
     def task(self):
-        """What the export's outputs mean (segtrain.task.Task), at the threshold it was exported with."""
+        """What the export's outputs mean (segtrain.task.Task), at the threshold and temperature it was
+        exported with."""
         from segtrain.task import Task
 
         return Task(self.num_classes, int(self.metadata.get("ignore_label", 255)), self.multilabel,
-                    float(self.metadata.get("threshold", 0.5)))
+                    float(self.metadata.get("threshold", 0.5)), float(self.metadata.get("temperature", 1.0)))
 
     def describe(self) -> str:
         quantize = self.metadata.get("quantize")

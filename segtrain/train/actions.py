@@ -241,6 +241,7 @@ class ImagePanels(Action):
                 image = tf.image.resize(image[:h, :w], label.shape, method="bilinear")
             panels.append(summaries.panel(self.normalization.display(image), label, prediction, self.info))
         summaries.write_images(self.writer, "examples", panels, window.step)
+        window.images["examples"] = panels
 
 
 class KeepBest(Action):

@@ -26,6 +26,8 @@ class Window:
       images_per_second: training speed over the window.
       last: the window ends the run (step == train.num_steps).
       eval: (results, confusion matrix) when an evaluation ran at this window's end.
+      images: pictures actions made at this window's end, by tag (ImagePanels: 'examples'), for
+        later actions (the trackers) to pass on.
     """
 
     step: int
@@ -35,6 +37,7 @@ class Window:
     images_per_second: float
     last: bool = False
     eval: tuple[dict, np.ndarray] | None = None
+    images: dict = dataclasses.field(default_factory=dict)
 
 
 class Rewind(Exception):

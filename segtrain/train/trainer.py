@@ -24,6 +24,7 @@ from segtrain.runtime.lock import run_lock
 from segtrain.train import loop
 from segtrain.train import replicas as replica_state
 from segtrain.train import summaries
+from segtrain.train import trackers
 from segtrain.train.actions import (EarlyStopping, EvalSummaries, Evaluate, ImagePanels, KeepBest, OnNonFinite,
                                     ProgressLine, SaveCheckpoints, TrainSummaries, WriteConfig)
 from segtrain.train.checkpoints import Checkpoints
@@ -31,6 +32,7 @@ from segtrain.train.hparams import HParams
 from segtrain.train.optimizers import build_optimizer, current_learning_rate, loss_scale, loss_scaling
 from segtrain.train.preemption import Preemption
 from segtrain.train.profiler import Profiler
+from segtrain.train.pruning import ReportToStudy, trial_from_environment
 
 
 def train(model_dir: str, strategy: tf.distribute.Strategy | None = None,
@@ -354,6 +356,8 @@ class Trainer:
         if self.lr_factor is not None:  # the restores of an earlier part of this run still count
             self.lr_factor.assign(on_nan.lr_factor)
         evaluator = exp.evaluator()
+        trial = trial_from_environment()  # a trial of `segtrain tune` (segtrain.train.pruning)
+        multi_worker = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
         actions = [
             *([WriteConfig(self.model_dir, train_logs)] if self.chief else []),
             on_nan,
@@ -364,8 +368,10 @@ class Trainer:
             Evaluate(evaluator, eval_ds, cfg.eval_every or None, results_path, cfg.eval_split, self.chief),
             EvalSummaries(eval_logs, exp.info.class_names),
             ImagePanels(eval_logs, eval_ds, evaluator.inference, exp.info, exp.normalization, cfg.num_image_panels),
+            *(trackers.build(cfg.trackers, self.model_dir, exp.info.class_names) if self.chief else []),
             best,
             early_stopping,
+            *([ReportToStudy(trial, self.model_dir, multi_worker)] if trial else []),
             *([HParams(self.model_dir)] if self.chief else []),
             *([Profiler(cfg.profile_steps, self.model_dir, cfg.num_steps, self.chief)] if cfg.profile_steps else []),
         ]
@@ -428,7 +434,7 @@ class Trainer:
 
 
 # Actions that only the chief runs: naming them in train.drop_actions is fine on every worker.
-_CHIEF_ONLY = ("write_config", "hparams")
+_CHIEF_ONLY = ("write_config", "hparams", *trackers.TRACKERS)
 
 
 def _unevaluated(results_path: str, step: int) -> bool:

@@ -1,0 +1,1 @@
+"""`segtrain tune`: a hyperparameter search over gin bindings (search space, study, trials)."""
