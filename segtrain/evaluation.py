@@ -350,6 +350,8 @@ def json_ready(results: dict) -> dict:
     def clean(v):
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
+        if isinstance(v, dict):  # nested results (the failure views, a post-processor's)
+            return {k: clean(x) for k, x in v.items()}
         if isinstance(v, float) and not math.isfinite(v):
             return None
         return v

@@ -183,18 +183,3 @@ def event_steps(logdir: str) -> list[tuple[str, int]]:
                 out.append((value.tag if plugin in ("", "scalars") else f"{value.tag} ({plugin})", event.step))
     return out
 
-
-# The test files that take longest, longest first (their own fixtures and fresh processes). The
-# suite runs file by file on two workers (pyproject.toml: --dist loadfile), which take the files in
-# collection order: starting with these, no worker is left alone with a long file at the end.
-HEAVY_FIRST = [
-    "tests/test_docs.py", "tests/models/test_training.py", "tests/test_launch.py", "tests/train/test_strategy.py",
-    "tests/train/test_faults.py", "tests/test_tune.py", "tests/test_recipes.py", "tests/test_cli.py",
-    "tests/train/test_damaged.py", "tests/test_example_plugin.py", "tests/test_faults_cluster.py",
-    "tests/train/test_replicas.py", "tests/test_tiles.py", "tests/train/test_trainer.py",
-]
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {path: i for i, path in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(os.path.relpath(str(item.path), REPO), len(rank)))  # stable

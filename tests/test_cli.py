@@ -64,7 +64,7 @@ def test_the_quickstart_trains_as_a_short_smoke_test_then_evaluates(tmp_path):
                            "--gin_param=datasets.shapes.num_validation = 16",
                            "--gin_param=datasets.shapes.num_test = 16", f"--model_dir={model_dir}")
     assert trained.returncode == 0, trained.stderr[-3000:]
-    assert ("warning: learning_rate.warmup_steps=50 is longer than train.num_steps=8: warming up over all 8 "
+    assert ("warning: learning_rate.warmup_steps=75 is longer than train.num_steps=8: warming up over all 8 "
             "steps.") in trained.stderr
     assert "train step 8/8" in trained.stdout and "eval step 8" in trained.stdout
     assert "tensorboard --logdir" in trained.stdout and (model_dir / "ckpt-8.index").exists()

@@ -308,3 +308,16 @@ def test_calibrated_without_a_calibration_is_one_message(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path / "run")
     assert_user_error(segtrain_main("export", f"--model_dir={run}", f"--output={tmp_path / 'e'}", "--calibrated"),
                       "calibration.json not found", "segtrain evaluate", "--calibrate")
+
+
+def test_views_of_a_split_without_objects_are_written_as_json_null(tmp_path):
+    import json
+
+    from segtrain.evaluation import write_results
+
+    views = failures.Failures(Task(2), ["background", "a"])
+    views.add(0, np.zeros([8, 8], np.int64), np.zeros([8, 8, 2]))  # no object of any size
+    path = tmp_path / "r.json"
+    write_results(str(path), {"failures": views.results()})
+    loaded = json.loads(path.read_text())  # strict JSON: no NaN
+    assert loaded["failures"]["iou_by_size"]["small"]["mean_iou"] is None

@@ -237,7 +237,7 @@ def test_a_killed_study_resumes_and_ends_with_the_best_config(tmp_path):
         assert os.path.exists(os.path.join(t.user_attrs["model_dir"], "operative_config.gin"))
         assert [f for f in os.listdir(t.user_attrs["model_dir"]) if f.endswith(".hparams")]
     best = parent / "best.gin"
-    assert best.exists() and "Best configuration" in out
+    assert best.exists() and "The best trial: " in out and "Train it: segtrain train --gin_file=" in out
     gin.clear_config()
     from segtrain.commands.configure import parse_config
 

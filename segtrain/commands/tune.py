@@ -51,7 +51,10 @@ def run(model_dir: str | None, space_path: str | None, gin_files: Sequence[str],
         best = study.write_best()
     if best is None:
         raise SegtrainError(f"No trial of the study in {model_dir} completed: read the trials' train.log files.")
-    print(f"Best configuration: {best}\n" + "\n".join(l for l in open(best).read().splitlines()[:2]))
+    winner = study.best()
+    print(f"The best trial: {winner.number}, {objective.metric} {winner.value:.4f}. Its bindings:\n  "
+          + "\n  ".join(space.bindings(winner.params))
+          + f"\nWrote {best} (its whole configuration). Train it: segtrain train --gin_file={best} --model_dir=runs/best")
     return 0
 
 

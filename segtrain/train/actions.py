@@ -2,8 +2,9 @@
 
 Each is small and testable alone with a hand-made ``Window``. The trainer puts them in this
 order: non-finite check, training summaries, progress line, preemption
-(segtrain.train.preemption), checkpoint, evaluation, evaluation summaries, image panels, best
-checkpoint, early stopping. Later actions read what earlier ones
+(segtrain.train.preemption), checkpoint, evaluation, evaluation summaries, image panels, the
+trackers (segtrain.train.trackers), best checkpoint, early stopping, a tuning trial's reports
+(segtrain.train.pruning). Later actions read what earlier ones
 added to the window (the evaluation's results).
 """
 

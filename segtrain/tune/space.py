@@ -179,10 +179,12 @@ def _number(text: str, usage: str):
     return value
 
 
-def _split(text: str, where: str) -> list[str]:
-    """``text`` split at its top-level commas (not inside brackets or quotes)."""
-    parts, depth, quote, current = [], 0, None, ""
+def _scan(text: str):
+    """(character, bracket depth, inside quotes) of each character of ``text``; the depth and
+    quoting before the character is read."""
+    depth, quote = 0, None
     for ch in text:
+        yield ch, depth, quote is not None
         if quote:
             quote = None if ch == quote else quote
         elif ch in "'\"":
@@ -191,13 +193,25 @@ def _split(text: str, where: str) -> list[str]:
             depth += 1
         elif ch in ")]}":
             depth -= 1
-        elif ch == "," and depth == 0:
+
+
+def _balanced(text: str) -> bool:
+    """Whether ``text`` closes every bracket and quote it opens."""
+    *_, last = _scan(text + " ")
+    return last[1] <= 0 and not last[2]
+
+
+def _split(text: str, where: str) -> list[str]:
+    """``text`` split at its top-level commas (not inside brackets or quotes)."""
+    if not _balanced(text):
+        raise SegtrainError(f"{where}: unbalanced quotes or brackets in ({text}).")
+    parts, current = [], ""
+    for ch, depth, quoted in _scan(text):
+        if ch == "," and depth == 0 and not quoted:
             parts.append(current)
             current = ""
-            continue
-        current += ch
-    if quote or depth:
-        raise SegtrainError(f"{where}: unbalanced quotes or brackets in ({text}).")
+        else:
+            current += ch
     if current.strip():
         parts.append(current)
     return [p for p in parts if p.strip()]
@@ -262,26 +276,7 @@ def _yaml_value(value, where: str) -> str:
 
 
 def _strip_comment(line: str) -> str:
-    quote = None
-    for i, ch in enumerate(line):
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#":
+    for i, (ch, _, quoted) in enumerate(_scan(line)):
+        if ch == "#" and not quoted:
             return line[:i]
     return line
-
-
-def _balanced(text: str) -> bool:
-    depth, quote = 0, None
-    for ch in text:
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-    return depth <= 0 and quote is None
